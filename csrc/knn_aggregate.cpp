@@ -1,0 +1,82 @@
+// Operator schemas of the anisotropic kNN aggregation and the input checks both devices share.
+// Contracts: knn_aggregate.h. Fake (meta) kernels and autograd are registered in Python
+// (neusdf/ops/knn.py) through torch.library.
+#include "knn_aggregate.h"
+
+#include <torch/library.h>
+
+namespace neusdf {
+namespace {
+
+void check_float_tensor(const at::Tensor& t, const char* name, int64_t rank,
+                        const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == rank, "neusdf: ", name, " must have ", rank, " dimensions, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "neusdf: ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "neusdf: ", name, " has dtype ",
+              t.scalar_type(), " but q has ", like.scalar_type(), "; use one dtype for all");
+  TORCH_CHECK(t.device() == like.device(), "neusdf: ", name, " is on ", t.device(),
+              " but q is on ", like.device(), "; put all inputs on one device");
+}
+
+}  // namespace
+
+ProblemSize check_points(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
+                         const at::Tensor& R, int64_t K) {
+  check_float_tensor(q, "q", 3, q);
+  check_float_tensor(p, "p", 3, q);
+  check_float_tensor(sigma, "sigma", 3, q);
+  check_float_tensor(R, "R", 4, q);
+  const int64_t B = q.size(0), Q = q.size(1), P = p.size(1);
+  TORCH_CHECK(q.size(2) == 3, "neusdf: q must be (B, Q, 3), got ", q.sizes());
+  TORCH_CHECK(p.size(0) == B && p.size(2) == 3, "neusdf: p must be (B, P, 3) with B = ", B,
+              ", got ", p.sizes());
+  TORCH_CHECK(sigma.size(0) == B && sigma.size(1) == P && sigma.size(2) == 3,
+              "neusdf: sigma must be (B, P, 3) = (", B, ", ", P, ", 3), got ", sigma.sizes());
+  TORCH_CHECK(R.size(0) == B && R.size(1) == P && R.size(2) == 3 && R.size(3) == 3,
+              "neusdf: R must be (B, P, 3, 3) = (", B, ", ", P, ", 3, 3), got ", R.sizes());
+  TORCH_CHECK(K >= 1 && K <= P, "neusdf: K must satisfy 1 <= K <= P = ", P, ", got K = ", K);
+  return {B, Q, P, 0, K};
+}
+
+ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
+                            const at::Tensor& sigma, const at::Tensor& R, const at::Tensor& idx) {
+  TORCH_CHECK(idx.dim() == 3, "neusdf: idx must be (B, Q, K), got shape ", idx.sizes());
+  ProblemSize n = check_points(q, p, sigma, R, idx.size(2));
+  check_float_tensor(f, "f", 3, q);
+  TORCH_CHECK(f.size(0) == n.B && f.size(1) == n.P, "neusdf: f must be (B, P, F) with (B, P) = (",
+              n.B, ", ", n.P, "), got ", f.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "neusdf: idx must be int64, got ",
+              idx.scalar_type());
+  TORCH_CHECK(idx.device() == q.device(), "neusdf: idx is on ", idx.device(), " but q is on ",
+              q.device());
+  TORCH_CHECK(idx.size(0) == n.B && idx.size(1) == n.Q, "neusdf: idx must be (B, Q, K) with (B, Q) = (",
+              n.B, ", ", n.Q, "), got ", idx.sizes());
+  n.F = f.size(2);
+  return n;
+}
+
+void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
+                    const at::Tensor& q) {
+  TORCH_CHECK(grad.sizes() == shape, "neusdf: ", name, " must have shape ", shape, ", got ",
+              grad.sizes());
+  check_float_tensor(grad, name, static_cast<int64_t>(shape.size()), q);
+}
+
+}  // namespace neusdf
+
+TORCH_LIBRARY(neusdf, m) {
+  m.def("knn_search(Tensor q, Tensor p, Tensor sigma, Tensor R, int K) -> Tensor");
+  m.def(
+      "knn_aggregate(Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "knn_aggregate_backward(Tensor grad_f, Tensor grad_w, Tensor grad_d, Tensor q, Tensor p,"
+      " Tensor f, Tensor sigma, Tensor R, Tensor idx)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "knn_aggregate_double_backward(Tensor ggq, Tensor grad_f, Tensor grad_w, Tensor grad_d,"
+      " Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,50 @@
+// The anisotropic kNN feature aggregation: operator contracts and shared input checks.
+//
+// Shapes (B batches of independent problems; all float tensors one dtype, float32 or float64,
+// all on one device):
+//   q     (B, Q, 3)     query points
+//   p     (B, P, 3)     neural points
+//   f     (B, P, F)     their features
+//   sigma (B, P, 3)     per-axis precisions (inverse squared scales), expected > 0
+//   R     (B, P, 3, 3)  per-point axes, one per row, not assumed orthonormal
+//   idx   (B, Q, K)     int64 neighbour indices into P, sorted by distance
+// For query q and point k: d = q - p_k, u = R_k d, D = sum_j sigma_kj u_j^2, w = exp(-D).
+//
+// Operators (namespace neusdf, registered in knn_aggregate.cpp, kernels per device in
+// knn_aggregate_cpu.cpp and knn_aggregate_cuda.cu):
+//   knn_search(q, p, sigma, R, K) -> idx (B, Q, K) int64
+//       The K points with the smallest D, ascending, ties to the lower index; NaN and +inf
+//       distances sort last. 1 <= K <= P.
+//   knn_aggregate(q, p, f, sigma, R, idx) -> (f_out (B, Q, F), w (B, Q, K), dists (B, Q, K))
+//       f_out = sum_k w_k f_idx[k]; not normalised.
+//   knn_aggregate_backward(grad_f, grad_w, grad_d, q, p, f, sigma, R, idx)
+//       -> (grad_q, grad_p, grad_f_in, grad_sigma, grad_R): the vector-Jacobian product of
+//       knn_aggregate for upstream grad_f (B, Q, F), grad_w and grad_d (B, Q, K).
+//   knn_aggregate_double_backward(ggq, grad_f, grad_w, grad_d, q, p, f, sigma, R, idx)
+//       -> (g_grad_f, g_grad_w, g_grad_d, g_q, g_p, g_f, g_sigma, g_R): the gradient of
+//       sum(ggq * grad_q) with respect to every input of knn_aggregate_backward; ggq (B, Q, 3).
+#pragma once
+
+#include <torch/types.h>
+
+namespace neusdf {
+
+// Sizes shared by every operator, read off validated inputs.
+struct ProblemSize {
+  int64_t B, Q, P, F, K;
+};
+
+// Checks q, p, sigma, R (ranks, trailing sizes, batch and P agreement, float dtype, one device)
+// and 1 <= K <= P; returns the sizes (F = 0, K as given).
+ProblemSize check_points(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
+                         const at::Tensor& R, int64_t K);
+
+// Checks everything knn_aggregate takes (idx: int64, (B, Q, K) with 1 <= K <= P); returns sizes.
+ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
+                            const at::Tensor& sigma, const at::Tensor& R, const at::Tensor& idx);
+
+// Checks that an upstream gradient has the given shape, q's dtype and q's device.
+void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
+                    const at::Tensor& q);
+
+}  // namespace neusdf

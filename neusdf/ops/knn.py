@@ -1,0 +1,285 @@
+"""Python face of the compiled anisotropic kNN aggregation: checks, fake kernels, autograd.
+
+The C++ library (``csrc/``) defines four ``torch.ops.neusdf`` operators: ``knn_search``,
+``knn_aggregate``, ``knn_aggregate_backward`` and ``knn_aggregate_double_backward``. This module
+loads it on first use, registers a fake (meta) kernel for each so that ``torch.compile`` and
+``torch.library.opcheck`` can trace them, and chains autograd: the forward's backward is the
+backward op, whose own backward is the double-backward op (exact for the upstream of the query
+gradient, which the Eikonal loss produces). Upstreams of the other gradients (rare) are
+differentiated exactly through the reference formula on the gathered neighbours. A third
+derivative raises an error instead of returning a wrong value.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from neusdf.ops.reference import knn_aggregate_aniso_reference
+
+__all__ = ["knn_aggregate_aniso", "knn_search_aniso", "ensure_registered"]
+
+_lock = threading.Lock()
+_registered = False
+
+
+def knn_search_aniso(
+    q: torch.Tensor, p: torch.Tensor, sigma: torch.Tensor, R: torch.Tensor, K: int
+) -> torch.Tensor:
+    """The K nearest points of every query under the points' own anisotropic metrics.
+
+    Args:
+        q: (B, Q, 3) queries. p: (B, P, 3) points. sigma: (B, P, 3) per-axis precisions.
+        R: (B, P, 3, 3) per-point axes (rows). All float32 or all float64, on one device.
+        K: neighbours per query, 1 <= K <= P.
+
+    Returns:
+        idx (B, Q, K) int64, ascending in D = sum_j sigma_kj (R_k (q - p_k))_j^2, ties to the
+        lower index; NaN distances sort last. Not differentiable.
+    """
+    _check_points(q, p, sigma, R)
+    _check_k(K, p.shape[1])
+    ensure_registered()
+    return torch.ops.neusdf.knn_search(q.detach(), p.detach(), sigma.detach(), R.detach(), K)
+
+
+def knn_aggregate_aniso(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    f: torch.Tensor,
+    sigma: torch.Tensor,
+    R: torch.Tensor,
+    K: int,
+    idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums the features of each query's K nearest points, weighted by anisotropic Gaussians.
+
+    For query q and point k: d = q - p_k, u = R_k d, D_k = sum_j sigma_kj u_j^2, w_k = exp(-D_k),
+    and f_out = sum over the K points with the smallest D of w_k f_k (not normalised).
+
+    Args:
+        q: (B, Q, 3) query points.
+        p: (B, P, 3) neural points.
+        f: (B, P, F) point features.
+        sigma: (B, P, 3) per-axis precisions (inverse squared scales), expected > 0.
+        R: (B, P, 3, 3) per-point axes, one per row; need not be orthonormal.
+        K: neighbours per query, 1 <= K <= P.
+        idx: optional (B, Q, K) int64 neighbours from an earlier call; skips the search and
+            gives the same values and gradients as searching.
+
+    All float tensors must share one dtype (float32 or float64) and one device (CPU or CUDA).
+
+    Returns:
+        f_out (B, Q, F), w (B, Q, K), dists (B, Q, K), idx (B, Q, K) int64, neighbours ascending
+        in D with ties to the lower index. f_out, w and dists are differentiable w.r.t. q, p, f,
+        sigma and R (gradients flow through the selected neighbours), and the gradient w.r.t. q
+        is differentiable again w.r.t. all of them.
+    """
+    _check_points(q, p, sigma, R)
+    _check_features(f, q, p)
+    if idx is None:
+        idx = knn_search_aniso(q, p, sigma, R, K)
+    else:
+        _check_k(K, p.shape[1])
+        _check_idx(idx, q, p, K)
+        ensure_registered()
+    f_out, w, dists = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx)
+    return f_out, w, dists, idx
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_tensor(t: object, name: str, rank: int, trailing: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    shape_text = "(B, " + ", ".join(["P" if name != "q" else "Q"] + [str(s) for s in trailing])
+    if t.dim() != rank or tuple(t.shape[rank - len(trailing) :]) != trailing:
+        raise ValueError(f"{name} must have shape {shape_text}), got {tuple(t.shape)}")
+
+
+def _check_float(t: torch.Tensor, name: str, q: torch.Tensor) -> None:
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; use one dtype for all")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}; use one device")
+
+
+def _check_points(q, p, sigma, R) -> None:
+    _check_tensor(q, "q", 3, (3,))
+    _check_tensor(p, "p", 3, (3,))
+    _check_tensor(sigma, "sigma", 3, (3,))
+    _check_tensor(R, "R", 4, (3, 3))
+    for t, name in ((q, "q"), (p, "p"), (sigma, "sigma"), (R, "R")):
+        _check_float(t, name, q)
+    B, P = q.shape[0], p.shape[1]
+    if p.shape[0] != B:
+        raise ValueError(f"p has batch size {p.shape[0]} but q has {B}")
+    for t, name in ((sigma, "sigma"), (R, "R")):
+        if t.shape[0] != B or t.shape[1] != P:
+            raise ValueError(
+                f"{name} must have (B, P) = ({B}, {P}) like q and p, got {tuple(t.shape)}"
+            )
+
+
+def _check_features(f, q: torch.Tensor, p: torch.Tensor) -> None:
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
+    if f.dim() != 3 or f.shape[0] != q.shape[0] or f.shape[1] != p.shape[1]:
+        raise ValueError(
+            f"f must have shape (B, P, F) with (B, P) = ({q.shape[0]}, {p.shape[1]}), "
+            f"got {tuple(f.shape)}"
+        )
+    _check_float(f, "f", q)
+
+
+def _check_k(K, P: int) -> None:
+    if isinstance(K, bool) or not isinstance(K, int):
+        raise TypeError(f"K must be an int, got {type(K).__name__}")
+    if not 1 <= K <= P:
+        raise ValueError(f"K must satisfy 1 <= K <= P = {P}, got K = {K}")
+
+
+def _check_idx(idx, q: torch.Tensor, p: torch.Tensor, K: int) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor or None, got {type(idx).__name__}")
+    if idx.dtype != torch.int64:
+        raise TypeError(f"idx must be int64, got {idx.dtype}")
+    if idx.device != q.device:
+        raise ValueError(f"idx is on {idx.device} but q is on {q.device}")
+    expected = (q.shape[0], q.shape[1], K)
+    if tuple(idx.shape) != expected:
+        raise ValueError(f"idx must have shape (B, Q, K) = {expected}, got {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.shape[1]):
+        raise ValueError(
+            f"idx must hold point indices in [0, P) = [0, {p.shape[1]}), got values in "
+            f"[{int(idx.min())}, {int(idx.max())}]"
+        )
+
+
+# ----------------------------------------------------------------- registration and autograd
+
+
+def ensure_registered() -> None:
+    """Loads the compiled library and registers fake kernels and autograd (once per process)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        # Imported here so that `python -m neusdf.ops.build` does not import itself twice.
+        from neusdf.ops.build import load_library
+
+        load_library()
+        _register_fakes()
+        _register_autograd()
+        _registered = True
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("neusdf::knn_search")
+    def _(q, p, sigma, R, K):
+        return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.int64)
+
+    @torch.library.register_fake("neusdf::knn_aggregate")
+    def _(q, p, f, sigma, R, idx):
+        B, Q, K = idx.shape
+        return q.new_empty((B, Q, f.shape[2])), q.new_empty((B, Q, K)), q.new_empty((B, Q, K))
+
+    @torch.library.register_fake("neusdf::knn_aggregate_backward")
+    def _(grad_f, grad_w, grad_d, q, p, f, sigma, R, idx):
+        return tuple(torch.empty_like(t) for t in (q, p, f, sigma, R))
+
+    @torch.library.register_fake("neusdf::knn_aggregate_double_backward")
+    def _(ggq, grad_f, grad_w, grad_d, q, p, f, sigma, R, idx):
+        return tuple(torch.empty_like(t) for t in (grad_f, grad_w, grad_d, q, p, f, sigma, R))
+
+
+def _zeros_if_none(grad: torch.Tensor | None, shape, like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(shape) if grad is None else grad
+
+
+def _setup_aggregate(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)  # q, p, f, sigma, R, idx
+    ctx.set_materialize_grads(False)  # unused outputs give None: skip their work
+
+
+def _aggregate_backward(ctx, grad_f, grad_w, grad_d):
+    q, p, f, sigma, R, idx = ctx.saved_tensors
+    if grad_f is None and grad_w is None and grad_d is None:
+        return (None,) * 6
+    grad_f = _zeros_if_none(grad_f, (*q.shape[:2], f.shape[2]), q)
+    grad_w = _zeros_if_none(grad_w, idx.shape, q)
+    grad_d = _zeros_if_none(grad_d, idx.shape, q)
+    grads = torch.ops.neusdf.knn_aggregate_backward(grad_f, grad_w, grad_d, q, p, f, sigma, R, idx)
+    needed = ctx.needs_input_grad[:5]
+    return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None)
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)  # grad_f, grad_w, grad_d, q, p, f, sigma, R, idx
+    ctx.set_materialize_grads(False)
+
+
+def _backward_backward(ctx, ggq, ggp, ggf, ggsigma, ggR):
+    saved = ctx.saved_tensors
+    grads: list[torch.Tensor | None] = [None] * 9
+    if ggq is not None:
+        fast = torch.ops.neusdf.knn_aggregate_double_backward(ggq, *saved)
+        grads[:8] = list(fast)
+    rare = (ggp, ggf, ggsigma, ggR)
+    if any(g is not None for g in rare):
+        slow = _double_backward_by_gathering(saved, rare)
+        grads[:8] = [_add(a, b) for a, b in zip(grads[:8], slow, strict=True)]
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return a if b is None else (b if a is None else a + b)
+
+
+def _double_backward_by_gathering(saved, upstream):
+    """Exact gradients for upstreams of grad_p, grad_f, grad_sigma and grad_R.
+
+    Differentiates the reference formula on the gathered neighbours twice with autograd:
+    O(B Q K F) memory instead of the kernels' O(B Q F), which is fine for these rare upstreams.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "neusdf: third-order derivatives of knn_aggregate_aniso are not supported"
+        )
+    idx = saved[-1]
+    leaves = [t.detach().requires_grad_() for t in saved[:-1]]
+    gf, gw, gd, q, p, f, sigma, R = leaves
+    with torch.enable_grad():
+        f_out, w, dists, _ = knn_aggregate_aniso_reference(q, p, f, sigma, R, idx.shape[2], idx=idx)
+        first = torch.autograd.grad(
+            (f_out, w, dists), (p, f, sigma, R), (gf, gw, gd), create_graph=True
+        )
+        pairs = [(o, g) for o, g in zip(first, upstream, strict=True) if g is not None]
+        second = torch.autograd.grad(
+            [o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True
+        )
+    return list(second)
+
+
+def _third_order(ctx, *grads):
+    raise RuntimeError("neusdf: third-order derivatives of knn_aggregate_aniso are not supported")
+
+
+def _setup_none(ctx, inputs, output) -> None:
+    del ctx, inputs, output
+
+
+def _register_autograd() -> None:
+    torch.library.register_autograd(
+        "neusdf::knn_aggregate", _aggregate_backward, setup_context=_setup_aggregate
+    )
+    torch.library.register_autograd(
+        "neusdf::knn_aggregate_backward", _backward_backward, setup_context=_setup_backward
+    )
+    torch.library.register_autograd(
+        "neusdf::knn_aggregate_double_backward", _third_order, setup_context=_setup_none
+    )
