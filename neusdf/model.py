@@ -1,0 +1,251 @@
+"""The point-based neural SDF: learnable anisotropic neural points, the op, a small decoder.
+
+For a query q the op finds its K nearest neural points under each point's Gaussian metric
+and returns sum_k w_k f_k with w_k = exp(-D_k). The SDF is
+
+    sdf(q) = plane(q) + gate(q) * mlp([f_out / (W + eps), plane(q) / h, enc(q)])
+
+- ``plane(q) = sum_k a_k n_k . (q - p_k)`` with a = softmax(-D) over the K neighbours is the
+  implicit-MLS distance to the neural points' tangent planes (n_k is the Gaussian's third
+  axis). The softmax is taken over the op's distances rather than from w, so it stays finite
+  where every exp(-D) underflows: far from all points the SDF is still the signed distance to
+  the nearest tangent planes, a sensible far field.
+- ``W = sum_k w_k`` and ``gate = W / (W + eps)`` switch the learned correction off where no
+  Gaussian reaches, so the decoder never sees the meaningless 0/0 feature there.
+- The decoder's last layer starts at zero (geometric initialisation): at step 0 the SDF is
+  the implicit-MLS field of the input surface, already signed and near-Eikonal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+from torch import nn
+
+from neusdf.data import estimate_normals
+from neusdf.ops.reference import knn_aggregate_aniso_reference
+
+__all__ = ["PointInit", "NeuralPointSDF", "quaternion_to_matrix", "frames_from_normals"]
+
+OpFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _op(backend: str) -> OpFn:
+    """The kNN aggregation for ``backend`` ('compiled' or 'reference')."""
+    if backend == "reference":
+        return knn_aggregate_aniso_reference
+    if backend == "compiled":
+        # Imported here: the compiled op builds on first import, which the reference must not
+        # need (tests and machines without a compiler).
+        from neusdf.ops import knn_aggregate_aniso
+
+        return knn_aggregate_aniso
+    raise ValueError(f"model.backend must be 'compiled' or 'reference', got '{backend}'")
+
+
+def quaternion_to_matrix(quat: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices of quaternions (w, x, y, z), normalised first.
+
+    Args:
+        quat: (..., 4) float tensor, not necessarily unit length (non-zero).
+
+    Returns:
+        (..., 3, 3) rotation matrices.
+    """
+    w, x, y, z = F.normalize(quat, dim=-1).unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(*quat.shape[:-1], 3, 3)  # fmt: skip
+
+
+def frames_from_normals(normals: np.ndarray) -> np.ndarray:
+    """Orthonormal frames whose third row is the normal.
+
+    Args:
+        normals: (N, 3) unit vectors.
+
+    Returns:
+        (N, 3, 3) float64 rotations; rows are (tangent, bitangent, normal).
+    """
+    # Cross with the coordinate axis least aligned with n: never near-parallel.
+    helper = np.eye(3)[np.argmin(np.abs(normals), axis=1)]
+    t1 = np.cross(normals, helper)
+    t1 /= np.linalg.norm(t1, axis=1, keepdims=True)
+    t2 = np.cross(normals, t1)
+    return np.stack([t1, t2, normals], axis=1)
+
+
+@dataclass
+class PointInit:
+    """Where neural points start: a surface sample in unit-box coordinates.
+
+    Attributes:
+        points: (N, 3) float array. normals: (N, 3) unit normals, or None (then estimated
+            by PCA on the chosen neural points, see :func:`neusdf.data.estimate_normals`).
+    """
+
+    points: np.ndarray
+    normals: np.ndarray | None
+
+
+class NeuralPointSDF(nn.Module):
+    """Neural points + kNN op + decoder: maps (Q, 3) unit-box queries to (Q,) SDF values.
+
+    Args:
+        num_points: neural points P (capped by the surface sample's size at init).
+        feature_dim: feature channels per point.
+        K: neighbours per query (<= P).
+        hidden: decoder width. layers: decoder hidden layers.
+        frequencies: octaves of the sin/cos encoding of q fed to the decoder (0: q only).
+        scale_factor: initial Gaussian scale as a multiple of the local point spacing.
+        softplus_beta: sharpness of the decoder's softplus (smooth, so the Eikonal loss has
+            useful second derivatives).
+        eps: floor of the weight sum in the feature normalisation and the gate.
+        backend: 'compiled' (the op) or 'reference' (plain PyTorch).
+        chunk: queries per op call (bounds the op's memory).
+        init: the surface to start from; None builds placeholders of the right shapes for
+            loading a checkpoint.
+        seed: seed of the subsampling at init.
+    """
+
+    def __init__(
+        self,
+        num_points: int = 16384,
+        feature_dim: int = 32,
+        K: int = 8,
+        hidden: int = 64,
+        layers: int = 2,
+        frequencies: int = 2,
+        scale_factor: float = 1.5,
+        softplus_beta: float = 100.0,
+        eps: float = 1e-3,
+        backend: str = "compiled",
+        chunk: int = 65536,
+        init: PointInit | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_points", num_points), ("feature_dim", feature_dim),
+                            ("K", K), ("hidden", hidden), ("chunk", chunk)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {value}")
+        if frequencies < 0 or layers < 0:
+            raise ValueError("model.frequencies and model.layers must be >= 0")
+        self.op = _op(backend)
+        self.backend = backend
+        self.eps, self.chunk, self.frequencies = eps, chunk, frequencies
+        if init is not None:
+            pts, frames, spacing = self._init_points(init, num_points, seed)
+        else:
+            pts = np.zeros((num_points, 3))
+            frames = np.broadcast_to(np.eye(3), (num_points, 3, 3))
+            spacing = np.full(num_points, 1.0)
+        P = len(pts)
+        if K > P:
+            raise ValueError(f"model.K={K} exceeds the number of neural points ({P})")
+        self.K = K
+        f32 = torch.float32
+        self.points = nn.Parameter(torch.as_tensor(pts, dtype=f32))
+        self.features = nn.Parameter(torch.randn(P, feature_dim) * 0.1)
+        log_scale = np.log(np.repeat(spacing[:, None] * scale_factor, 3, axis=1))
+        self.log_scales = nn.Parameter(torch.as_tensor(log_scale, dtype=f32))
+        # Rotation = (learned quaternion rotation) applied to the initial frame, so the
+        # quaternion starts at identity whatever the frame.
+        self.quats = nn.Parameter(torch.tensor([1.0, 0, 0, 0]).repeat(P, 1))
+        self.register_buffer("frames0", torch.as_tensor(np.ascontiguousarray(frames), dtype=f32))
+        self.register_buffer("spacing", torch.tensor(float(np.mean(spacing))))
+        enc_dim = 3 + 6 * frequencies
+        dims = [feature_dim + 1 + enc_dim] + [hidden] * layers + [1]
+        self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.act = nn.Softplus(beta=softplus_beta)
+        self._geometric_init()
+
+    @staticmethod
+    def _init_points(
+        init: PointInit, num_points: int, seed: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Subsamples the surface; returns positions, frames and per-point local spacing."""
+        n = len(init.points)
+        rng = np.random.default_rng(seed)
+        sel = rng.choice(n, size=num_points, replace=False) if n > num_points else np.arange(n)
+        pts = init.points[sel]
+        # Mean distance to the 3 nearest other points: the Gaussian's scale follows the local
+        # density, so sparse regions get wide Gaussians and dense ones sharp ones.
+        d, _ = cKDTree(pts).query(pts, k=min(4, len(pts)))
+        spacing = d[:, 1:].mean(1) if d.ndim == 2 and d.shape[1] > 1 else np.ones(len(pts))
+        spacing = np.maximum(spacing, 1e-4)
+        normals = estimate_normals(pts) if init.normals is None else init.normals[sel]
+        return pts, frames_from_normals(normals), spacing
+
+    def _geometric_init(self) -> None:
+        """Zero last layer (SDF starts as the implicit-MLS field); He-like hidden layers."""
+        for layer in self.mlp[:-1]:
+            nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0) / math.sqrt(layer.out_features))
+            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    @property
+    def num_points(self) -> int:
+        """Number of neural points P."""
+        return self.points.shape[0]
+
+    def gaussians(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-point precisions sigma (P, 3) = scale^-2 and axes R (P, 3, 3) (rows)."""
+        sigma = torch.exp(-2.0 * self.log_scales)
+        R = quaternion_to_matrix(self.quats) @ self.frames0
+        return sigma, R
+
+    def encode(self, q: torch.Tensor) -> torch.Tensor:
+        """Low-frequency encoding of (Q, 3) queries: q and sin/cos(2^l pi q), l < frequencies."""
+        if self.frequencies == 0:
+            return q
+        freq = math.pi * 2.0 ** torch.arange(self.frequencies, device=q.device, dtype=q.dtype)
+        x = (q[:, None, :] * freq[:, None]).reshape(q.shape[0], -1)
+        return torch.cat([q, torch.sin(x), torch.cos(x)], dim=-1)
+
+    def _forward_chunk(self, q: torch.Tensor, sigma: torch.Tensor, R: torch.Tensor):
+        """SDF (Q,) of one chunk of queries (Q, 3)."""
+        f_out, w, dists, idx = self.op(
+            q[None], self.points[None], self.features[None], sigma[None], R[None], self.K
+        )
+        f_out, w, dists, idx = f_out[0], w[0], dists[0], idx[0]
+        a = torch.softmax(-dists, dim=-1)  # (Q, K), finite even where w underflows
+        pk = self.points[idx]  # (Q, K, 3)
+        nk = R[:, 2][idx]
+        plane = (a * ((q[:, None, :] - pk) * nk).sum(-1)).sum(-1)
+        wsum = w.sum(-1, keepdim=True)
+        z = torch.cat([f_out / (wsum + self.eps), plane[:, None] / self.spacing, self.encode(q)], -1)
+        for layer in self.mlp[:-1]:
+            z = self.act(layer(z))
+        correction = self.mlp[-1](z)[:, 0]
+        gate = (wsum / (wsum + self.eps))[:, 0]
+        return plane + gate * correction
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """SDF at unit-box queries.
+
+        Args:
+            q: (Q, 3) float32 queries (may require grad; the SDF is twice differentiable in q
+                through the op's double backward).
+
+        Returns:
+            (Q,) float32 signed distances (negative inside).
+        """
+        if q.ndim != 2 or q.shape[-1] != 3:
+            raise ValueError(f"queries must have shape (Q, 3), got {tuple(q.shape)}")
+        sigma, R = self.gaussians()
+        if q.shape[0] <= self.chunk:
+            return self._forward_chunk(q, sigma, R)
+        return torch.cat([self._forward_chunk(c, sigma, R) for c in q.split(self.chunk)])
