@@ -56,7 +56,7 @@ def _evaluate(fn: SdfFn, x: np.ndarray, device, chunk: int) -> np.ndarray:
 
 def _expand(a: np.ndarray, block: int, n: int) -> np.ndarray:
     """Repeats an (nb, nb) block array to the (n, n) grid points it covers."""
-    return np.repeat(np.repeat(a, block, 0)[:n], block, 1)[:n]
+    return np.repeat(np.repeat(a, block, 0)[:n], block, 1)[:, :n]
 
 
 def extract_mesh(
@@ -108,23 +108,29 @@ def extract_mesh(
     lin = (-box + h * np.arange(n)).astype(np.float32)
     gx, gy = np.meshgrid(lin, lin, indexing="ij")
     verts_parts, faces_parts, offset = [], [], 0
+    top: np.ndarray | None = None  # the previous slab's last layer is this slab's first
     slabs = range(0, n - 1, block)
     for z0 in tqdm(slabs, desc=f"extract {n}^3", disable=not progress, leave=False):
         z1 = min(z0 + block, n - 1)
-        layers = range(z0, z1 + 1)
+        first = z0 if top is None else z0 + 1
+        layers = range(first, z1 + 1)
         vol = np.stack([_expand(coarse[:, :, z // block], block, n) for z in layers], -1)
         mask = np.stack([_expand(keep[:, :, z // block], block, n) for z in layers], -1)
         if mask.any():
             ix, iy, iz = np.nonzero(mask)
-            pts = np.stack([gx[ix, iy], gy[ix, iy], lin[z0 + iz]], -1)
+            pts = np.stack([gx[ix, iy], gy[ix, iy], lin[first + iz]], -1)
             te = time.perf_counter()
             vol[ix, iy, iz] = _evaluate(fn, pts, device, chunk)
             stats.seconds_eval += time.perf_counter() - te
             stats.evaluated += len(ix)
+        if top is not None:
+            vol = np.concatenate([top[:, :, None], vol], axis=-1)
+        top = vol[:, :, -1].copy()
         if vol.min() >= 0 or vol.max() <= 0:
             continue
-        # 'ascent': the object is where the SDF is below the level, so faces wind outwards.
-        v, f, _, _ = marching_cubes(vol, 0.0, gradient_direction="ascent")
+        # skimage's default winding ('descent') makes faces point towards increasing values,
+        # i.e. out of the SDF's negative inside: the mesh comes out oriented outwards.
+        v, f, _, _ = marching_cubes(vol, 0.0)
         v[:, 2] += z0  # grid-index units: shared layers coincide exactly across slabs
         verts_parts.append(v.astype(np.float64))
         faces_parts.append(f.astype(np.int64) + offset)
@@ -175,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # OmegaConf's messages name the key; drop its traceback
         print(f"error: {e}".splitlines()[0] + "\n" + __doc__.split("::", 1)[1], file=sys.stderr)
         return 2
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = Path(cfg.ckpt)
     output = Path(cfg.output or ckpt.with_name(f"{ckpt.stem}_mesh{cfg.resolution}.ply"))
     metrics_path = Path(cfg.metrics or output.with_suffix(".metrics.json"))

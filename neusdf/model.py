@@ -3,13 +3,18 @@
 For a query q the op finds its K nearest neural points under each point's Gaussian metric
 and returns sum_k w_k f_k with w_k = exp(-D_k). The SDF is
 
-    sdf(q) = plane(q) + gate(q) * mlp([f_out / (W + eps), plane(q) / h, enc(q)])
+    sdf(q) = plane(q) + gate(q) * mlp([f_out / (W + eps), plane(q) / s, enc(q)])
 
-- ``plane(q) = sum_k a_k n_k . (q - p_k)`` with a = softmax(-D) over the K neighbours is the
-  implicit-MLS distance to the neural points' tangent planes (n_k is the Gaussian's third
-  axis). The softmax is taken over the op's distances rather than from w, so it stays finite
-  where every exp(-D) underflows: far from all points the SDF is still the signed distance to
-  the nearest tangent planes, a sensible far field.
+with s the mean spacing of the neural points at init.
+
+- ``plane(q) = sum_k a_k n_k . (q - p_k)`` over the K Euclidean-nearest neural points, with
+  a = softmax(-|q - p_k|^2 / h^2), is the implicit-MLS distance to the points' tangent planes
+  (n_k is the Gaussian's third axis; h^2 = (bandwidth * s)^2 + min_k |q - p_k|^2).
+  Euclidean neighbours, not the anisotropic ones: the nearest point's tangent plane has the
+  right sign for any query (q - p is along the normal at the closest point), whereas an
+  elongated Gaussian can be "nearest" from far away on the wrong side. The softmax is computed
+  from distances, so it stays finite where every exp(-D) underflows: far from all points the
+  SDF is still the signed distance to the nearest tangent planes, a sensible far field.
 - ``W = sum_k w_k`` and ``gate = W / (W + eps)`` switch the learned correction off where no
   Gaussian reaches, so the decoder never sees the meaningless 0/0 feature there.
 - The decoder's last layer starts at zero (geometric initialisation): at step 0 the SDF is
@@ -36,16 +41,21 @@ __all__ = ["PointInit", "NeuralPointSDF", "quaternion_to_matrix", "frames_from_n
 OpFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _op(backend: str) -> OpFn:
-    """The kNN aggregation for ``backend`` ('compiled' or 'reference')."""
+def _ops(backend: str) -> tuple[OpFn, Callable[..., torch.Tensor]]:
+    """The kNN aggregation and the search-only function for ``backend``."""
     if backend == "reference":
-        return knn_aggregate_aniso_reference
+
+        def search(q, p, sigma, R, K):
+            f = torch.zeros(*p.shape[:2], 1, dtype=p.dtype, device=p.device)
+            return knn_aggregate_aniso_reference(q, p, f, sigma, R, K)[3]
+
+        return knn_aggregate_aniso_reference, search
     if backend == "compiled":
         # Imported here: the compiled op builds on first import, which the reference must not
         # need (tests and machines without a compiler).
-        from neusdf.ops import knn_aggregate_aniso
+        from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
 
-        return knn_aggregate_aniso
+        return knn_aggregate_aniso, knn_search_aniso
     raise ValueError(f"model.backend must be 'compiled' or 'reference', got '{backend}'")
 
 
@@ -109,6 +119,7 @@ class NeuralPointSDF(nn.Module):
         hidden: decoder width. layers: decoder hidden layers.
         frequencies: octaves of the sin/cos encoding of q fed to the decoder (0: q only).
         scale_factor: initial Gaussian scale as a multiple of the local point spacing.
+        plane_bandwidth: bandwidth h of the tangent-plane blend, in mean point spacings.
         softplus_beta: sharpness of the decoder's softplus (smooth, so the Eikonal loss has
             useful second derivatives).
         eps: floor of the weight sum in the feature normalisation and the gate.
@@ -128,6 +139,7 @@ class NeuralPointSDF(nn.Module):
         layers: int = 2,
         frequencies: int = 2,
         scale_factor: float = 1.5,
+        plane_bandwidth: float = 1.0,
         softplus_beta: float = 100.0,
         eps: float = 1e-3,
         backend: str = "compiled",
@@ -142,9 +154,12 @@ class NeuralPointSDF(nn.Module):
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
         if frequencies < 0 or layers < 0:
             raise ValueError("model.frequencies and model.layers must be >= 0")
-        self.op = _op(backend)
+        if plane_bandwidth <= 0:
+            raise ValueError(f"model.plane_bandwidth must be > 0, got {plane_bandwidth}")
+        self.op, self.search = _ops(backend)
         self.backend = backend
         self.eps, self.chunk, self.frequencies = eps, chunk, frequencies
+        self.plane_bandwidth = plane_bandwidth
         if init is not None:
             pts, frames, spacing = self._init_points(init, num_points, seed)
         else:
@@ -167,7 +182,7 @@ class NeuralPointSDF(nn.Module):
         self.register_buffer("spacing", torch.tensor(float(np.mean(spacing))))
         enc_dim = 3 + 6 * frequencies
         dims = [feature_dim + 1 + enc_dim] + [hidden] * layers + [1]
-        self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
         self.act = nn.Softplus(beta=softplus_beta)
         self._geometric_init()
 
@@ -217,21 +232,34 @@ class NeuralPointSDF(nn.Module):
 
     def _forward_chunk(self, q: torch.Tensor, sigma: torch.Tensor, R: torch.Tensor):
         """SDF (Q,) of one chunk of queries (Q, 3)."""
-        f_out, w, dists, idx = self.op(
+        f_out, w, _, _ = self.op(
             q[None], self.points[None], self.features[None], sigma[None], R[None], self.K
         )
-        f_out, w, dists, idx = f_out[0], w[0], dists[0], idx[0]
-        a = torch.softmax(-dists, dim=-1)  # (Q, K), finite even where w underflows
-        pk = self.points[idx]  # (Q, K, 3)
-        nk = R[:, 2][idx]
-        plane = (a * ((q[:, None, :] - pk) * nk).sum(-1)).sum(-1)
+        f_out, w = f_out[0], w[0]
+        plane = self._plane(q, R[:, 2])
         wsum = w.sum(-1, keepdim=True)
-        z = torch.cat([f_out / (wsum + self.eps), plane[:, None] / self.spacing, self.encode(q)], -1)
+        feat = f_out / (wsum + self.eps)
+        z = torch.cat([feat, plane[:, None] / self.spacing, self.encode(q)], dim=-1)
         for layer in self.mlp[:-1]:
             z = self.act(layer(z))
         correction = self.mlp[-1](z)[:, 0]
         gate = (wsum / (wsum + self.eps))[:, 0]
         return plane + gate * correction
+
+    def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+        """Implicit-MLS tangent-plane distance (Q,) over the K Euclidean-nearest points."""
+        P = self.num_points
+        iso_sigma = torch.ones(1, P, 3, dtype=q.dtype, device=q.device)
+        iso_R = torch.eye(3, dtype=q.dtype, device=q.device).expand(1, P, 3, 3).contiguous()
+        idx = self.search(q[None].detach(), self.points[None].detach(), iso_sigma, iso_R, self.K)
+        d = q[:, None, :] - self.points[idx[0]]  # (Q, K, 3)
+        d2 = (d * d).sum(-1)
+        # The bandwidth widens with the distance to the nearest point: a fixed one would make
+        # far queries switch abruptly between tangent planes (huge gradients on the Voronoi
+        # boundaries, fighting the Eikonal loss); this keeps the blend smooth at all ranges.
+        h2 = (self.plane_bandwidth * self.spacing) ** 2 + d2.min(-1, keepdim=True).values
+        a = torch.softmax(-d2 / h2, dim=-1)  # finite however far q is
+        return (a * (d * normals[idx[0]]).sum(-1)).sum(-1)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """SDF at unit-box queries.

@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from neusdf.data import Normalization, SurfaceSamples, draw_samples
 from neusdf.extract import extract_mesh
@@ -106,8 +106,8 @@ class SDFModule(L.LightningModule):
         sdf, grad = sdf_and_gradient(self.net, q)
         sizes = [s["surface"], s["near"], s["space"]]
         names = ("surface", "near", "space")
-        sdfs = dict(zip(names, sdf.split(sizes)))
-        grads = dict(zip(names, grad.split(sizes)))
+        sdfs = dict(zip(names, sdf.split(sizes), strict=True))
+        grads = dict(zip(names, grad.split(sizes), strict=True))
         terms = sdf_losses(
             sdfs, grads, b["surface_normals"], b["near_offset"], self.loss_weights,
             self.hparams.loss.get("offsurface_alpha", 100.0),
@@ -154,7 +154,7 @@ class SDFModule(L.LightningModule):
         if self.global_rank == 0:
             gen = torch.Generator(device=self.device).manual_seed(12345)
             box = self.hparams.sampling["box"]
-            q = (torch.rand(v["num_query"] // 4, 3, device=self.device, generator=gen) * 2 - 1)
+            q = torch.rand(v["num_query"] // 4, 3, device=self.device, generator=gen) * 2 - 1
             _, grad = sdf_and_gradient(self.net, q * box, create_graph=False)
             values[-1] = (grad.norm(dim=-1) - 1).abs().mean()
             try:
@@ -171,9 +171,13 @@ class SDFModule(L.LightningModule):
             except ValueError as e:  # no surface yet: log NaN metrics, keep training
                 log.warning("validation at step %d: %s", self.global_step, e)
         values = self.trainer.strategy.broadcast(values, src=0)
-        for k, x in zip((*keys, "eikonal_residual"), values):
+        for k, x in zip((*keys, "eikonal_residual"), values, strict=True):
             self.log(
-                f"val/{k}", x, on_epoch=True, sync_dist=False, prog_bar=k == "chamfer_l1",
+                f"val/{k}",
+                x,
+                on_epoch=True,
+                sync_dist=False,
+                prog_bar=k == "chamfer_l1",
                 batch_size=1,
             )
 

@@ -1,0 +1,72 @@
+"""Config composition, overrides, resolvers and the error for unknown keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, compose_train
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+
+def test_default_config_composes_and_resolves(tmp_path):
+    cfg = compose_train(["trainer.accelerator=cpu"], tmp_path)
+    OmegaConf.resolve(cfg)
+    for group in ("data", "model", "loss", "optim", "trainer", "logger", "callbacks"):
+        assert group in cfg
+    assert cfg.trainer.inference_mode is False
+    assert "tensorboard" in cfg.logger
+    assert cfg.model.backend == "compiled"
+    assert (ROOT / "data" / "default_shape.ply").samefile(cfg.data.path)
+    assert str(cfg.callbacks.model_checkpoint.dirpath).startswith(str(tmp_path))
+
+
+def test_overrides_reach_the_objects(tmp_path, sphere_points_path):
+    cfg = compose_train(
+        [f"data.path={sphere_points_path}", "model.num_points=300", "model.K=5",
+         "trainer.max_steps=7", "loss.eikonal=0.25", "trainer.accelerator=cpu",
+         "model.backend=reference"],
+        tmp_path,
+    )  # fmt: skip
+    assert cfg.loss.eikonal == 0.25
+    dm = instantiate(cfg.data)
+    assert dm.path == str(sphere_points_path)
+    net = instantiate(cfg.model, init=None)
+    assert net.K == 5 and net.num_points == 300
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == 7
+
+
+def test_sizes_follow_the_accelerator(tmp_path):
+    cpu = compose_train(["trainer.accelerator=cpu"], tmp_path)
+    gpu = compose_train(["trainer.accelerator=gpu"], tmp_path)
+    # the GPU defaults are larger; both are the config's literal values for their device
+    assert gpu.model.num_points > cpu.model.num_points
+    assert gpu.trainer.max_steps > cpu.trainer.max_steps
+    assert gpu.data.num_surface > cpu.data.num_surface
+
+
+def test_debug_and_ddp_configs(tmp_path):
+    fdr = compose_train(["debug=fdr"], tmp_path)
+    assert fdr.trainer.fast_dev_run is True
+    ddp = compose_train(["trainer=ddp", "trainer.devices=2"], tmp_path)
+    assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 2
+    assert ddp.trainer.inference_mode is False
+
+
+def test_unknown_key_is_rejected(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="no_such_key"):
+        compose_train(["model.no_such_key=3"], tmp_path)
+
+
+def test_unknown_key_on_the_command_line_gives_a_short_message():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "no_such_key=1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "no_such_key" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,102 @@
+"""Loading every supported format, normalisation and per-step sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from neusdf.data import Normalization, ShapeDataModule, draw_samples, estimate_normals
+from neusdf.mesh_io import load_shape, save_mesh
+
+
+@pytest.mark.parametrize("suffix", [".obj", ".ply", ".stl", ".off"])
+def test_meshes_load_in_their_coordinates(tmp_path, suffix):
+    mesh = trimesh.creation.box(extents=(2.0, 1.0, 0.5))
+    mesh.apply_translation([5.0, 0.0, -1.0])
+    path = tmp_path / f"box{suffix}"
+    mesh.export(path)
+    shape = load_shape(path)
+    assert shape.is_mesh and shape.normals is None
+    np.testing.assert_allclose(shape.points.min(0), [4.0, -0.5, -1.25], atol=1e-6)
+
+
+def test_point_clouds_with_and_without_normals(tmp_path):
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(100, 3))
+    nrm = pts / np.linalg.norm(pts, axis=1, keepdims=True)
+    np.savetxt(tmp_path / "a.xyz", np.hstack([pts, nrm]))
+    np.savetxt(tmp_path / "b.xyz", pts)
+    np.savez(tmp_path / "c.npz", points=pts, normals=nrm)
+    np.savez(tmp_path / "d.npz", points=pts)
+    cloud = trimesh.Trimesh(pts, np.zeros((0, 3), int), vertex_normals=nrm, process=False)
+    (tmp_path / "e.ply").write_bytes(trimesh.exchange.ply.export_ply(cloud, vertex_normal=True))
+    trimesh.PointCloud(pts).export(tmp_path / "f.ply")
+    for name, has_normals in [("a.xyz", True), ("b.xyz", False), ("c.npz", True),
+                              ("d.npz", False), ("e.ply", True), ("f.ply", False)]:  # fmt: skip
+        s = load_shape(tmp_path / name)
+        assert not s.is_mesh, name
+        np.testing.assert_allclose(s.points, pts, rtol=1e-6, atol=1e-6, err_msg=name)
+        assert (s.normals is not None) == has_normals, name
+        if has_normals:
+            np.testing.assert_allclose(s.normals, nrm, atol=1e-6, err_msg=name)
+
+
+def test_normalisation_round_trip():
+    pts = np.random.default_rng(1).uniform([-3, 10, 0], [5, 12, 1], size=(500, 3))
+    norm = Normalization.of(pts)
+    unit = norm.to_unit(pts)
+    np.testing.assert_allclose(unit.max(0) + unit.min(0), 0, atol=1e-12)  # centred bbox
+    assert (unit.max(0) - unit.min(0)).max() == pytest.approx(1.0)  # longest side 1
+    np.testing.assert_allclose(norm.from_unit(unit), pts, atol=1e-12)
+
+
+def test_datamodule_normalises_and_samples_the_mesh(sphere_mesh_path):
+    dm = ShapeDataModule(str(sphere_mesh_path), surface_samples=5000, box=0.55)
+    dm.load()
+    assert dm.has_normals  # face normals of the sampled triangles
+    p, n = dm.surface.points.double(), dm.surface.normals.double()
+    assert p.shape == (5000, 3)
+    # sphere of radius 0.3 -> radius 0.5 in the unit box, normals radial and outward
+    assert (p.norm(dim=1) - 0.5).abs().max() < 0.01
+    assert (torch.nn.functional.cosine_similarity(p, n) > 0.99).all()
+
+
+def test_draw_samples_shapes_ranges_and_seeds(sphere_points_path):
+    dm = ShapeDataModule(str(sphere_points_path))
+    dm.load()
+    pts, nrm = dm.surface.points, dm.surface.normals
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return draw_samples(pts, nrm, 64, 32, 48, (0.01, 0.002), 0.55, g)
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a["surface"].shape == (64, 3) and a["surface_normals"].shape == (64, 3)
+    assert a["space"].shape == (32, 3) and a["space"].abs().max() <= 0.55
+    assert a["near"].shape == (48, 3) and a["near_offset"].shape == (48,)
+    assert torch.equal(a["space"], b["space"])  # same seed, same samples
+    assert not torch.equal(a["space"], c["space"])  # another rank's seed, other samples
+    # the offset is the jitter's normal component: on the unit sphere (radius 0.5 after
+    # normalisation) it is the signed distance to first order
+    r = a["near"].norm(dim=1) - 0.5
+    assert (r - a["near_offset"]).abs().max() < 0.01
+
+
+def test_estimated_normals_point_outward():
+    d = np.random.default_rng(2).normal(size=(2000, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    n = estimate_normals(d)
+    assert (np.einsum("ij,ij->i", n, d) > 0.95).all()
+
+
+def test_save_mesh_is_atomic_and_does_not_overwrite(tmp_path):
+    box = trimesh.creation.box()
+    path = tmp_path / "m.ply"
+    save_mesh(path, box.vertices, box.faces)
+    assert load_shape(path).faces.shape == (12, 3)
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        save_mesh(path, box.vertices, box.faces)
+    save_mesh(path, box.vertices[:, ::-1], box.faces, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
