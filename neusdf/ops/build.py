@@ -92,7 +92,8 @@ def load_library(verbose: bool | None = None) -> bool:
         if verbose is None:
             verbose = os.environ.get("NEUSDF_BUILD_VERBOSE", "0") == "1"
         sources = [str(SOURCE_DIR / s) for s in _CPU_SOURCES]
-        cflags = ["-O3", "-std=c++17", "-fopenmp"]
+        # No -std flag: torch picks the standard its headers need (C++17 or C++20).
+        cflags = ["-O3", "-fopenmp"]
         if with_cuda:
             sources += [str(SOURCE_DIR / s) for s in _CUDA_SOURCES]
             cflags.append("-DNEUSDF_WITH_CUDA")
@@ -102,7 +103,7 @@ def load_library(verbose: bool | None = None) -> bool:
             extra_include_paths=[str(SOURCE_DIR)],
             extra_cflags=cflags,
             # -lineinfo keeps kernels attributable in profilers at no run-time cost.
-            extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", "-DNEUSDF_WITH_CUDA"],
+            extra_cuda_cflags=["-O3", "-lineinfo", "-DNEUSDF_WITH_CUDA"],
             # at::parallel_for is OpenMP-based in PyTorch builds; link the runtime torch loads.
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

@@ -1,0 +1,328 @@
+"""Correctness of the compiled op against the pure-PyTorch reference, on CPU and (if present) CUDA.
+
+Layers: forward values and neighbours; vector-Jacobian products through all three outputs;
+second order (an Eikonal loss on normalised features); float64 gradcheck/gradgradcheck;
+opcheck of the registrations; bad inputs; the ``idx=`` path; CUDA against CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neusdf.ops import knn_aggregate_aniso, knn_aggregate_aniso_reference, knn_search_aniso
+from neusdf.ops.knn import ensure_registered
+from neusdf.ops.reference import anisotropic_dists
+from neusdf.ops.testing import make_inputs
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
+DTYPES = [torch.float32, torch.float64]
+
+# (B, Q, P, F, K) and input options: K = 1, K = P, F not a multiple of 32, B = 3, Q = 1,
+# strongly anisotropic precisions, non-orthonormal R, K > 32 (the CUDA general path).
+CASES = [
+    pytest.param((2, 40, 30, 8, 4), {}, id="basic"),
+    pytest.param((1, 17, 12, 5, 1), {}, id="K=1"),
+    pytest.param((2, 9, 7, 3, 7), {}, id="K=P"),
+    pytest.param((3, 25, 40, 33, 6), {}, id="B=3-F=33"),
+    pytest.param((2, 1, 20, 4, 5), {}, id="Q=1"),
+    pytest.param((1, 50, 60, 16, 8), {"anisotropy": 100.0}, id="anisotropic"),
+    pytest.param((2, 30, 25, 6, 5), {"orthonormal": False}, id="R-not-orthonormal"),
+    pytest.param((1, 20, 300, 70, 16), {}, id="P>tile-F=70"),
+    pytest.param((1, 12, 60, 4, 40), {}, id="K=40"),
+]
+
+RTOL = {torch.float32: 2e-4, torch.float64: 1e-9}
+
+
+def tol(dtype: torch.dtype) -> dict:
+    return {"rtol": RTOL[dtype], "atol": RTOL[dtype]}
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Elementwise closeness relative to the largest magnitude of the expected tensor."""
+    scale = max(float(expected.abs().max()), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
+
+
+def assert_same_neighbours(idx, q, p, sigma, R) -> None:
+    """idx holds the K smallest distances in ascending order (checked in float64).
+
+    Exactly equal distances may appear in either order, and near-ties may swap in float32:
+    the gathered float64 distances must equal the K smallest ones, and the indices must equal
+    the reference's wherever the neighbouring distances are separated by more than rounding.
+    """
+    D = anisotropic_dists(*(t.detach().double().cpu() for t in (q, p, sigma, R)))
+    idx = idx.cpu()
+    K = idx.shape[-1]
+    ref_d, ref_i = torch.sort(D, dim=-1, stable=True)
+    ours = torch.gather(D, -1, idx)
+    torch.testing.assert_close(ours, ref_d[..., :K], rtol=1e-5, atol=1e-6)
+    gaps = ref_d[..., 1:] - ref_d[..., :-1]
+    big = torch.full_like(ref_d[..., :1], float("inf"))
+    before = torch.cat([big, gaps], -1)[..., :K]
+    after = torch.cat([gaps, big], -1)[..., :K]
+    clear = torch.minimum(before, after) > 1e-4 * (1 + ref_d[..., :K].abs())
+    assert torch.equal(idx[clear], ref_i[..., :K][clear])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("size", "opts"), CASES)
+def test_forward_matches_reference(size, opts, dtype, device):
+    B, Q, P, F, K = size
+    q, p, f, sigma, R = make_inputs(B, Q, P, F, dtype=dtype, device=device, seed=1, **opts)
+    f_out, w, dists, idx = knn_aggregate_aniso(q, p, f, sigma, R, K)
+    assert f_out.shape == (B, Q, F) and w.shape == dists.shape == idx.shape == (B, Q, K)
+    assert idx.dtype == torch.int64 and f_out.dtype == dtype and f_out.device == q.device
+    assert_same_neighbours(idx, q, p, sigma, R)
+    # Values on the same neighbours (the reference re-evaluated on our idx).
+    r_out, r_w, r_d, _ = knn_aggregate_aniso_reference(q, p, f, sigma, R, K, idx=idx)
+    assert_close_scaled(dists, r_d, dtype)
+    assert_close_scaled(w, r_w, dtype)
+    assert_close_scaled(f_out, r_out, dtype)
+    assert bool((dists[..., 1:] >= dists[..., :-1]).all())
+
+
+def _vjp(fn, inputs, K, upstream):
+    outs = fn(*inputs, K)[:3]
+    return torch.autograd.grad(outs, inputs, upstream)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("size", "opts"), CASES[:8])
+def test_first_order_matches_reference(size, opts, dtype, device):
+    B, Q, P, F, K = size
+    inputs = make_inputs(B, Q, P, F, dtype=dtype, device=device, seed=2, requires_grad=True, **opts)
+    idx = knn_search_aniso(*inputs[:2], *inputs[3:], K)
+    g = torch.Generator().manual_seed(3)
+    upstream = [
+        torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        for shape in ((B, Q, F), (B, Q, K), (B, Q, K))
+    ]
+    ours = _vjp(lambda *a: knn_aggregate_aniso(*a, idx=idx), inputs, K, upstream)
+    ref = _vjp(lambda *a: knn_aggregate_aniso_reference(*a, idx=idx), inputs, K, upstream)
+    for name, a, b in zip(("q", "p", "f", "sigma", "R"), ours, ref, strict=True):
+        assert_close_scaled(a, b, dtype), name
+
+
+def eikonal_grads(fn, inputs, K):
+    """Gradients of an Eikonal + surface loss on normalised features w.r.t. all five inputs."""
+    q = inputs[0]
+    f_out, w, dists, _ = fn(*inputs, K)
+    wsum = w.sum(-1, keepdim=True)
+    feat = f_out / (wsum + 1e-2)
+    head = torch.linspace(-1.0, 1.0, feat.shape[-1], dtype=q.dtype, device=q.device)
+    sdf = (feat * head).sum(-1) + 0.5 * wsum[..., 0] - 0.05 * dists[..., 0]
+    (grad_q,) = torch.autograd.grad(sdf.sum(), q, create_graph=True)
+    loss = ((grad_q.norm(dim=-1) - 1) ** 2).mean() + sdf.abs().mean()
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("size", "opts"), CASES[:8])
+def test_second_order_eikonal_matches_reference(size, opts, dtype, device):
+    B, Q, P, F, K = size
+    inputs = make_inputs(B, Q, P, F, dtype=dtype, device=device, seed=4, requires_grad=True, **opts)
+    idx = knn_search_aniso(*inputs[:2], *inputs[3:], K)
+    ours = eikonal_grads(lambda *a: knn_aggregate_aniso(*a, idx=idx), inputs, K)
+    ref = eikonal_grads(lambda *a: knn_aggregate_aniso_reference(*a, idx=idx), inputs, K)
+    for a, b in zip(ours, ref, strict=True):
+        assert_close_scaled(a, b, dtype)
+
+
+def test_gradcheck_and_gradgradcheck_float64_cpu():
+    inputs = make_inputs(2, 6, 9, 3, dtype=torch.float64, seed=5, requires_grad=True)
+
+    def fn(q, p, f, sigma, R):
+        return knn_aggregate_aniso(q, p, f, sigma, R, 3)[:3]
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    # Upstreams for every output of the backward: both the fast (query) path and the exact
+    # gathered path for the point gradients are checked.
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_gradcheck_float64_cuda():
+    inputs = make_inputs(1, 5, 8, 3, dtype=torch.float64, device="cuda", seed=6, requires_grad=True)
+
+    def fn(q, p, f, sigma, R):
+        return knn_aggregate_aniso(q, p, f, sigma, R, 3)[:3]
+
+    assert torch.autograd.gradcheck(fn, inputs, nondet_tol=1e-10)
+    assert torch.autograd.gradgradcheck(fn, inputs, nondet_tol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    ensure_registered()
+    q, p, f, sigma, R = make_inputs(2, 7, 6, 3, dtype=torch.float64, device=device, seed=7)
+    ops = torch.ops.neusdf
+    idx = ops.knn_search(q, p, sigma, R, 3)
+    grads = [torch.randn_like(t) for t in (f[:, :1].expand(2, 7, 3).contiguous(), idx.double())]
+    gf, gw = grads[0], grads[1]
+    gd = torch.randn_like(gw)
+    ggq = torch.randn_like(q)
+    torch.library.opcheck(ops.knn_search, (q, p, sigma, R, 3))
+    leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
+    torch.library.opcheck(ops.knn_aggregate, (*leaves, idx))
+    torch.library.opcheck(ops.knn_aggregate_backward, (gf, gw, gd, *leaves, idx))
+    torch.library.opcheck(
+        ops.knn_aggregate_double_backward, (ggq, gf, gw, gd, q, p, f, sigma, R, idx)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_idx_path_equals_search_path(device):
+    inputs = make_inputs(2, 20, 15, 5, device=device, seed=8, requires_grad=True)
+    a = knn_aggregate_aniso(*inputs, 4)
+    b = knn_aggregate_aniso(*inputs, 4, idx=a[3])
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    ga = eikonal_grads(knn_aggregate_aniso, inputs, 4)
+    gb = eikonal_grads(lambda *t: knn_aggregate_aniso(*t, idx=a[3]), inputs, 4)
+    for x, y in zip(ga, gb, strict=True):
+        if device == "cpu":  # CUDA scatters with atomics: equal up to summation order
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_go_to_the_lower_index(device, dtype):
+    q, p, f, sigma, R = make_inputs(1, 8, 12, 2, dtype=dtype, device=device, seed=9)
+    # Points 3, 7 and 10 are copies of point 1 (same position, precisions and axes).
+    for j in (3, 7, 10):
+        p[:, j], sigma[:, j], R[:, j] = p[:, 1], sigma[:, 1], R[:, 1]
+    q[:, 0] = p[:, 1, :]  # query 0 sits on the four copies: distance 0 for each
+    idx = knn_search_aniso(q, p, sigma, R, 3)
+    assert idx[0, 0].tolist() == [1, 3, 7]
+    assert_same_neighbours(idx, q, p, sigma, R)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_queries_and_noncontiguous_inputs(device):
+    q, p, f, sigma, R = make_inputs(2, 10, 12, 6, device=device, seed=10)
+    out = knn_aggregate_aniso(q[:, :0], p, f, sigma, R, 3)
+    assert [tuple(t.shape) for t in out] == [(2, 0, 6), (2, 0, 3), (2, 0, 3), (2, 0, 3)]
+    # Non-contiguous views: transposed storage and strided slices.
+    qn = q.transpose(1, 2).contiguous().transpose(1, 2)
+    fn = torch.stack([f, f], -1)[..., 0]
+    Rn = R.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not (qn.is_contiguous() or fn.is_contiguous() or Rn.is_contiguous())
+    a = knn_aggregate_aniso(qn, p, fn, sigma, Rn, 3)
+    b = knn_aggregate_aniso(q, p, f, sigma, R, 3)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_inputs_do_not_crash_or_leak(device):
+    q, p, f, sigma, R = make_inputs(1, 10, 12, 4, device=device, seed=11)
+    q[0, 2] = float("nan")  # a NaN query: its distances are NaN, sorted last
+    p[0, 5] = float("nan")  # a NaN point: never preferred over a finite one
+    f_out, w, dists, idx = knn_aggregate_aniso(q, p, f, sigma, R, 4)
+    assert bool(((idx >= 0) & (idx < 12)).all())
+    assert not bool((idx[0, [0, 1, 3, 4]] == 5).any())
+    assert bool(torch.isnan(f_out[0, 2]).all())
+    others = [i for i in range(10) if i != 2]
+    assert bool(torch.isfinite(f_out[0, others]).all())
+
+
+def test_third_order_raises():
+    inputs = make_inputs(1, 5, 6, 2, dtype=torch.float64, seed=12, requires_grad=True)
+    f_out, _, _, _ = knn_aggregate_aniso(*inputs, 2)
+    (gq,) = torch.autograd.grad(f_out.sum(), inputs[0], create_graph=True)
+    (ggf,) = torch.autograd.grad(gq.square().sum(), inputs[2], create_graph=True)
+    with pytest.raises(RuntimeError, match="third-order"):
+        torch.autograd.grad(ggf.sum(), inputs[0])
+
+
+def _bad(**changes):
+    return changes
+
+
+BAD_INPUTS = [
+    (_bad(q=torch.zeros(2, 5, 2)), ValueError, r"q must have shape \(B, Q, 3\)"),
+    (_bad(q=torch.zeros(5, 3)), ValueError, r"q must have shape"),
+    (_bad(p=torch.zeros(3, 8, 3)), ValueError, r"p has batch size 3 but q has 2"),
+    (_bad(f=torch.zeros(2, 7, 4)), ValueError, r"f must have shape \(B, P, F\)"),
+    (_bad(sigma=torch.ones(2, 7, 3)), ValueError, r"sigma must have \(B, P\) = \(2, 8\)"),
+    (_bad(R=torch.zeros(2, 8, 3)), ValueError, r"R must have shape \(B, P, 3, 3\)"),
+    (_bad(K=0), ValueError, r"K must satisfy 1 <= K <= P = 8, got K = 0"),
+    (_bad(K=9), ValueError, r"K must satisfy 1 <= K <= P = 8, got K = 9"),
+    (_bad(K=2.0), TypeError, r"K must be an int"),
+    (_bad(q=torch.zeros(2, 5, 3, dtype=torch.int64)), TypeError, r"q must be float32 or float64"),
+    (_bad(f=torch.zeros(2, 8, 4, dtype=torch.float64)), TypeError, r"f has dtype torch.float64"),
+    (_bad(q=torch.zeros(2, 5, 3).tolist()), TypeError, r"q must be a torch.Tensor, got list"),
+    (_bad(idx=torch.zeros(2, 5, 3, dtype=torch.int32)), TypeError, r"idx must be int64"),
+    (_bad(idx=torch.zeros(2, 5, 2, dtype=torch.int64)), ValueError, r"idx must have shape"),
+    (
+        _bad(idx=torch.full((2, 5, 3), 8)),
+        ValueError,
+        r"idx must hold point indices in \[0, P\) = \[0, 8\)",
+    ),
+    (_bad(idx=torch.full((2, 5, 3), -1)), ValueError, r"idx must hold point indices"),
+]
+
+
+@pytest.mark.parametrize(("changes", "error", "message"), BAD_INPUTS)
+def test_bad_inputs_get_clear_errors(changes, error, message):
+    args = dict(zip(("q", "p", "f", "sigma", "R"), make_inputs(2, 5, 8, 4, seed=13), strict=True))
+    args["K"] = 3
+    args.update(changes)
+    with pytest.raises(error, match=message):
+        knn_aggregate_aniso(**args)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_mixed_devices_get_a_clear_error():
+    q, p, f, sigma, R = make_inputs(1, 5, 8, 4, seed=14)
+    with pytest.raises(ValueError, match=r"p is on cuda:0 but q is on cpu"):
+        knn_aggregate_aniso(q, p.cuda(), f, sigma, R, 3)
+
+
+def test_direct_op_call_checks_inputs():
+    ensure_registered()
+    q, p, f, sigma, R = make_inputs(1, 5, 8, 4, seed=15)
+    with pytest.raises(RuntimeError, match=r"K must satisfy 1 <= K <= P"):
+        torch.ops.neusdf.knn_search(q, p, sigma, R, 9)
+    with pytest.raises(RuntimeError, match=r"sigma must be \(B, P, 3\)"):
+        torch.ops.neusdf.knn_search(q, p, sigma[:, :4], R, 2)
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("size", "opts"), CASES)
+def test_cuda_matches_cpu(size, opts, dtype):
+    B, Q, P, F, K = size
+    cpu = make_inputs(B, Q, P, F, dtype=dtype, seed=16, requires_grad=True, **opts)
+    gpu = [t.detach().cuda().requires_grad_() for t in cpu]
+    a = knn_aggregate_aniso(*cpu, K)
+    b = knn_aggregate_aniso(*gpu, K)
+    if dtype == torch.float64:
+        assert torch.equal(a[3], b[3].cpu())
+    for x, y in zip(a[:3], b[:3], strict=True):
+        assert_close_scaled(y.cpu(), x, dtype)
+    ga = eikonal_grads(lambda *t: knn_aggregate_aniso(*t, idx=a[3]), cpu, K)
+    gb = eikonal_grads(lambda *t: knn_aggregate_aniso(*t, idx=a[3].cuda()), gpu, K)
+    for x, y in zip(ga, gb, strict=True):
+        assert_close_scaled(y.cpu(), x, dtype)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_search_matches_reference_at_scale():
+    q, p, f, sigma, R = make_inputs(2, 3000, 4096, 8, device="cuda", seed=17)
+    for K in (1, 8, 16, 32):
+        idx = knn_search_aniso(q, p, sigma, R, K)
+        sub = slice(0, 500)  # the float64 check builds a (B, Q, P) matrix on the CPU
+        assert_same_neighbours(idx[:, sub], q[:, sub], p, sigma, R)
