@@ -102,6 +102,11 @@ def train(cfg: DictConfig) -> dict | None:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     fit_s = time.perf_counter() - t0
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and getattr(ckpt_cb, "save_last", False):
+        # Lightning writes last.ckpt at validation and epoch ends; the step loader never ends
+        # an epoch, so the final state is saved here (on rank 0; every rank joins the barrier).
+        trainer.save_checkpoint(Path(ckpt_cb.dirpath) / f"{ckpt_cb.CHECKPOINT_NAME_LAST}.ckpt")
     if trainer.global_rank != 0:
         return None
 

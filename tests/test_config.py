@@ -53,7 +53,7 @@ def test_debug_and_ddp_configs(tmp_path):
     fdr = compose_train(["debug=fdr"], tmp_path)
     assert fdr.trainer.fast_dev_run is True
     ddp = compose_train(["trainer=ddp", "trainer.devices=2"], tmp_path)
-    assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 2
+    assert ddp.trainer.strategy._target_.endswith("DDPStrategy") and ddp.trainer.devices == 2
     assert ddp.trainer.inference_mode is False
 
 

@@ -42,6 +42,8 @@ def test_run_writes_checkpoints_mesh_and_metrics(run):
     out, metrics = run
     for name in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "mesh.ply", "metrics.json"):
         assert (out / name).is_file(), name
+    # last.ckpt is the final state, even though training stops between validations
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     saved = json.loads((out / "metrics.json").read_text())
     for k in METRIC_KEYS:
         assert saved[k] == pytest.approx(metrics[k]), k

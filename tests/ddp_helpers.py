@@ -1,0 +1,36 @@
+"""A callback the DDP test injects into train.py runs (importable via PYTHONPATH=tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from neusdf.data import draw_samples
+
+
+class DumpRankState(L.Callback):
+    """Saves, per rank, the first samples the rank will draw and its final parameters."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.first_samples: torch.Tensor | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # replay this rank's generator on a copy: the samples of its first step
+        gen = torch.Generator(device=pl_module.device)
+        gen.set_state(pl_module._generator.get_state())
+        s = pl_module.hparams.sampling
+        b = draw_samples(pl_module.bank_points, pl_module.bank_normals, s["surface"],
+                         s["space"], s["near"], tuple(s["near_sigmas"]), s["box"], gen)  # fmt: skip
+        self.first_samples = b["space"].cpu()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        params = {k: v.detach().cpu() for k, v in pl_module.net.named_parameters()}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"params": params, "samples": self.first_samples, "step": trainer.global_step,
+             "world_size": trainer.world_size},
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )  # fmt: skip
