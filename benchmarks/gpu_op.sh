@@ -16,7 +16,9 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 t0=$(date +%s)
 python3 -m neusdf.ops.build 2>&1 | tee "$OUT/build.log" || exit 1
 echo "build seconds: $(( $(date +%s) - t0 ))" | tee -a "$OUT/build.log"
-python3 -m pytest tests/test_ops.py -q -p no:cacheprovider -x ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
+# CUDA tests first, so that a crash elsewhere cannot hide their result.
+python3 -m pytest tests/test_ops.py -q -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15
+python3 -m pytest tests/test_ops.py -q -p no:cacheprovider -m "not cuda" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-cpu.log" | tail -8
 cat > /tmp/sanitize_case.py <<'PY'
 import torch
 from neusdf.ops import knn_aggregate_aniso
@@ -34,4 +36,8 @@ for tool in memcheck racecheck; do
     > "$OUT/sanitizer-$tool.log" 2>&1
   echo "compute-sanitizer $tool exit: $?  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1)"
 done
+for w in 2 4 8; do  # warps per search block (the heuristic picks one; this shows the spread)
+  echo "NEUSDF_SEARCH_WARPS=$w"
+  NEUSDF_SEARCH_WARPS=$w python3 -m neusdf.ops.benchmark --impl neusdf --reps 10 2>&1 | grep "neusdf B="
+done | tee "$OUT/search_warps.log"
 python3 -m neusdf.ops.benchmark --json "$OUT/op_benchmark.json" --profile ${BENCH_ARGS:-} 2>&1 | tee "$OUT/op_benchmark.log" | tail -40

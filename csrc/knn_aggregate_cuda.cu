@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "knn_aggregate.h"
 #include "knn_aggregate_math.h"
@@ -73,7 +74,8 @@ __host__ __device__ constexpr int search_tile() {
   return sizeof(T) == 4 ? 256 : 128;  // 16 KiB of shared memory either way
 }
 
-constexpr int kQueue = 8;  // candidates a lane may queue before its warp merges them
+constexpr int kQueue = 8;   // candidates a lane may queue before its warp merges them
+constexpr int kUnroll = 4;  // points a lane scans per step (kUnroll <= kQueue)
 
 // Shared memory of the search: the point tile, reused for merging the warps' lists, followed
 // by the per-lane candidate queues.
@@ -160,16 +162,29 @@ __global__ void knn_search_kernel(const T* __restrict__ q, const T* __restrict__
       tile[t] = rec;
     }
     __syncthreads();
-    for (int t = warp; t < count; t += warps) {  // uniform across the warp: votes are safe
-      const PointRec<T>& r = tile[t];
-      T d[3], u[3];
-      const T k = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
-      if (active && k < gate) {
-        queue_key[queued * kWarp + lane] = k;
-        queue_ind[queued * kWarp + lane] = start + t;
-        ++queued;
+    // kUnroll points per step: independent distance chains for ILP, one vote per step. The
+    // loop bounds are uniform across the warp, so the vote is safe.
+    for (int t0 = warp; t0 < count; t0 += kUnroll * warps) {
+      T k[kUnroll];
+#pragma unroll
+      for (int x = 0; x < kUnroll; ++x) {
+        const int t = t0 + x * warps;
+        k[x] = INFINITY;  // never below the gate
+        if (t < count) {
+          const PointRec<T>& r = tile[t];
+          T d[3], u[3];
+          k[x] = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
+        }
       }
-      if (__any_sync(kFullMask, queued == kQueue)) merge_queue();
+#pragma unroll
+      for (int x = 0; x < kUnroll; ++x) {
+        if (active && k[x] < gate) {
+          queue_key[queued * kWarp + lane] = k[x];
+          queue_ind[queued * kWarp + lane] = start + t0 + x * warps;
+          ++queued;
+        }
+      }
+      if (__any_sync(kFullMask, queued > kQueue - kUnroll)) merge_queue();
     }
   }
   merge_queue();
@@ -237,7 +252,12 @@ __global__ void knn_search_large_k_kernel(const T* __restrict__ q, const T* __re
 }
 
 // Warps per search block: enough blocks x warps to fill the GPU, at most 8.
+// NEUSDF_SEARCH_WARPS (1..8) overrides the choice, for tuning.
 int search_warps(int64_t blocks) {
+  if (const char* env = std::getenv("NEUSDF_SEARCH_WARPS")) {
+    const int w = std::atoi(env);
+    if (w >= 1 && w <= 8) return w;
+  }
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
