@@ -251,8 +251,9 @@ __global__ void knn_search_large_k_kernel(const T* __restrict__ q, const T* __re
   }
 }
 
-// Warps per search block: enough blocks x warps to fill the GPU, at most 8.
-// NEUSDF_SEARCH_WARPS (1..8) overrides the choice, for tuning.
+// Warps per search block: enough blocks x warps to fill the GPU, at most 4 (on an H100, 4 beat
+// 2, 6 and 8 at P = 4096 and P = 65536: benchmarks/RESULTS.md). NEUSDF_SEARCH_WARPS (1..8)
+// overrides the choice, for tuning.
 int search_warps(int64_t blocks) {
   if (const char* env = std::getenv("NEUSDF_SEARCH_WARPS")) {
     const int w = std::atoi(env);
@@ -262,7 +263,7 @@ int search_warps(int64_t blocks) {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t target = static_cast<int64_t>(sms) * 32;  // resident warps to aim for
-  return static_cast<int>(std::min<int64_t>(8, std::max<int64_t>(1, (target + blocks - 1) / blocks)));
+  return static_cast<int>(std::min<int64_t>(4, std::max<int64_t>(1, (target + blocks - 1) / blocks)));
 }
 
 template <typename T, int N>
