@@ -54,8 +54,8 @@ def train(cfg: DictConfig) -> dict | None:
         cfg: the composed config (configs/train.yaml).
 
     Returns:
-        On rank 0, the metrics dict (EVAL.md metrics against the input plus ``timing``);
-        None on other ranks.
+        On rank 0, the metrics dict (EVAL.md metrics against the input unless
+        ``extract.score`` is false, plus ``timing`` and ``input``); None on other ranks.
 
     Raises:
         ShapeError, CheckpointError, FileExistsError, ValueError: bad input, with a message
@@ -119,10 +119,12 @@ def train(cfg: DictConfig) -> dict | None:
     verts = norm.from_unit(verts)
     save_mesh(mesh_path, verts, faces, overwrite=cfg.overwrite)
     t1 = time.perf_counter()
-    metrics = evaluate(
-        SurfaceSet(verts, faces), SurfaceSet.from_shape(dm.shape),
-        num_query=cfg.extract.num_query, num_ref=cfg.extract.num_ref,
-    )  # fmt: skip
+    metrics: dict = {}
+    if cfg.extract.score:
+        metrics = evaluate(
+            SurfaceSet(verts, faces), SurfaceSet.from_shape(dm.shape),
+            num_query=cfg.extract.num_query, num_ref=cfg.extract.num_ref,
+        )  # fmt: skip
     steps = trainer.global_step
     metrics["timing"] = {
         "fit_seconds": fit_s,
@@ -136,7 +138,8 @@ def train(cfg: DictConfig) -> dict | None:
     metrics["input"] = {"path": dm.path, "has_normals": dm.has_normals}
     save_json(metrics_path, metrics, overwrite=cfg.overwrite)
     scores = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    print(format_table({Path(dm.path).name: scores}))
+    if scores:
+        print(format_table({Path(dm.path).name: scores}))
     print(
         f"train {fit_s:.1f} s ({metrics['timing']['steps_per_second']:.1f} steps/s), "
         f"extract {stats.seconds_total:.1f} s at {cfg.extract.resolution}^3\n"

@@ -162,7 +162,7 @@ def draw_samples(
     Args:
         points: (M, 3) dense surface sample (unit box). normals: (M, 3) or None.
         num_surface / num_space / num_near: how many surface, uniform and near-surface samples.
-        near_sigmas: std devs of the isotropic jitter of near-surface samples (cycled).
+        near_sigmas: std devs of the isotropic jitter of near-surface samples (equal slices).
         box: half-size of the sampling cube [-box, box]^3.
         generator: a torch.Generator on points.device (one per rank: ranks draw differently).
 
@@ -174,9 +174,11 @@ def draw_samples(
     dev, M = points.device, points.shape[0]
     i_s = torch.randint(M, (num_surface,), device=dev, generator=generator)
     i_n = torch.randint(M, (num_near,), device=dev, generator=generator)
-    sig = torch.tensor(near_sigmas, device=dev, dtype=points.dtype)
-    sig = sig.repeat((num_near + len(near_sigmas) - 1) // len(near_sigmas))[:num_near]
-    jitter = torch.randn(num_near, 3, device=dev, generator=generator) * sig[:, None]
+    jitter = torch.randn(num_near, 3, device=dev, generator=generator)
+    # Scale equal slices by Python floats: building a tensor of the sigmas would copy from the
+    # host at every step.
+    for part, sigma in zip(jitter.chunk(len(near_sigmas)), near_sigmas, strict=False):
+        part.mul_(sigma)
     space = (torch.rand(num_space, 3, device=dev, generator=generator) * 2 - 1) * box
     out: dict[str, torch.Tensor | None] = {
         "surface": points[i_s],

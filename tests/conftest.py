@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import trimesh
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from neusdf.config import register_resolvers
+from neusdf.config import compose_train_config, register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -20,17 +20,11 @@ register_resolvers()
 
 
 def compose_train(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """The train config as train.py would see it, with the run directory set to output_dir.
-
-    ``paths.output_dir`` normally comes from Hydra's runtime (only set inside @hydra.main),
-    so tests pin it.
-    """
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    """The train config as train.py would see it (run directory: output_dir or unset)."""
     if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
+        return compose_train_config(overrides, output_dir)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
 
 
 def tiny_overrides(shape: Path, backend: str = "reference") -> list[str]:

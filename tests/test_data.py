@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from conftest import SHARED_MESHES
 
 from neusdf.data import Normalization, ShapeDataModule, draw_samples, estimate_normals
 from neusdf.mesh_io import load_shape, save_mesh
@@ -100,3 +101,14 @@ def test_save_mesh_is_atomic_and_does_not_overwrite(tmp_path):
         save_mesh(path, box.vertices, box.faces)
     save_mesh(path, box.vertices[:, ::-1], box.faces, overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.skipif(not SHARED_MESHES.is_dir(), reason="shared test meshes not present")
+@pytest.mark.parametrize(
+    "name", ["stanford-bunny.obj", "fandisk.obj", "rocker-arm.obj", "torus.stl"]
+)
+def test_shared_meshes_load_and_normalise(name):
+    shape = load_shape(SHARED_MESHES / name)
+    assert shape.is_mesh and len(shape.faces) > 1000
+    unit = Normalization.of(shape.points).to_unit(shape.points)
+    assert (unit.max(0) - unit.min(0)).max() == pytest.approx(1.0)
