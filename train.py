@@ -47,6 +47,21 @@ def _build_op(backend: str) -> None:
     log.info("compiled op ready (%.1f s)", time.perf_counter() - t0)
 
 
+def _check_checkpoint_dir(cfg: DictConfig) -> None:
+    """Refuses to write checkpoints over an earlier run's, unless resuming from that run."""
+    cb = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if cb is None or cfg.overwrite:
+        return
+    ckpt_dir = Path(cb.dirpath)
+    existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    resuming_here = cfg.ckpt_path is not None and Path(cfg.ckpt_path).parent == ckpt_dir
+    if existing and not resuming_here:
+        raise FileExistsError(
+            f"'{ckpt_dir}' already holds checkpoints ({existing[0].name}, ...); "
+            "pass overwrite=true to replace them or ckpt_path=... to resume"
+        )
+
+
 def train(cfg: DictConfig) -> dict | None:
     """Trains, then (on rank 0) extracts the mesh and computes metrics.
 
@@ -69,6 +84,7 @@ def train(cfg: DictConfig) -> dict | None:
     metrics_path = out_dir / "metrics.json"
     for p in (mesh_path, metrics_path):
         check_writable(p, cfg.overwrite)
+    _check_checkpoint_dir(cfg)
 
     dm: ShapeDataModule = instantiate(cfg.data)
     dm.load()

@@ -9,6 +9,7 @@ of the grid. The extraction command::
 
     python -m neusdf.extract ckpt=outputs/.../checkpoints/last.ckpt resolution=512 \\
         [output=mesh.ply] [reference=shape.obj] [metrics=metrics.json] [overwrite=true]
+        [device=auto|cpu|cuda] [backend=compiled|reference] [chunk=262144] [band=2.0]
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ class ExtractConfig:
     reference: str | None = None
     metrics: str | None = None
     device: str = "auto"
+    # op backend: the checkpoint's own (None), 'compiled' or 'reference' (no compiler needed)
+    backend: str | None = None
     chunk: int = 262_144
     band: float = 2.0
     overwrite: bool = False
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.reference:
             check_writable(metrics_path, cfg.overwrite)
             reference = load_shape(cfg.reference)
-        loaded = load_checkpoint(ckpt, device)
+        loaded = load_checkpoint(ckpt, device, backend=cfg.backend)
         verts, faces, stats = extract_mesh(
             loaded.net, cfg.resolution, loaded.box, device, cfg.chunk, band=cfg.band
         )

@@ -120,6 +120,15 @@ def test_existing_outputs_are_not_overwritten(run, sphere_mesh_path, backend):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         train(compose_train(tiny_overrides(sphere_mesh_path, backend), out))
     assert (out / "mesh.ply").read_bytes() == before
+    # an interrupted run left checkpoints but no mesh: still refused
+    (out / "mesh.ply").rename(out / "mesh.keep")
+    (out / "metrics.json").rename(out / "metrics.keep")
+    try:
+        with pytest.raises(FileExistsError, match="already holds checkpoints"):
+            train(compose_train(tiny_overrides(sphere_mesh_path, backend), out))
+    finally:
+        (out / "mesh.keep").rename(out / "mesh.ply")
+        (out / "metrics.keep").rename(out / "metrics.json")
 
 
 def test_point_cloud_without_normals_trains_without_normal_loss(tmp_path, backend, caplog):
