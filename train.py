@@ -126,8 +126,9 @@ def train(cfg: DictConfig) -> dict | None:
     if trainer.global_rank != 0:
         return None
 
-    net = module.net.eval()
-    device = module.device
+    # Lightning moves the module back to the CPU when fit ends; extract on the training device.
+    device = trainer.strategy.root_device
+    net = module.net.to(device).eval()
     verts, faces, stats = extract_mesh(
         net, cfg.extract.resolution, dm.sampling["box"], device, cfg.extract.chunk,
         band=cfg.extract.band,
