@@ -114,6 +114,8 @@ def base_overrides(args) -> list[str]:
     ]
     if args.steps:
         o.append(f"trainer.max_steps={args.steps}")
+    if args.overwrite:
+        o.append("overwrite=true")
     if args.smoke:
         o += ["model.num_points=1024", "data.num_surface=1024", "data.num_near=768",
               "data.num_space=256"]  # fmt: skip
@@ -173,6 +175,7 @@ def main() -> int:
     ap.add_argument("--num-ref", type=int, default=1_000_000)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--workdir", default=None, help="keep inputs and meshes here (default: tmp)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run to test the script")
     args = ap.parse_args()
@@ -202,7 +205,9 @@ def main() -> int:
     results: dict = {"config": vars(args).copy(), "runs": {}}
     rows = []
     with tempfile.TemporaryDirectory(prefix="neusdf-quality-") as tmp:
-        workdir = Path(tmp)
+        # --workdir keeps the inputs and meshes for inspection; by default they are temporary
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         warm_up(args, workdir)
         results["warmup_seconds"] = time.perf_counter() - t0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,10 @@ def _ply_normals(metadata: dict) -> np.ndarray | None:
 def _load_xyz(path: str) -> Shape:
     """Reads whitespace-separated ``x y z`` or ``x y z nx ny nz`` rows."""
     try:
-        arr = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        with warnings.catch_warnings():
+            # numpy warns on an empty file; the emptiness check below says it in our words
+            warnings.simplefilter("ignore", UserWarning)
+            arr = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except ValueError as e:
         raise ShapeError(f"{path}: could not be parsed as 'x y z [nx ny nz]' rows ({e})") from e
     if arr.size == 0:
