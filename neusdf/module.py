@@ -79,8 +79,7 @@ class SDFModule(L.LightningModule):
         """Attaches the dense surface sample (kept out of checkpoints, moved with the module)."""
         self.surface = surface
         self.register_buffer("bank_points", surface.points, persistent=False)
-        normals = surface.normals if surface.normals is not None else None
-        self.register_buffer("bank_normals", normals, persistent=False)
+        self.register_buffer("bank_normals", surface.normals, persistent=False)  # may be None
 
     @property
     def normalization(self) -> Normalization:
