@@ -127,7 +127,8 @@ class SDFModule(L.LightningModule):
              "name": "gaussians"},
             {"params": list(self.net.mlp.parameters()), "lr": o["lr"], "name": "decoder"},
         ]  # fmt: skip
-        opt = torch.optim.Adam(groups)
+        # the fused kernel updates every parameter in one launch (CUDA only)
+        opt = torch.optim.Adam(groups, fused=self.device.type == "cuda")
         total = max(int(self.trainer.max_steps), 1)
         warmup, final = int(o.get("warmup_steps", 0)), float(o.get("final_lr_ratio", 0.05))
 

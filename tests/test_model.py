@@ -27,6 +27,9 @@ def test_quaternions_and_frames_are_rotations():
     eye = torch.eye(3, dtype=torch.float64).expand(50, 3, 3)
     torch.testing.assert_close(R @ R.transpose(1, 2), eye)
     assert torch.allclose(torch.linalg.det(R), torch.ones(50, dtype=torch.float64))
+    # a quarter turn about z, (cos 45, 0, 0, sin 45) unnormalised by 3: maps x to y
+    quarter = quaternion_to_matrix(3 * torch.tensor([0.5**0.5, 0.0, 0.0, 0.5**0.5]))
+    torch.testing.assert_close(quarter @ torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0]))
     n = sphere_init(100).normals
     F = frames_from_normals(n)
     np.testing.assert_allclose(F[:, 2], n, atol=1e-12)
