@@ -181,6 +181,14 @@ class NeuralPointSDF(nn.Module):
         self.quats = nn.Parameter(torch.tensor([1.0, 0, 0, 0]).repeat(P, 1))
         self.register_buffer("frames0", torch.as_tensor(np.ascontiguousarray(frames), dtype=f32))
         self.register_buffer("spacing", torch.tensor(float(np.mean(spacing))))
+        # Constants of every forward, kept as (non-checkpointed) buffers so that a step does
+        # not rebuild them: the Euclidean metric of the plane search and the encoding's
+        # frequencies.
+        iso_R = torch.eye(3).expand(1, P, 3, 3).contiguous()
+        self.register_buffer("iso_sigma", torch.ones(1, P, 3), persistent=False)
+        self.register_buffer("iso_R", iso_R, persistent=False)
+        freq = math.pi * 2.0 ** torch.arange(frequencies, dtype=f32)
+        self.register_buffer("freq", freq, persistent=False)
         enc_dim = 3 + 6 * frequencies
         dims = [feature_dim + 1 + enc_dim] + [hidden] * layers + [1]
         self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
@@ -227,8 +235,7 @@ class NeuralPointSDF(nn.Module):
         """Low-frequency encoding of (Q, 3) queries: q and sin/cos(2^l pi q), l < frequencies."""
         if self.frequencies == 0:
             return q
-        freq = math.pi * 2.0 ** torch.arange(self.frequencies, device=q.device, dtype=q.dtype)
-        x = (q[:, None, :] * freq[:, None]).reshape(q.shape[0], -1)
+        x = (q[:, None, :] * self.freq[:, None]).reshape(q.shape[0], -1)
         return torch.cat([q, torch.sin(x), torch.cos(x)], dim=-1)
 
     def _forward_chunk(self, q: torch.Tensor, sigma: torch.Tensor, R: torch.Tensor):
@@ -249,18 +256,20 @@ class NeuralPointSDF(nn.Module):
 
     def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
         """Implicit-MLS tangent-plane distance (Q,) over the K Euclidean-nearest points."""
-        P = self.num_points
-        iso_sigma = torch.ones(1, P, 3, dtype=q.dtype, device=q.device)
-        iso_R = torch.eye(3, dtype=q.dtype, device=q.device).expand(1, P, 3, 3).contiguous()
-        idx = self.search(q[None].detach(), self.points[None].detach(), iso_sigma, iso_R, self.K)
-        d = q[:, None, :] - self.points[idx[0]]  # (Q, K, 3)
+        idx = self.search(
+            q[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, self.K
+        )[0]
+        # one gather for positions and normals (each gather costs several kernels per order
+        # of differentiation)
+        pn = torch.cat([self.points, normals], dim=-1)[idx]  # (Q, K, 6)
+        d = q[:, None, :] - pn[..., :3]
         d2 = (d * d).sum(-1)
         # The bandwidth widens with the distance to the nearest point: a fixed one would make
         # far queries switch abruptly between tangent planes (huge gradients on the Voronoi
         # boundaries, fighting the Eikonal loss); this keeps the blend smooth at all ranges.
         h2 = (self.plane_bandwidth * self.spacing) ** 2 + d2.min(-1, keepdim=True).values
         a = torch.softmax(-d2 / h2, dim=-1)  # finite however far q is
-        return (a * (d * normals[idx[0]]).sum(-1)).sum(-1)
+        return (a * (d * pn[..., 3:]).sum(-1)).sum(-1)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """SDF at unit-box queries.
