@@ -64,6 +64,13 @@ void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef sh
   check_float_tensor(grad, name, static_cast<int64_t>(shape.size()), q);
 }
 
+at::Tensor optional_upstream(const std::optional<at::Tensor>& grad, const char* name,
+                             at::IntArrayRef shape, const at::Tensor& q) {
+  if (!grad.has_value() || !grad->defined()) return at::Tensor();
+  check_upstream(*grad, name, shape, q);
+  return grad->contiguous();
+}
+
 }  // namespace neusdf
 
 TORCH_LIBRARY(neusdf, m) {
@@ -72,11 +79,11 @@ TORCH_LIBRARY(neusdf, m) {
       "knn_aggregate(Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
-      "knn_aggregate_backward(Tensor grad_f, Tensor grad_w, Tensor grad_d, Tensor q, Tensor p,"
+      "knn_aggregate_backward(Tensor? grad_f, Tensor? grad_w, Tensor? grad_d, Tensor q, Tensor p,"
       " Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "knn_aggregate_double_backward(Tensor ggq, Tensor grad_f, Tensor grad_w, Tensor grad_d,"
+      "knn_aggregate_double_backward(Tensor ggq, Tensor? grad_f, Tensor? grad_w, Tensor? grad_d,"
       " Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -17,15 +17,19 @@
 //       distances sort last. 1 <= K <= P.
 //   knn_aggregate(q, p, f, sigma, R, idx) -> (f_out (B, Q, F), w (B, Q, K), dists (B, Q, K))
 //       f_out = sum_k w_k f_idx[k]; not normalised.
-//   knn_aggregate_backward(grad_f, grad_w, grad_d, q, p, f, sigma, R, idx)
+//   knn_aggregate_backward(grad_f?, grad_w?, grad_d?, q, p, f, sigma, R, idx)
 //       -> (grad_q, grad_p, grad_f_in, grad_sigma, grad_R): the vector-Jacobian product of
-//       knn_aggregate for upstream grad_f (B, Q, F), grad_w and grad_d (B, Q, K).
-//   knn_aggregate_double_backward(ggq, grad_f, grad_w, grad_d, q, p, f, sigma, R, idx)
+//       knn_aggregate for upstream grad_f (B, Q, F), grad_w and grad_d (B, Q, K); an absent
+//       (None) upstream counts as zero and its terms are skipped.
+//   knn_aggregate_double_backward(ggq, grad_f?, grad_w?, grad_d?, q, p, f, sigma, R, idx)
 //       -> (g_grad_f, g_grad_w, g_grad_d, g_q, g_p, g_f, g_sigma, g_R): the gradient of
 //       sum(ggq * grad_q) with respect to every input of knn_aggregate_backward; ggq (B, Q, 3).
+//       The gradient of an absent upstream is returned as an empty tensor of shape (0,).
 #pragma once
 
 #include <torch/types.h>
+
+#include <optional>
 
 namespace neusdf {
 
@@ -46,5 +50,15 @@ ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::
 // Checks that an upstream gradient has the given shape, q's dtype and q's device.
 void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
                     const at::Tensor& q);
+
+// An optional upstream gradient, checked and made contiguous; undefined when absent.
+at::Tensor optional_upstream(const std::optional<at::Tensor>& grad, const char* name,
+                             at::IntArrayRef shape, const at::Tensor& q);
+
+// Data pointer of a tensor, or nullptr when it is undefined (an absent upstream).
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
 
 }  // namespace neusdf

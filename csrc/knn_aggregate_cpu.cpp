@@ -165,13 +165,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_aggregate_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggregate_backward_cpu(
-    const at::Tensor& gf_in, const at::Tensor& gw_in, const at::Tensor& gD_in,
-    const at::Tensor& q_in, const at::Tensor& p_in, const at::Tensor& f_in,
-    const at::Tensor& sigma_in, const at::Tensor& R_in, const at::Tensor& idx_in) {
+    const std::optional<at::Tensor>& gf_in, const std::optional<at::Tensor>& gw_in,
+    const std::optional<at::Tensor>& gD_in, const at::Tensor& q_in, const at::Tensor& p_in,
+    const at::Tensor& f_in, const at::Tensor& sigma_in, const at::Tensor& R_in,
+    const at::Tensor& idx_in) {
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
-  check_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
-  check_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
-  check_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
+  const at::Tensor gf = optional_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
+  const at::Tensor gw = optional_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
+  const at::Tensor gD = optional_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
   at::Tensor gq = at::zeros_like(q_in, at::MemoryFormat::Contiguous);
   at::Tensor gp = at::zeros_like(p_in, at::MemoryFormat::Contiguous);
   at::Tensor gfi = at::zeros_like(f_in, at::MemoryFormat::Contiguous);
@@ -179,28 +180,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
   at::Tensor gR = at::zeros_like(R_in, at::MemoryFormat::Contiguous);
   if (n.B * n.Q == 0) return {gq, gp, gfi, gs, gR};
   const at::Tensor q = q_in.contiguous(), p = p_in.contiguous(), f = f_in.contiguous(),
-                   s = sigma_in.contiguous(), R = R_in.contiguous(), idx = idx_in.contiguous(),
-                   gf = gf_in.contiguous(), gw = gw_in.contiguous(), gD = gD_in.contiguous();
+                   s = sigma_in.contiguous(), R = R_in.contiguous(), idx = idx_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_aggregate_backward_cpu", [&] {
     using T = scalar_t;
     const Views<T> v = views<T>(q, p, f, s, R, idx, n);
-    const T* gfp = gf.data_ptr<T>();
-    const T* gwp = gw.data_ptr<T>();
-    const T* gDp = gD.data_ptr<T>();
+    const T* gfp = data_or_null<T>(gf);  // absent upstreams count as zero
+    const T* gwp = data_or_null<T>(gw);
+    const T* gDp = data_or_null<T>(gD);
     // Per pair: Dbar = dL/dD through both w and D, and w, for the point pass.
     std::vector<T> dbar(n.B * n.Q * n.K), wpair(n.B * n.Q * n.K);
     T* gqp = gq.data_ptr<T>();
     at::parallel_for(0, n.B * n.Q, kQueryGrain, [&](int64_t begin, int64_t end) {
       for (int64_t bi = begin; bi < end; ++bi) {
-        const T* gfq = gfp + bi * n.F;
+        const T* gfq = gfp ? gfp + bi * n.F : nullptr;
         for (int64_t k = 0; k < n.K; ++k) {
           const int64_t t = bi * n.K + k;
           Pair<T> pr;
           if (!load_pair(v, t, pr)) continue;
           const T* fj = v.f + (pr.b * n.P + pr.j) * n.F;
           T dot = 0;
-          for (int64_t c = 0; c < n.F; ++c) dot += gfq[c] * fj[c];
-          dbar[t] = gDp[t] - pr.w * (dot + gwp[t]);
+          if (gfq != nullptr)
+            for (int64_t c = 0; c < n.F; ++c) dot += gfq[c] * fj[c];
+          dbar[t] = (gDp ? gDp[t] : T(0)) - pr.w * (dot + (gwp ? gwp[t] : T(0)));
           wpair[t] = pr.w;
           for (int c = 0; c < 3; ++c) gqp[3 * bi + c] += dbar[t] * pr.g[c];
         }
@@ -220,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
           load_pair(v, t, pr);
           add_first_order_point_terms(dbar[t], v.s + 3 * pj, pr.d, pr.u, pr.g, gpp + 3 * pj,
                                       gsp + 3 * pj, gRp + 9 * pj);
+          if (gfp == nullptr) continue;
           const T* gfq = gfp + (t / n.K) * n.F;
           for (int64_t c = 0; c < n.F; ++c) out_f[c] += wpair[t] * gfq[c];
         }
@@ -231,20 +233,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
-knn_aggregate_double_backward_cpu(const at::Tensor& ggq_in, const at::Tensor& gf_in,
-                                  const at::Tensor& gw_in, const at::Tensor& gD_in,
-                                  const at::Tensor& q_in, const at::Tensor& p_in,
-                                  const at::Tensor& f_in, const at::Tensor& sigma_in,
-                                  const at::Tensor& R_in, const at::Tensor& idx_in) {
+knn_aggregate_double_backward_cpu(const at::Tensor& ggq_in,
+                                  const std::optional<at::Tensor>& gf_in,
+                                  const std::optional<at::Tensor>& gw_in,
+                                  const std::optional<at::Tensor>& gD_in, const at::Tensor& q_in,
+                                  const at::Tensor& p_in, const at::Tensor& f_in,
+                                  const at::Tensor& sigma_in, const at::Tensor& R_in,
+                                  const at::Tensor& idx_in) {
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
   check_upstream(ggq_in, "ggq", {n.B, n.Q, 3}, q_in);
-  check_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
-  check_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
-  check_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
+  const at::Tensor gf = optional_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
+  const at::Tensor gw = optional_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
+  const at::Tensor gD = optional_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
   const auto opts = q_in.options();
-  at::Tensor g_gf = at::zeros({n.B, n.Q, n.F}, opts);
-  at::Tensor g_gw = at::zeros({n.B, n.Q, n.K}, opts);
-  at::Tensor g_gD = at::zeros({n.B, n.Q, n.K}, opts);
+  // The gradient of an absent upstream is empty (its input is None).
+  const auto upstream_grad = [&](const at::Tensor& g) {
+    return g.defined() ? at::zeros_like(g) : at::empty({0}, opts);
+  };
+  at::Tensor g_gf = upstream_grad(gf);
+  at::Tensor g_gw = upstream_grad(gw);
+  at::Tensor g_gD = upstream_grad(gD);
   at::Tensor g_q = at::zeros({n.B, n.Q, 3}, opts);
   at::Tensor g_p = at::zeros({n.B, n.P, 3}, opts);
   at::Tensor g_f = at::zeros({n.B, n.P, n.F}, opts);
@@ -253,26 +261,25 @@ knn_aggregate_double_backward_cpu(const at::Tensor& ggq_in, const at::Tensor& gf
   if (n.B * n.Q == 0) return {g_gf, g_gw, g_gD, g_q, g_p, g_f, g_s, g_R};
   const at::Tensor q = q_in.contiguous(), p = p_in.contiguous(), f = f_in.contiguous(),
                    s = sigma_in.contiguous(), R = R_in.contiguous(), idx = idx_in.contiguous(),
-                   ggq = ggq_in.contiguous(), gf = gf_in.contiguous(), gw = gw_in.contiguous(),
-                   gD = gD_in.contiguous();
+                   ggq = ggq_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_aggregate_double_backward_cpu", [&] {
     using T = scalar_t;
     const Views<T> v = views<T>(q, p, f, s, R, idx, n);
     const T* ep = ggq.data_ptr<T>();
-    const T* gfp = gf.data_ptr<T>();
-    const T* gwp = gw.data_ptr<T>();
-    const T* gDp = gD.data_ptr<T>();
+    const T* gfp = data_or_null<T>(gf);  // absent upstreams count as zero
+    const T* gwp = data_or_null<T>(gw);
+    const T* gDp = data_or_null<T>(gD);
     // Per pair, for the point pass: E = dL/dD through w, Dbar (weight of the H e terms),
     // ws = w * (e . g).
     const int64_t pairs = n.B * n.Q * n.K;
     std::vector<T> E(pairs), dbar(pairs), ws(pairs);
-    T* g_gfp = g_gf.data_ptr<T>();
-    T* g_gwp = g_gw.data_ptr<T>();
-    T* g_gDp = g_gD.data_ptr<T>();
+    T* g_gfp = gfp ? g_gf.data_ptr<T>() : nullptr;
+    T* g_gwp = gwp ? g_gw.data_ptr<T>() : nullptr;
+    T* g_gDp = gDp ? g_gD.data_ptr<T>() : nullptr;
     T* g_qp = g_q.data_ptr<T>();
     at::parallel_for(0, n.B * n.Q, kQueryGrain, [&](int64_t begin, int64_t end) {
       for (int64_t bi = begin; bi < end; ++bi) {
-        const T* gfq = gfp + bi * n.F;
+        const T* gfq = gfp ? gfp + bi * n.F : nullptr;
         const T* e = ep + 3 * bi;
         for (int64_t k = 0; k < n.K; ++k) {
           const int64_t t = bi * n.K + k;
@@ -281,15 +288,17 @@ knn_aggregate_double_backward_cpu(const at::Tensor& ggq_in, const at::Tensor& gf
           const int64_t pj = pr.b * n.P + pr.j;
           const T* fj = v.f + pj * n.F;
           T dot = 0;
-          for (int64_t c = 0; c < n.F; ++c) dot += gfq[c] * fj[c];
-          const T inner = dot + gwp[t];
+          if (gfq != nullptr)
+            for (int64_t c = 0; c < n.F; ++c) dot += gfq[c] * fj[c];
+          const T inner = dot + (gwp ? gwp[t] : T(0));
           const T es = e[0] * pr.g[0] + e[1] * pr.g[1] + e[2] * pr.g[2];
-          dbar[t] = gDp[t] - pr.w * inner;
+          dbar[t] = (gDp ? gDp[t] : T(0)) - pr.w * inner;
           E[t] = es * pr.w * inner;
           ws[t] = pr.w * es;
-          g_gDp[t] = es;
-          g_gwp[t] = -ws[t];
-          for (int64_t c = 0; c < n.F; ++c) g_gfp[bi * n.F + c] -= ws[t] * fj[c];
+          if (g_gDp) g_gDp[t] = es;
+          if (g_gwp) g_gwp[t] = -ws[t];
+          if (g_gfp)
+            for (int64_t c = 0; c < n.F; ++c) g_gfp[bi * n.F + c] -= ws[t] * fj[c];
           T a[3], h[3];
           hessian_times(v.s + 3 * pj, v.R + 9 * pj, e, a, h);
           for (int c = 0; c < 3; ++c) g_qp[3 * bi + c] += E[t] * pr.g[c] + dbar[t] * h[c];
@@ -313,6 +322,7 @@ knn_aggregate_double_backward_cpu(const at::Tensor& ggq_in, const at::Tensor& gf
                                       g_sp + 3 * pj, g_Rp + 9 * pj);
           add_second_order_point_terms(dbar[t], ep + 3 * bi, v.s + 3 * pj, v.R + 9 * pj, pr.d,
                                        pr.u, g_pp + 3 * pj, g_sp + 3 * pj, g_Rp + 9 * pj);
+          if (gfp == nullptr) continue;
           const T* gfq = gfp + bi * n.F;
           for (int64_t c = 0; c < n.F; ++c) out_f[c] -= ws[t] * gfq[c];
         }

@@ -20,7 +20,9 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 
 #include "knn_aggregate.h"
 #include "knn_aggregate_math.h"
@@ -474,7 +476,8 @@ __global__ void knn_aggregate_backward_kernel(
   if (bq >= n.B * n.Q) return;
   const int64_t b = bq / n.Q;
   const T qv[3] = {q[3 * bq], q[3 * bq + 1], q[3 * bq + 2]};
-  const T* gfq = gf + bq * n.F;
+  // Absent upstreams (null) count as zero; the null tests are uniform across the warp.
+  const T* gfq = gf ? gf + bq * n.F : nullptr;
   T gq[3] = {0, 0, 0};
   for (int64_t k0 = 0; k0 < n.K; k0 += kWarp) {
     const int64_t t = bq * n.K + k0 + lane;
@@ -483,7 +486,7 @@ __global__ void knn_aggregate_backward_kernel(
     const int nk = static_cast<int>(n.K - k0 < kWarp ? n.K - k0 : kWarp);
     // Feature channels across lanes: dot_k = grad_f . f_k, and grad f_k += w_k grad_f.
     T dot = 0;
-    for (int kk = 0; kk < nk; ++kk) {
+    for (int kk = 0; gfq != nullptr && kk < nk; ++kk) {
       const int64_t jk = __shfl_sync(kFullMask, pr.j, kk);
       const T wk = __shfl_sync(kFullMask, pr.w, kk);
       T part = 0;
@@ -495,7 +498,7 @@ __global__ void knn_aggregate_backward_kernel(
       if (lane == kk) dot = part;
     }
     if (pr.ok) {
-      const T dbar = gD[t] - pr.w * (dot + gw[t]);
+      const T dbar = (gD ? gD[t] : T(0)) - pr.w * (dot + (gw ? gw[t] : T(0)));
 #pragma unroll
       for (int c = 0; c < 3; ++c) gq[c] += dbar * pr.g[c];
       T gp[3] = {0, 0, 0}, gs[3] = {0, 0, 0}, gR[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -526,7 +529,8 @@ __global__ void knn_aggregate_double_backward_kernel(
   const int64_t b = bq / n.Q;
   const T qv[3] = {q[3 * bq], q[3 * bq + 1], q[3 * bq + 2]};
   const T e[3] = {ggq[3 * bq], ggq[3 * bq + 1], ggq[3 * bq + 2]};
-  const T* gfq = gf + bq * n.F;
+  // Absent upstreams (null) count as zero and have no gradient to write.
+  const T* gfq = gf ? gf + bq * n.F : nullptr;
   T gq[3] = {0, 0, 0};
   for (int64_t k0 = 0; k0 < n.K; k0 += kWarp) {
     const int64_t t = bq * n.K + k0 + lane;
@@ -537,7 +541,7 @@ __global__ void knn_aggregate_double_backward_kernel(
     const int nk = static_cast<int>(n.K - k0 < kWarp ? n.K - k0 : kWarp);
     // Pass over neighbours: dot_k = grad_f . f_k, and g_f[k] -= ws_k grad_f.
     T dot = 0;
-    for (int kk = 0; kk < nk; ++kk) {
+    for (int kk = 0; gfq != nullptr && kk < nk; ++kk) {
       const int64_t jk = __shfl_sync(kFullMask, pr.j, kk);
       const T wsk = __shfl_sync(kFullMask, ws, kk);
       T part = 0;
@@ -549,7 +553,7 @@ __global__ void knn_aggregate_double_backward_kernel(
       if (lane == kk) dot = part;
     }
     // Pass over channels: g_grad_f[c] -= sum_k ws_k f_k[c] (this warp owns the row).
-    for (int64_t c0 = 0; c0 < n.F; c0 += kWarp) {  // uniform trip count, as in the forward
+    for (int64_t c0 = 0; gfq != nullptr && c0 < n.F; c0 += kWarp) {  // uniform trip count
       const int64_t c = c0 + lane;
       const bool has_c = c < n.F;
       T acc = (k0 == 0 || !has_c) ? T(0) : g_gf[bq * n.F + c];
@@ -561,11 +565,11 @@ __global__ void knn_aggregate_double_backward_kernel(
       if (has_c) g_gf[bq * n.F + c] = acc;
     }
     if (pr.ok) {
-      const T inner = dot + gw[t];
-      const T dbar = gD[t] - pr.w * inner;
+      const T inner = dot + (gw ? gw[t] : T(0));
+      const T dbar = (gD ? gD[t] : T(0)) - pr.w * inner;
       const T E = es * pr.w * inner;
-      g_gD[t] = es;
-      g_gw[t] = -ws;
+      if (gD) g_gD[t] = es;
+      if (gw) g_gw[t] = -ws;
       T a[3], h[3];
       hessian_times(pr.s, pr.R, e, a, h);
 #pragma unroll
@@ -582,6 +586,42 @@ __global__ void knn_aggregate_double_backward_kernel(
 #pragma unroll
     for (int c = 0; c < 3; ++c) g_q[3 * bq + c] = gq[c];
   }
+}
+
+// Zeroes several buffers in one launch (the outputs that are accumulated with atomics): one
+// launch instead of one fill per tensor keeps the host's per-call work down.
+struct ZeroList {
+  static constexpr int kMax = 8;
+  uint32_t* ptr[kMax];
+  int64_t words[kMax];
+  int count;
+};
+
+__global__ void zero_buffers_kernel(ZeroList list) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int b = 0; b < list.count; ++b) {
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+         i < list.words[b]; i += stride)
+      list.ptr[b][i] = 0u;
+  }
+}
+
+void zero_buffers(std::initializer_list<at::Tensor> tensors, cudaStream_t stream) {
+  ZeroList list{};
+  int64_t most = 0;
+  for (const at::Tensor& t : tensors) {
+    if (t.numel() == 0) continue;
+    TORCH_CHECK(list.count < ZeroList::kMax, "neusdf: too many buffers to zero");
+    list.ptr[list.count] = static_cast<uint32_t*>(t.data_ptr());
+    list.words[list.count] = t.numel() * static_cast<int64_t>(t.element_size()) / 4;
+    most = std::max(most, list.words[list.count]);
+    ++list.count;
+  }
+  if (list.count == 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((most + threads - 1) / threads, 1024);
+  zero_buffers_kernel<<<blocks, threads, 0, stream>>>(list);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 int64_t warp_blocks(const ProblemSize& n) {
@@ -612,30 +652,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_aggregate_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggregate_backward_cuda(
-    const at::Tensor& gf_in, const at::Tensor& gw_in, const at::Tensor& gD_in,
-    const at::Tensor& q_in, const at::Tensor& p_in, const at::Tensor& f_in,
-    const at::Tensor& sigma_in, const at::Tensor& R_in, const at::Tensor& idx_in) {
+    const std::optional<at::Tensor>& gf_in, const std::optional<at::Tensor>& gw_in,
+    const std::optional<at::Tensor>& gD_in, const at::Tensor& q_in, const at::Tensor& p_in,
+    const at::Tensor& f_in, const at::Tensor& sigma_in, const at::Tensor& R_in,
+    const at::Tensor& idx_in) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
-  check_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
-  check_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
-  check_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
-  at::Tensor gq = at::empty_like(q_in, at::MemoryFormat::Contiguous);
-  at::Tensor gp = at::zeros_like(p_in, at::MemoryFormat::Contiguous);
-  at::Tensor gfi = at::zeros_like(f_in, at::MemoryFormat::Contiguous);
-  at::Tensor gs = at::zeros_like(sigma_in, at::MemoryFormat::Contiguous);
-  at::Tensor gR = at::zeros_like(R_in, at::MemoryFormat::Contiguous);
+  const at::Tensor gf = optional_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
+  const at::Tensor gw = optional_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
+  const at::Tensor gD = optional_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor gq = at::empty_like(q_in, at::MemoryFormat::Contiguous);  // written whole
+  at::Tensor gp = at::empty_like(p_in, at::MemoryFormat::Contiguous);  // accumulated:
+  at::Tensor gfi = at::empty_like(f_in, at::MemoryFormat::Contiguous);  // zeroed below
+  at::Tensor gs = at::empty_like(sigma_in, at::MemoryFormat::Contiguous);
+  at::Tensor gR = at::empty_like(R_in, at::MemoryFormat::Contiguous);
+  zero_buffers({gp, gfi, gs, gR}, stream);
   if (n.B * n.Q == 0) return {gq, gp, gfi, gs, gR};
   const at::Tensor q = q_in.contiguous(), p = p_in.contiguous(), f = f_in.contiguous(),
-                   s = sigma_in.contiguous(), R = R_in.contiguous(), idx = idx_in.contiguous(),
-                   gf = gf_in.contiguous(), gw = gw_in.contiguous(), gD = gD_in.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+                   s = sigma_in.contiguous(), R = R_in.contiguous(), idx = idx_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_aggregate_backward_cuda", [&] {
     using T = scalar_t;
     knn_aggregate_backward_kernel<T><<<warp_blocks(n), kQueriesPerWarpBlock * kWarp, 0, stream>>>(
-        gf.data_ptr<T>(), gw.data_ptr<T>(), gD.data_ptr<T>(), q.data_ptr<T>(), p.data_ptr<T>(),
-        f.data_ptr<T>(), s.data_ptr<T>(), R.data_ptr<T>(), idx.data_ptr<int64_t>(), n,
-        channel_pairs(gf, f, gfi, n.F), gq.data_ptr<T>(), gp.data_ptr<T>(), gfi.data_ptr<T>(), gs.data_ptr<T>(),
+        data_or_null<T>(gf), data_or_null<T>(gw), data_or_null<T>(gD), q.data_ptr<T>(),
+        p.data_ptr<T>(), f.data_ptr<T>(), s.data_ptr<T>(), R.data_ptr<T>(),
+        idx.data_ptr<int64_t>(), n, gf.defined() && channel_pairs(gf, f, gfi, n.F),
+        gq.data_ptr<T>(), gp.data_ptr<T>(), gfi.data_ptr<T>(), gs.data_ptr<T>(),
         gR.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -644,42 +686,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
-knn_aggregate_double_backward_cuda(const at::Tensor& ggq_in, const at::Tensor& gf_in,
-                                   const at::Tensor& gw_in, const at::Tensor& gD_in,
+knn_aggregate_double_backward_cuda(const at::Tensor& ggq_in,
+                                   const std::optional<at::Tensor>& gf_in,
+                                   const std::optional<at::Tensor>& gw_in,
+                                   const std::optional<at::Tensor>& gD_in,
                                    const at::Tensor& q_in, const at::Tensor& p_in,
                                    const at::Tensor& f_in, const at::Tensor& sigma_in,
                                    const at::Tensor& R_in, const at::Tensor& idx_in) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
   check_upstream(ggq_in, "ggq", {n.B, n.Q, 3}, q_in);
-  check_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
-  check_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
-  check_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
+  const at::Tensor gf = optional_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
+  const at::Tensor gw = optional_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
+  const at::Tensor gD = optional_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
   const auto opts = q_in.options();
-  at::Tensor g_gf = at::zeros({n.B, n.Q, n.F}, opts);
-  at::Tensor g_gw = at::zeros({n.B, n.Q, n.K}, opts);
-  at::Tensor g_gD = at::zeros({n.B, n.Q, n.K}, opts);
-  at::Tensor g_q = at::empty({n.B, n.Q, 3}, opts);
-  at::Tensor g_p = at::zeros({n.B, n.P, 3}, opts);
-  at::Tensor g_f = at::zeros({n.B, n.P, n.F}, opts);
-  at::Tensor g_s = at::zeros({n.B, n.P, 3}, opts);
-  at::Tensor g_R = at::zeros({n.B, n.P, 3, 3}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // The gradient of an absent upstream is empty (its input is None).
+  const auto upstream_grad = [&](const at::Tensor& g) {
+    return g.defined() ? at::empty_like(g) : at::empty({0}, opts);
+  };
+  at::Tensor g_gf = upstream_grad(gf);  // written whole by the kernel
+  at::Tensor g_gw = upstream_grad(gw);  // zeroed below (pairs with a bad index skip them)
+  at::Tensor g_gD = upstream_grad(gD);
+  at::Tensor g_q = at::empty({n.B, n.Q, 3}, opts);  // written whole
+  at::Tensor g_p = at::empty({n.B, n.P, 3}, opts);  // accumulated: zeroed below
+  at::Tensor g_f = at::empty({n.B, n.P, n.F}, opts);
+  at::Tensor g_s = at::empty({n.B, n.P, 3}, opts);
+  at::Tensor g_R = at::empty({n.B, n.P, 3, 3}, opts);
+  zero_buffers({g_gw, g_gD, g_p, g_f, g_s, g_R}, stream);
   if (n.B * n.Q == 0) return {g_gf, g_gw, g_gD, g_q, g_p, g_f, g_s, g_R};
   const at::Tensor q = q_in.contiguous(), p = p_in.contiguous(), f = f_in.contiguous(),
                    s = sigma_in.contiguous(), R = R_in.contiguous(), idx = idx_in.contiguous(),
-                   ggq = ggq_in.contiguous(), gf = gf_in.contiguous(), gw = gw_in.contiguous(),
-                   gD = gD_in.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+                   ggq = ggq_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_aggregate_double_backward_cuda", [&] {
     using T = scalar_t;
+    T* none = nullptr;
     knn_aggregate_double_backward_kernel<T>
         <<<warp_blocks(n), kQueriesPerWarpBlock * kWarp, 0, stream>>>(
-            ggq.data_ptr<T>(), gf.data_ptr<T>(), gw.data_ptr<T>(), gD.data_ptr<T>(),
+            ggq.data_ptr<T>(), data_or_null<T>(gf), data_or_null<T>(gw), data_or_null<T>(gD),
             q.data_ptr<T>(), p.data_ptr<T>(), f.data_ptr<T>(), s.data_ptr<T>(), R.data_ptr<T>(),
-            idx.data_ptr<int64_t>(), n, channel_pairs(gf, f, g_f, n.F), g_gf.data_ptr<T>(),
-            g_gw.data_ptr<T>(),
-            g_gD.data_ptr<T>(), g_q.data_ptr<T>(), g_p.data_ptr<T>(), g_f.data_ptr<T>(),
-            g_s.data_ptr<T>(), g_R.data_ptr<T>());
+            idx.data_ptr<int64_t>(), n, gf.defined() && channel_pairs(gf, f, g_f, n.F),
+            gf.defined() ? g_gf.data_ptr<T>() : none, gw.defined() ? g_gw.data_ptr<T>() : none,
+            gD.defined() ? g_gD.data_ptr<T>() : none, g_q.data_ptr<T>(), g_p.data_ptr<T>(),
+            g_f.data_ptr<T>(), g_s.data_ptr<T>(), g_R.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {g_gf, g_gw, g_gD, g_q, g_p, g_f, g_s, g_R};

@@ -86,21 +86,37 @@ def test_forward_matches_reference(size, opts, dtype, device):
 
 
 def _vjp(fn, inputs, K, upstream):
+    """Gradients of sum(out * upstream) over the outputs whose upstream is not None."""
     outs = fn(*inputs, K)[:3]
-    return torch.autograd.grad(outs, inputs, upstream)
+    used = [(o, g) for o, g in zip(outs, upstream, strict=True) if g is not None]
+    return torch.autograd.grad(
+        [o for o, _ in used],
+        inputs,
+        [g for _, g in used],
+        allow_unused=True,
+        materialize_grads=True,
+    )
+
+
+# Which outputs carry an upstream gradient: all three, or one alone (the others then reach the
+# backward as None and their terms are skipped).
+USES = [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("size", "opts"), CASES[:8])
-def test_first_order_matches_reference(size, opts, dtype, device):
+@pytest.mark.parametrize("uses", USES, ids=["all", "f_out", "w", "dists"])
+def test_first_order_matches_reference(size, opts, dtype, device, uses):
     B, Q, P, F, K = size
     inputs = make_inputs(B, Q, P, F, dtype=dtype, device=device, seed=2, requires_grad=True, **opts)
     idx = knn_search_aniso(*inputs[:2], *inputs[3:], K)
     g = torch.Generator().manual_seed(3)
     upstream = [
         torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-        for shape in ((B, Q, F), (B, Q, K), (B, Q, K))
+        if use
+        else None
+        for shape, use in zip(((B, Q, F), (B, Q, K), (B, Q, K)), uses, strict=True)
     ]
     ours = _vjp(lambda *a: knn_aggregate_aniso(*a, idx=idx), inputs, K, upstream)
     ref = _vjp(lambda *a: knn_aggregate_aniso_reference(*a, idx=idx), inputs, K, upstream)
@@ -108,14 +124,20 @@ def test_first_order_matches_reference(size, opts, dtype, device):
         assert_close_scaled(a, b, dtype), name
 
 
-def eikonal_grads(fn, inputs, K):
-    """Gradients of an Eikonal + surface loss on normalised features w.r.t. all five inputs."""
+def eikonal_grads(fn, inputs, K, features_only=False):
+    """Gradients of an Eikonal + surface loss on normalised features w.r.t. all five inputs.
+
+    With features_only the SDF reads f_out alone (w and dists get no upstream gradient).
+    """
     q = inputs[0]
     f_out, w, dists, _ = fn(*inputs, K)
-    wsum = w.sum(-1, keepdim=True)
-    feat = f_out / (wsum + 1e-2)
-    head = torch.linspace(-1.0, 1.0, feat.shape[-1], dtype=q.dtype, device=q.device)
-    sdf = (feat * head).sum(-1) + 0.5 * wsum[..., 0] - 0.05 * dists[..., 0]
+    head = torch.linspace(-1.0, 1.0, f_out.shape[-1], dtype=q.dtype, device=q.device)
+    if features_only:
+        sdf = (f_out * head).sum(-1)
+    else:
+        wsum = w.sum(-1, keepdim=True)
+        feat = f_out / (wsum + 1e-2)
+        sdf = (feat * head).sum(-1) + 0.5 * wsum[..., 0] - 0.05 * dists[..., 0]
     (grad_q,) = torch.autograd.grad(sdf.sum(), q, create_graph=True)
     loss = ((grad_q.norm(dim=-1) - 1) ** 2).mean() + sdf.abs().mean()
     return torch.autograd.grad(loss, inputs)
@@ -124,12 +146,15 @@ def eikonal_grads(fn, inputs, K):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("size", "opts"), CASES[:8])
-def test_second_order_eikonal_matches_reference(size, opts, dtype, device):
+@pytest.mark.parametrize("features_only", [False, True], ids=["all-outputs", "f_out-only"])
+def test_second_order_eikonal_matches_reference(size, opts, dtype, device, features_only):
     B, Q, P, F, K = size
     inputs = make_inputs(B, Q, P, F, dtype=dtype, device=device, seed=4, requires_grad=True, **opts)
     idx = knn_search_aniso(*inputs[:2], *inputs[3:], K)
-    ours = eikonal_grads(lambda *a: knn_aggregate_aniso(*a, idx=idx), inputs, K)
-    ref = eikonal_grads(lambda *a: knn_aggregate_aniso_reference(*a, idx=idx), inputs, K)
+    ours = eikonal_grads(lambda *a: knn_aggregate_aniso(*a, idx=idx), inputs, K, features_only)
+    ref = eikonal_grads(
+        lambda *a: knn_aggregate_aniso_reference(*a, idx=idx), inputs, K, features_only
+    )
     for a, b in zip(ours, ref, strict=True):
         assert_close_scaled(a, b, dtype)
 
@@ -172,9 +197,10 @@ def test_opcheck(device):
     leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
     torch.library.opcheck(ops.knn_aggregate, (*leaves, idx))
     torch.library.opcheck(ops.knn_aggregate_backward, (gf, gw, gd, *leaves, idx))
-    torch.library.opcheck(
-        ops.knn_aggregate_double_backward, (ggq, gf, gw, gd, q, p, f, sigma, R, idx)
-    )
+    torch.library.opcheck(ops.knn_aggregate_backward, (gf, None, None, *leaves, idx))
+    for upstream in ((gf, gw, gd), (gf, None, None), (None, gw, None)):
+        args = (ggq, *upstream, q, p, f, sigma, R, idx)
+        torch.library.opcheck(ops.knn_aggregate_double_backward, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -136,6 +136,20 @@ def profile_eikonal(B: int, Q: int, P: int, F: int, K: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
 
 
+def host_overhead(device: str, reps: int = 200) -> str:
+    """Milliseconds per step on a tiny problem (B=1, Q=P=64, F=8, K=8), where kernels take a
+    few microseconds: what remains is host time (Python, dispatch, launches)."""
+    inputs = make_inputs(1, 64, 64, 8, device=device, seed=0)
+    head = torch.randn(8, device=device)
+    upstream = torch.randn(1, 64, 8, device=device)
+    lines = ["| implementation | forward ms | fwd+bwd ms | Eikonal ms |", "|---|---|---|---|"]
+    for name, impl in IMPLEMENTATIONS.items():
+        steps = _steps(impl, inputs, 8, head, upstream)
+        cells = [statistics.median(_timer(device, fn, 20, reps)) for fn in steps.values()]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def table(records: list[dict]) -> str:
     """Markdown table with ratios against the plain-PyTorch row of the same size."""
     lines = [
@@ -178,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     parser.add_argument("--impl", action="append", choices=list(IMPLEMENTATIONS))
     parser.add_argument("--profile", action="store_true", help="per-kernel times (CUDA only)")
+    parser.add_argument("--overhead", action="store_true", help="host time per step, tiny sizes")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
@@ -190,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     impls = args.impl or list(IMPLEMENTATIONS)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {device_name}; torch {torch.__version__}", flush=True)
+    if args.overhead:
+        print("host overhead (tiny problem):\n" + host_overhead(args.device), flush=True)
     if args.profile and args.device == "cuda":
         print(profile_eikonal(*sizes[0]), flush=True)
     records = run(sizes, args.device, args.warmup, args.reps, impls)

@@ -40,6 +40,11 @@ def knn_search_aniso(
     """
     _check_points(q, p, sigma, R)
     _check_k(K, p.shape[1])
+    return _search(q, p, sigma, R, K)
+
+
+def _search(q, p, sigma, R, K: int) -> torch.Tensor:
+    """The search op on checked inputs (no autograd: the selection is piecewise constant)."""
     ensure_registered()
     return torch.ops.neusdf.knn_search(q.detach(), p.detach(), sigma.detach(), R.detach(), K)
 
@@ -78,10 +83,10 @@ def knn_aggregate_aniso(
     """
     _check_points(q, p, sigma, R)
     _check_features(f, q, p)
+    _check_k(K, p.shape[1])
     if idx is None:
-        idx = knn_search_aniso(q, p, sigma, R, K)
+        idx = _search(q, p, sigma, R, K)
     else:
-        _check_k(K, p.shape[1])
         _check_idx(idx, q, p, K)
         ensure_registered()
     f_out, w, dists = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx)
@@ -166,6 +171,8 @@ def _check_idx(idx, q: torch.Tensor, p: torch.Tensor, K: int) -> None:
 def ensure_registered() -> None:
     """Loads the compiled library and registers fake kernels and autograd (once per process)."""
     global _registered
+    if _registered:  # the common case, without taking the lock
+        return
     with _lock:
         if _registered:
             return
@@ -194,11 +201,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("neusdf::knn_aggregate_double_backward")
     def _(ggq, grad_f, grad_w, grad_d, q, p, f, sigma, R, idx):
-        return tuple(torch.empty_like(t) for t in (grad_f, grad_w, grad_d, q, p, f, sigma, R))
-
-
-def _zeros_if_none(grad: torch.Tensor | None, shape, like: torch.Tensor) -> torch.Tensor:
-    return like.new_zeros(shape) if grad is None else grad
+        upstream = tuple(
+            q.new_empty(0) if g is None else torch.empty_like(g) for g in (grad_f, grad_w, grad_d)
+        )
+        return (*upstream, *(torch.empty_like(t) for t in (q, p, f, sigma, R)))
 
 
 def _setup_aggregate(ctx, inputs, output) -> None:
@@ -210,9 +216,7 @@ def _aggregate_backward(ctx, grad_f, grad_w, grad_d):
     q, p, f, sigma, R, idx = ctx.saved_tensors
     if grad_f is None and grad_w is None and grad_d is None:
         return (None,) * 6
-    grad_f = _zeros_if_none(grad_f, (*q.shape[:2], f.shape[2]), q)
-    grad_w = _zeros_if_none(grad_w, idx.shape, q)
-    grad_d = _zeros_if_none(grad_d, idx.shape, q)
+    # Missing upstreams (outputs the caller did not use) stay None: the kernels skip their terms.
     grads = torch.ops.neusdf.knn_aggregate_backward(grad_f, grad_w, grad_d, q, p, f, sigma, R, idx)
     needed = ctx.needs_input_grad[:5]
     return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None)
@@ -228,7 +232,9 @@ def _backward_backward(ctx, ggq, ggp, ggf, ggsigma, ggR):
     grads: list[torch.Tensor | None] = [None] * 9
     if ggq is not None:
         fast = torch.ops.neusdf.knn_aggregate_double_backward(ggq, *saved)
-        grads[:8] = list(fast)
+        # Gradients for absent upstreams come back empty: they belong to None inputs.
+        grads[:3] = [g if s is not None else None for g, s in zip(fast[:3], saved[:3], strict=True)]
+        grads[3:8] = list(fast[3:])
     rare = (ggp, ggf, ggsigma, ggR)
     if any(g is not None for g in rare):
         slow = _double_backward_by_gathering(saved, rare)
@@ -251,18 +257,23 @@ def _double_backward_by_gathering(saved, upstream):
             "neusdf: third-order derivatives of knn_aggregate_aniso are not supported"
         )
     idx = saved[-1]
-    leaves = [t.detach().requires_grad_() for t in saved[:-1]]
-    gf, gw, gd, q, p, f, sigma, R = leaves
+    # Upstreams of the forward's outputs (None where the caller did not use that output).
+    ups = [None if t is None else t.detach().requires_grad_() for t in saved[:3]]
+    q, p, f, sigma, R = (t.detach().requires_grad_() for t in saved[3:8])
     with torch.enable_grad():
-        f_out, w, dists, _ = knn_aggregate_aniso_reference(q, p, f, sigma, R, idx.shape[2], idx=idx)
+        outs = knn_aggregate_aniso_reference(q, p, f, sigma, R, idx.shape[2], idx=idx)[:3]
+        used = [(o, g) for o, g in zip(outs, ups, strict=True) if g is not None]
         first = torch.autograd.grad(
-            (f_out, w, dists), (p, f, sigma, R), (gf, gw, gd), create_graph=True
+            [o for o, _ in used], (p, f, sigma, R), [g for _, g in used], create_graph=True
         )
         pairs = [(o, g) for o, g in zip(first, upstream, strict=True) if g is not None]
-        second = torch.autograd.grad(
-            [o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True
+        wrt = [g for g in ups if g is not None] + [q, p, f, sigma, R]
+        second = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+            )
         )
-    return list(second)
+    return [None if g is None else next(second) for g in ups] + list(second)
 
 
 def _third_order(ctx, *grads):
