@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import trimesh
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-
-from neusdf.config import compose_train_config, register_resolvers
-
+# train.py is a script at the repository root, not part of the package: make it (and an
+# uninstalled checkout's neusdf) importable however pytest is started.
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import trimesh  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from neusdf.config import compose_train_config, register_resolvers  # noqa: E402
+
 CONFIGS = ROOT / "configs"
 SHARED_MESHES = ROOT.parent / "shared" / "data" / "meshes"
 
