@@ -35,7 +35,7 @@ import torch
 __all__ = ["load_library", "cuda_enabled", "SOURCE_DIR"]
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
-_CPU_SOURCES = ("knn_aggregate.cpp", "knn_aggregate_cpu.cpp")
+_CPU_SOURCES = ("knn_aggregate.cpp", "knn_aggregate_autograd.cpp", "knn_aggregate_cpu.cpp")
 _CUDA_SOURCES = ("knn_aggregate_cuda.cu",)
 
 _lock = threading.Lock()

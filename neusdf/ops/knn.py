@@ -1,13 +1,13 @@
-"""Python face of the compiled anisotropic kNN aggregation: checks, fake kernels, autograd.
+"""Python face of the compiled anisotropic kNN aggregation: input checks and fake kernels.
 
 The C++ library (``csrc/``) defines four ``torch.ops.neusdf`` operators: ``knn_search``,
-``knn_aggregate``, ``knn_aggregate_backward`` and ``knn_aggregate_double_backward``. This module
-loads it on first use, registers a fake (meta) kernel for each so that ``torch.compile`` and
-``torch.library.opcheck`` can trace them, and chains autograd: the forward's backward is the
-backward op, whose own backward is the double-backward op (exact for the upstream of the query
-gradient, which the Eikonal loss produces). Upstreams of the other gradients (rare) are
-differentiated exactly through the reference formula on the gathered neighbours. A third
-derivative raises an error instead of returning a wrong value.
+``knn_aggregate``, ``knn_aggregate_backward`` and ``knn_aggregate_double_backward``, with their
+autograd in C++ (``csrc/knn_aggregate_autograd.cpp``): the forward's backward is the backward
+op, whose own backward is the double-backward op (exact for the upstream of the query gradient,
+which the Eikonal loss produces; upstreams of the other gradients, rare, are differentiated
+exactly through the formula on the gathered neighbours). A third derivative raises an error.
+This module loads the library on first use and registers a fake (meta) kernel for each
+operator, so that ``torch.compile`` and ``torch.library.opcheck`` can trace them.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import threading
 
 import torch
-
-from neusdf.ops.reference import knn_aggregate_aniso_reference
 
 __all__ = ["knn_aggregate_aniso", "knn_search_aniso", "ensure_registered"]
 
@@ -181,7 +179,6 @@ def ensure_registered() -> None:
 
         load_library()
         _register_fakes()
-        _register_autograd()
         _registered = True
 
 
@@ -205,92 +202,3 @@ def _register_fakes() -> None:
             q.new_empty(0) if g is None else torch.empty_like(g) for g in (grad_f, grad_w, grad_d)
         )
         return (*upstream, *(torch.empty_like(t) for t in (q, p, f, sigma, R)))
-
-
-def _setup_aggregate(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)  # q, p, f, sigma, R, idx
-    ctx.set_materialize_grads(False)  # unused outputs give None: skip their work
-
-
-def _aggregate_backward(ctx, grad_f, grad_w, grad_d):
-    q, p, f, sigma, R, idx = ctx.saved_tensors
-    if grad_f is None and grad_w is None and grad_d is None:
-        return (None,) * 6
-    # Missing upstreams (outputs the caller did not use) stay None: the kernels skip their terms.
-    grads = torch.ops.neusdf.knn_aggregate_backward(grad_f, grad_w, grad_d, q, p, f, sigma, R, idx)
-    needed = ctx.needs_input_grad[:5]
-    return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None)
-
-
-def _setup_backward(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)  # grad_f, grad_w, grad_d, q, p, f, sigma, R, idx
-    ctx.set_materialize_grads(False)
-
-
-def _backward_backward(ctx, ggq, ggp, ggf, ggsigma, ggR):
-    saved = ctx.saved_tensors
-    grads: list[torch.Tensor | None] = [None] * 9
-    if ggq is not None:
-        fast = torch.ops.neusdf.knn_aggregate_double_backward(ggq, *saved)
-        # Gradients for absent upstreams come back empty: they belong to None inputs.
-        grads[:3] = [g if s is not None else None for g, s in zip(fast[:3], saved[:3], strict=True)]
-        grads[3:8] = list(fast[3:])
-    rare = (ggp, ggf, ggsigma, ggR)
-    if any(g is not None for g in rare):
-        slow = _double_backward_by_gathering(saved, rare)
-        grads[:8] = [_add(a, b) for a, b in zip(grads[:8], slow, strict=True)]
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
-
-
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    return a if b is None else (b if a is None else a + b)
-
-
-def _double_backward_by_gathering(saved, upstream):
-    """Exact gradients for upstreams of grad_p, grad_f, grad_sigma and grad_R.
-
-    Differentiates the reference formula on the gathered neighbours twice with autograd:
-    O(B Q K F) memory instead of the kernels' O(B Q F), which is fine for these rare upstreams.
-    """
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "neusdf: third-order derivatives of knn_aggregate_aniso are not supported"
-        )
-    idx = saved[-1]
-    # Upstreams of the forward's outputs (None where the caller did not use that output).
-    ups = [None if t is None else t.detach().requires_grad_() for t in saved[:3]]
-    q, p, f, sigma, R = (t.detach().requires_grad_() for t in saved[3:8])
-    with torch.enable_grad():
-        outs = knn_aggregate_aniso_reference(q, p, f, sigma, R, idx.shape[2], idx=idx)[:3]
-        used = [(o, g) for o, g in zip(outs, ups, strict=True) if g is not None]
-        first = torch.autograd.grad(
-            [o for o, _ in used], (p, f, sigma, R), [g for _, g in used], create_graph=True
-        )
-        pairs = [(o, g) for o, g in zip(first, upstream, strict=True) if g is not None]
-        wrt = [g for g in ups if g is not None] + [q, p, f, sigma, R]
-        second = iter(
-            torch.autograd.grad(
-                [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
-            )
-        )
-    return [None if g is None else next(second) for g in ups] + list(second)
-
-
-def _third_order(ctx, *grads):
-    raise RuntimeError("neusdf: third-order derivatives of knn_aggregate_aniso are not supported")
-
-
-def _setup_none(ctx, inputs, output) -> None:
-    del ctx, inputs, output
-
-
-def _register_autograd() -> None:
-    torch.library.register_autograd(
-        "neusdf::knn_aggregate", _aggregate_backward, setup_context=_setup_aggregate
-    )
-    torch.library.register_autograd(
-        "neusdf::knn_aggregate_backward", _backward_backward, setup_context=_setup_backward
-    )
-    torch.library.register_autograd(
-        "neusdf::knn_aggregate_double_backward", _third_order, setup_context=_setup_none
-    )
