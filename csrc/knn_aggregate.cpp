@@ -64,11 +64,18 @@ void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef sh
   check_float_tensor(grad, name, static_cast<int64_t>(shape.size()), q);
 }
 
-at::Tensor optional_upstream(const std::optional<at::Tensor>& grad, const char* name,
-                             at::IntArrayRef shape, const at::Tensor& q) {
-  if (!grad.has_value() || !grad->defined()) return at::Tensor();
-  check_upstream(*grad, name, shape, q);
-  return grad->contiguous();
+Upstreams check_upstreams(const std::optional<at::Tensor>& gf,
+                          const std::optional<at::Tensor>& gw,
+                          const std::optional<at::Tensor>& gD, const ProblemSize& n,
+                          const at::Tensor& q) {
+  const auto read = [&](const std::optional<at::Tensor>& g, const char* name,
+                        at::IntArrayRef shape) {
+    if (!g.has_value() || !g->defined()) return at::Tensor();
+    check_upstream(*g, name, shape, q);
+    return g->contiguous();
+  };
+  return {read(gf, "grad_f", {n.B, n.Q, n.F}), read(gw, "grad_w", {n.B, n.Q, n.K}),
+          read(gD, "grad_d", {n.B, n.Q, n.K})};
 }
 
 }  // namespace neusdf

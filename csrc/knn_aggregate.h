@@ -51,9 +51,15 @@ ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::
 void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
                     const at::Tensor& q);
 
-// An optional upstream gradient, checked and made contiguous; undefined when absent.
-at::Tensor optional_upstream(const std::optional<at::Tensor>& grad, const char* name,
-                             at::IntArrayRef shape, const at::Tensor& q);
+// The optional upstream gradients of the backward operators, checked ((B, Q, F), (B, Q, K),
+// (B, Q, K); q's dtype and device) and made contiguous; each is undefined when absent.
+struct Upstreams {
+  at::Tensor gf, gw, gD;
+};
+Upstreams check_upstreams(const std::optional<at::Tensor>& gf,
+                          const std::optional<at::Tensor>& gw,
+                          const std::optional<at::Tensor>& gD, const ProblemSize& n,
+                          const at::Tensor& q);
 
 // Data pointer of a tensor, or nullptr when it is undefined (an absent upstream).
 template <typename T>

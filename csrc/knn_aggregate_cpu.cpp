@@ -170,9 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
     const at::Tensor& f_in, const at::Tensor& sigma_in, const at::Tensor& R_in,
     const at::Tensor& idx_in) {
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
-  const at::Tensor gf = optional_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
-  const at::Tensor gw = optional_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
-  const at::Tensor gD = optional_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
+  const Upstreams up = check_upstreams(gf_in, gw_in, gD_in, n, q_in);
+  const at::Tensor &gf = up.gf, &gw = up.gw, &gD = up.gD;
   at::Tensor gq = at::zeros_like(q_in, at::MemoryFormat::Contiguous);
   at::Tensor gp = at::zeros_like(p_in, at::MemoryFormat::Contiguous);
   at::Tensor gfi = at::zeros_like(f_in, at::MemoryFormat::Contiguous);
@@ -242,9 +241,8 @@ knn_aggregate_double_backward_cpu(const at::Tensor& ggq_in,
                                   const at::Tensor& idx_in) {
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
   check_upstream(ggq_in, "ggq", {n.B, n.Q, 3}, q_in);
-  const at::Tensor gf = optional_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
-  const at::Tensor gw = optional_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
-  const at::Tensor gD = optional_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
+  const Upstreams up = check_upstreams(gf_in, gw_in, gD_in, n, q_in);
+  const at::Tensor &gf = up.gf, &gw = up.gw, &gD = up.gD;
   const auto opts = q_in.options();
   // The gradient of an absent upstream is empty (its input is None).
   const auto upstream_grad = [&](const at::Tensor& g) {

@@ -658,9 +658,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
     const at::Tensor& idx_in) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
-  const at::Tensor gf = optional_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
-  const at::Tensor gw = optional_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
-  const at::Tensor gD = optional_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
+  const Upstreams up = check_upstreams(gf_in, gw_in, gD_in, n, q_in);
+  const at::Tensor &gf = up.gf, &gw = up.gw, &gD = up.gD;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor gq = at::empty_like(q_in, at::MemoryFormat::Contiguous);  // written whole
   at::Tensor gp = at::empty_like(p_in, at::MemoryFormat::Contiguous);  // accumulated:
@@ -696,9 +695,8 @@ knn_aggregate_double_backward_cuda(const at::Tensor& ggq_in,
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
   check_upstream(ggq_in, "ggq", {n.B, n.Q, 3}, q_in);
-  const at::Tensor gf = optional_upstream(gf_in, "grad_f", {n.B, n.Q, n.F}, q_in);
-  const at::Tensor gw = optional_upstream(gw_in, "grad_w", {n.B, n.Q, n.K}, q_in);
-  const at::Tensor gD = optional_upstream(gD_in, "grad_d", {n.B, n.Q, n.K}, q_in);
+  const Upstreams up = check_upstreams(gf_in, gw_in, gD_in, n, q_in);
+  const at::Tensor &gf = up.gf, &gw = up.gw, &gD = up.gD;
   const auto opts = q_in.options();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // The gradient of an absent upstream is empty (its input is None).
