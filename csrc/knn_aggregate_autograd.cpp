@@ -248,6 +248,8 @@ Tensor8 double_backward_autograd(const at::Tensor& ggq, const OptTensor& gf, con
 }  // namespace neusdf
 
 TORCH_LIBRARY_IMPL(neusdf, Autograd, m) {
+  // The search returns integer indices only: nothing to differentiate, no node to record.
+  m.impl("knn_search", torch::CppFunction::makeFallthrough());
   m.impl("knn_aggregate", &neusdf::aggregate_autograd);
   m.impl("knn_aggregate_backward", &neusdf::backward_autograd);
   m.impl("knn_aggregate_double_backward", &neusdf::double_backward_autograd);

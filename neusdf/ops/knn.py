@@ -42,9 +42,10 @@ def knn_search_aniso(
 
 
 def _search(q, p, sigma, R, K: int) -> torch.Tensor:
-    """The search op on checked inputs (no autograd: the selection is piecewise constant)."""
+    """The search op on checked inputs. Its Autograd key falls through (csrc): the selection
+    is piecewise constant and idx is an integer tensor, so no graph is recorded."""
     ensure_registered()
-    return torch.ops.neusdf.knn_search(q.detach(), p.detach(), sigma.detach(), R.detach(), K)
+    return torch.ops.neusdf.knn_search(q, p, sigma, R, K)
 
 
 def knn_aggregate_aniso(
@@ -95,11 +96,12 @@ def knn_aggregate_aniso(
 
 
 def _check_tensor(t: object, name: str, rank: int, trailing: tuple[int, ...]) -> None:
+    # Runs on every call: the message is only built on failure.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    shape_text = "(B, " + ", ".join(["P" if name != "q" else "Q"] + [str(s) for s in trailing])
-    if t.dim() != rank or tuple(t.shape[rank - len(trailing) :]) != trailing:
-        raise ValueError(f"{name} must have shape {shape_text}), got {tuple(t.shape)}")
+    if t.dim() != rank or t.shape[rank - len(trailing) :] != trailing:
+        dims = ", ".join(["Q" if name == "q" else "P"] + [str(s) for s in trailing])
+        raise ValueError(f"{name} must have shape (B, {dims}), got {tuple(t.shape)}")
 
 
 def _check_float(t: torch.Tensor, name: str, q: torch.Tensor) -> None:
