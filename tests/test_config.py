@@ -49,6 +49,20 @@ def test_sizes_follow_the_accelerator(tmp_path):
     assert gpu.data.num_surface > cpu.data.num_surface
 
 
+def test_noisy_experiment_trusts_normals_over_positions(tmp_path):
+    base = compose_train(["trainer.accelerator=gpu"], tmp_path)
+    noisy = compose_train(["trainer.accelerator=gpu", "experiment=noisy"], tmp_path)
+    assert noisy.loss.surface < base.loss.surface
+    assert noisy.loss.eikonal > base.loss.eikonal
+    assert noisy.model.num_points < base.model.num_points
+    assert noisy.loss.normal == base.loss.normal  # the normals keep their full weight
+    # the command line still wins over the experiment
+    over = compose_train(
+        ["trainer.accelerator=gpu", "experiment=noisy", "loss.surface=2.0"], tmp_path
+    )
+    assert over.loss.surface == 2.0
+
+
 def test_debug_and_ddp_configs(tmp_path):
     fdr = compose_train(["debug=fdr"], tmp_path)
     assert fdr.trainer.fast_dev_run is True
