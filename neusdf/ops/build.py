@@ -53,8 +53,12 @@ def cuda_enabled() -> bool:
     return torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
 
 
-def _check_toolchain(with_cuda: bool) -> None:
-    """Raises a RuntimeError that says what to install when a build tool is missing."""
+def _check_toolchain() -> None:
+    """Raises a RuntimeError that says what to install when a build tool is missing.
+
+    (nvcc needs no check here: without it cuda_enabled() is False and only the CPU part is
+    built.)
+    """
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(
@@ -71,7 +75,6 @@ def _check_toolchain(with_cuda: bool) -> None:
             f"neusdf: op sources not found at {SOURCE_DIR}; install neusdf from a source "
             "checkout with 'pip install -e .'."
         )
-    del with_cuda  # nvcc's presence is part of cuda_enabled(); nothing more to check here
 
 
 def load_library(verbose: bool | None = None) -> bool:
@@ -90,7 +93,7 @@ def load_library(verbose: bool | None = None) -> bool:
         from torch.utils.cpp_extension import load
 
         with_cuda = cuda_enabled()
-        _check_toolchain(with_cuda)
+        _check_toolchain()
         if verbose is None:
             verbose = os.environ.get("NEUSDF_BUILD_VERBOSE", "0") == "1"
         sources = [str(SOURCE_DIR / s) for s in _CPU_SOURCES]
