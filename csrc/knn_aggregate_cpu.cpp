@@ -92,6 +92,38 @@ PointPairs group_pairs_by_point(const int64_t* idx, const ProblemSize& n) {
 constexpr int64_t kQueryGrain = 64;
 constexpr int64_t kPointGrain = 64;
 
+// Calls fn(pj, pair, geometry) for every valid pair, grouped by point pj = b * P + j: in
+// parallel over points, each point's pairs in increasing pair order, so that the per-point
+// sums fn makes are race-free and always taken in the same order.
+template <typename T, typename Fn>
+void for_each_pair_by_point(const Views<T>& v, const Fn& fn) {
+  const PointPairs groups = group_pairs_by_point(v.idx, v.n);
+  at::parallel_for(0, v.n.B * v.n.P, kPointGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t pj = begin; pj < end; ++pj) {
+      for (int64_t x = groups.start[pj]; x < groups.start[pj + 1]; ++x) {
+        const int64_t t = groups.pair[x];
+        Pair<T> pr;
+        load_pair(v, t, pr);
+        fn(pj, t, pr);
+      }
+    }
+  });
+}
+
+// sum_c a[c] * b[c] over F channels.
+template <typename T>
+T dot(const T* a, const T* b, int64_t F) {
+  T sum = 0;
+  for (int64_t c = 0; c < F; ++c) sum += a[c] * b[c];
+  return sum;
+}
+
+// out[c] += scale * x[c] over F channels.
+template <typename T>
+void add_scaled(T* out, T scale, const T* x, int64_t F) {
+  for (int64_t c = 0; c < F; ++c) out[c] += scale * x[c];
+}
+
 at::Tensor knn_search_cpu(const at::Tensor& q_in, const at::Tensor& p_in,
                           const at::Tensor& sigma_in, const at::Tensor& R_in, int64_t K) {
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
@@ -156,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_aggregate_cpu(
           wo[t] = pr.w;
           Do[t] = pr.D;
           const T* fj = v.f + (pr.b * n.P + pr.j) * n.F;
-          for (int64_t c = 0; c < n.F; ++c) out[c] += pr.w * fj[c];
+          add_scaled(out, pr.w, fj, n.F);
         }
       }
     });
@@ -197,34 +229,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
           Pair<T> pr;
           if (!load_pair(v, t, pr)) continue;
           const T* fj = v.f + (pr.b * n.P + pr.j) * n.F;
-          T dot = 0;
-          if (gfq != nullptr)
-            for (int64_t c = 0; c < n.F; ++c) dot += gfq[c] * fj[c];
-          dbar[t] = (gDp ? gDp[t] : T(0)) - pr.w * (dot + (gwp ? gwp[t] : T(0)));
+          const T gf_f = gfq ? dot(gfq, fj, n.F) : T(0);
+          dbar[t] = (gDp ? gDp[t] : T(0)) - pr.w * (gf_f + (gwp ? gwp[t] : T(0)));
           wpair[t] = pr.w;
           for (int c = 0; c < 3; ++c) gqp[3 * bi + c] += dbar[t] * pr.g[c];
         }
       }
     });
-    const PointPairs groups = group_pairs_by_point(v.idx, n);
     T* gpp = gp.data_ptr<T>();
     T* gfip = gfi.data_ptr<T>();
     T* gsp = gs.data_ptr<T>();
     T* gRp = gR.data_ptr<T>();
-    at::parallel_for(0, n.B * n.P, kPointGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t pj = begin; pj < end; ++pj) {
-        T* out_f = gfip + pj * n.F;
-        for (int64_t e = groups.start[pj]; e < groups.start[pj + 1]; ++e) {
-          const int64_t t = groups.pair[e];
-          Pair<T> pr;
-          load_pair(v, t, pr);
-          add_first_order_point_terms(dbar[t], v.s + 3 * pj, pr.d, pr.u, pr.g, gpp + 3 * pj,
-                                      gsp + 3 * pj, gRp + 9 * pj);
-          if (gfp == nullptr) continue;
-          const T* gfq = gfp + (t / n.K) * n.F;
-          for (int64_t c = 0; c < n.F; ++c) out_f[c] += wpair[t] * gfq[c];
-        }
-      }
+    for_each_pair_by_point(v, [&](int64_t pj, int64_t t, const Pair<T>& pr) {
+      add_first_order_point_terms(dbar[t], v.s + 3 * pj, pr.d, pr.u, pr.g, gpp + 3 * pj,
+                                  gsp + 3 * pj, gRp + 9 * pj);
+      if (gfp) add_scaled(gfip + pj * n.F, wpair[t], gfp + (t / n.K) * n.F, n.F);
     });
   });
   return {gq, gp, gfi, gs, gR};
@@ -285,46 +304,31 @@ knn_aggregate_double_backward_cpu(const at::Tensor& ggq_in,
           if (!load_pair(v, t, pr)) continue;
           const int64_t pj = pr.b * n.P + pr.j;
           const T* fj = v.f + pj * n.F;
-          T dot = 0;
-          if (gfq != nullptr)
-            for (int64_t c = 0; c < n.F; ++c) dot += gfq[c] * fj[c];
-          const T inner = dot + (gwp ? gwp[t] : T(0));
+          const T inner = (gfq ? dot(gfq, fj, n.F) : T(0)) + (gwp ? gwp[t] : T(0));
           const T es = e[0] * pr.g[0] + e[1] * pr.g[1] + e[2] * pr.g[2];
           dbar[t] = (gDp ? gDp[t] : T(0)) - pr.w * inner;
           E[t] = es * pr.w * inner;
           ws[t] = pr.w * es;
           if (g_gDp) g_gDp[t] = es;
           if (g_gwp) g_gwp[t] = -ws[t];
-          if (g_gfp)
-            for (int64_t c = 0; c < n.F; ++c) g_gfp[bi * n.F + c] -= ws[t] * fj[c];
+          if (g_gfp) add_scaled(g_gfp + bi * n.F, -ws[t], fj, n.F);
           T a[3], h[3];
           hessian_times(v.s + 3 * pj, v.R + 9 * pj, e, a, h);
           for (int c = 0; c < 3; ++c) g_qp[3 * bi + c] += E[t] * pr.g[c] + dbar[t] * h[c];
         }
       }
     });
-    const PointPairs groups = group_pairs_by_point(v.idx, n);
     T* g_pp = g_p.data_ptr<T>();
     T* g_fp = g_f.data_ptr<T>();
     T* g_sp = g_s.data_ptr<T>();
     T* g_Rp = g_R.data_ptr<T>();
-    at::parallel_for(0, n.B * n.P, kPointGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t pj = begin; pj < end; ++pj) {
-        T* out_f = g_fp + pj * n.F;
-        for (int64_t x = groups.start[pj]; x < groups.start[pj + 1]; ++x) {
-          const int64_t t = groups.pair[x];
-          Pair<T> pr;
-          load_pair(v, t, pr);
-          const int64_t bi = t / n.K;
-          add_first_order_point_terms(E[t], v.s + 3 * pj, pr.d, pr.u, pr.g, g_pp + 3 * pj,
-                                      g_sp + 3 * pj, g_Rp + 9 * pj);
-          add_second_order_point_terms(dbar[t], ep + 3 * bi, v.s + 3 * pj, v.R + 9 * pj, pr.d,
-                                       pr.u, g_pp + 3 * pj, g_sp + 3 * pj, g_Rp + 9 * pj);
-          if (gfp == nullptr) continue;
-          const T* gfq = gfp + bi * n.F;
-          for (int64_t c = 0; c < n.F; ++c) out_f[c] -= ws[t] * gfq[c];
-        }
-      }
+    for_each_pair_by_point(v, [&](int64_t pj, int64_t t, const Pair<T>& pr) {
+      const int64_t bi = t / n.K;
+      add_first_order_point_terms(E[t], v.s + 3 * pj, pr.d, pr.u, pr.g, g_pp + 3 * pj,
+                                  g_sp + 3 * pj, g_Rp + 9 * pj);
+      add_second_order_point_terms(dbar[t], ep + 3 * bi, v.s + 3 * pj, v.R + 9 * pj, pr.d, pr.u,
+                                   g_pp + 3 * pj, g_sp + 3 * pj, g_Rp + 9 * pj);
+      if (gfp) add_scaled(g_fp + pj * n.F, -ws[t], gfp + bi * n.F, n.F);
     });
   });
   return {g_gf, g_gw, g_gD, g_q, g_p, g_f, g_s, g_R};
