@@ -34,7 +34,12 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from neusdf.data import estimate_normals
-from neusdf.ops.reference import knn_aggregate_aniso_reference
+from neusdf.ops import (
+    knn_aggregate_aniso,
+    knn_aggregate_aniso_reference,
+    knn_search_aniso,
+    knn_search_aniso_reference,
+)
 
 __all__ = ["PointInit", "NeuralPointSDF", "quaternion_to_matrix", "frames_from_normals"]
 
@@ -44,17 +49,8 @@ OpFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 def _ops(backend: str) -> tuple[OpFn, Callable[..., torch.Tensor]]:
     """The kNN aggregation and the search-only function for ``backend``."""
     if backend == "reference":
-
-        def search(q, p, sigma, R, K):
-            f = torch.zeros(*p.shape[:2], 1, dtype=p.dtype, device=p.device)
-            return knn_aggregate_aniso_reference(q, p, f, sigma, R, K)[3]
-
-        return knn_aggregate_aniso_reference, search
-    if backend == "compiled":
-        # Imported here: the compiled op builds on first import, which the reference must not
-        # need (tests and machines without a compiler).
-        from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
-
+        return knn_aggregate_aniso_reference, knn_search_aniso_reference
+    if backend == "compiled":  # built on its first call, not on import
         return knn_aggregate_aniso, knn_search_aniso
     raise ValueError(f"model.backend must be 'compiled' or 'reference', got '{backend}'")
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["knn_aggregate_aniso_reference", "anisotropic_dists", "gather_points"]
+__all__ = [
+    "knn_aggregate_aniso_reference",
+    "knn_search_aniso_reference",
+    "anisotropic_dists",
+    "gather_points",
+]
 
 
 def anisotropic_dists(
@@ -45,10 +50,19 @@ def gather_points(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, Q, K, *t.shape[2:])
 
 
-def _search(q, p, sigma, R, K: int, chunk: int) -> torch.Tensor:
-    """Indices (B, Q, K) of the K smallest anisotropic distances, sorted ascending.
+def knn_search_aniso_reference(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    sigma: torch.Tensor,
+    R: torch.Tensor,
+    K: int,
+    *,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """Reference of :func:`neusdf.ops.knn_search_aniso`: idx (B, Q, K) int64, ascending.
 
-    Uses ``topk`` as a plain-PyTorch user would; the K found are then ordered by (distance,
+    Shapes as in :func:`knn_aggregate_aniso_reference`; memory grows as B * chunk * P. Uses
+    ``topk`` as a plain-PyTorch user would; the K found are then ordered by (distance,
     index). Which of several exactly equal distances ``topk`` keeps at the K-th place is
     unspecified, so tie-breaking is tested on the compiled op directly.
     """
@@ -88,7 +102,7 @@ def knn_aggregate_aniso_reference(
         f_out (B, Q, F), w (B, Q, K), dists (B, Q, K), idx (B, Q, K) int64.
     """
     if idx is None:
-        idx = _search(q, p, sigma, R, K, chunk)
+        idx = knn_search_aniso_reference(q, p, sigma, R, K, chunk=chunk)
     pk = gather_points(p, idx)  # (B, Q, K, 3)
     sk = gather_points(sigma, idx)
     Rk = gather_points(R, idx)  # (B, Q, K, 3, 3)
