@@ -101,14 +101,13 @@ def load_library(verbose: bool | None = None) -> bool:
         cflags = ["-O3", "-fopenmp"]
         if with_cuda:
             sources += [str(SOURCE_DIR / s) for s in _CUDA_SOURCES]
-            cflags.append("-DNEUSDF_WITH_CUDA")
         load(
             name="neusdf_ops_cuda" if with_cuda else "neusdf_ops_cpu",
             sources=sources,
             extra_include_paths=[str(SOURCE_DIR)],
             extra_cflags=cflags,
             # -lineinfo keeps kernels attributable in profilers at no run-time cost.
-            extra_cuda_cflags=["-O3", "-lineinfo", "-DNEUSDF_WITH_CUDA"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
             # at::parallel_for is OpenMP-based in PyTorch builds; link the runtime torch loads.
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

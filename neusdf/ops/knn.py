@@ -158,11 +158,13 @@ def _check_idx(idx, q: torch.Tensor, p: torch.Tensor, K: int) -> None:
     expected = (q.shape[0], q.shape[1], K)
     if tuple(idx.shape) != expected:
         raise ValueError(f"idx must have shape (B, Q, K) = {expected}, got {tuple(idx.shape)}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.shape[1]):
-        raise ValueError(
-            f"idx must hold point indices in [0, P) = [0, {p.shape[1]}), got values in "
-            f"[{int(idx.min())}, {int(idx.max())}]"
-        )
+    if idx.numel():
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one reduction, one device sync
+        if lo < 0 or hi >= p.shape[1]:
+            raise ValueError(
+                f"idx must hold point indices in [0, P) = [0, {p.shape[1]}), got values in "
+                f"[{lo}, {hi}]"
+            )
 
 
 # ----------------------------------------------------------------- registration and autograd
