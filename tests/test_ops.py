@@ -189,9 +189,8 @@ def test_opcheck(device):
     q, p, f, sigma, R = make_inputs(2, 7, 6, 3, dtype=torch.float64, device=device, seed=7)
     ops = torch.ops.neusdf
     idx = ops.knn_search(q, p, sigma, R, 3)
-    grads = [torch.randn_like(t) for t in (f[:, :1].expand(2, 7, 3).contiguous(), idx.double())]
-    gf, gw = grads[0], grads[1]
-    gd = torch.randn_like(gw)
+    # Upstreams: grad_f (B, Q, F), grad_w and grad_d (B, Q, K), ggq (B, Q, 3).
+    gf, gw, gd = (torch.randn(shape, dtype=q.dtype, device=device) for shape in ((2, 7, 3),) * 3)
     ggq = torch.randn_like(q)
     torch.library.opcheck(ops.knn_search, (q, p, sigma, R, 3))
     leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
@@ -270,31 +269,27 @@ def test_third_order_raises():
         torch.autograd.grad(ggf.sum(), inputs[0])
 
 
-def _bad(**changes):
-    return changes
-
-
 BAD_INPUTS = [
-    (_bad(q=torch.zeros(2, 5, 2)), ValueError, r"q must have shape \(B, Q, 3\)"),
-    (_bad(q=torch.zeros(5, 3)), ValueError, r"q must have shape"),
-    (_bad(p=torch.zeros(3, 8, 3)), ValueError, r"p has batch size 3 but q has 2"),
-    (_bad(f=torch.zeros(2, 7, 4)), ValueError, r"f must have shape \(B, P, F\)"),
-    (_bad(sigma=torch.ones(2, 7, 3)), ValueError, r"sigma must have \(B, P\) = \(2, 8\)"),
-    (_bad(R=torch.zeros(2, 8, 3)), ValueError, r"R must have shape \(B, P, 3, 3\)"),
-    (_bad(K=0), ValueError, r"K must satisfy 1 <= K <= P = 8, got K = 0"),
-    (_bad(K=9), ValueError, r"K must satisfy 1 <= K <= P = 8, got K = 9"),
-    (_bad(K=2.0), TypeError, r"K must be an int"),
-    (_bad(q=torch.zeros(2, 5, 3, dtype=torch.int64)), TypeError, r"q must be float32 or float64"),
-    (_bad(f=torch.zeros(2, 8, 4, dtype=torch.float64)), TypeError, r"f has dtype torch.float64"),
-    (_bad(q=torch.zeros(2, 5, 3).tolist()), TypeError, r"q must be a torch.Tensor, got list"),
-    (_bad(idx=torch.zeros(2, 5, 3, dtype=torch.int32)), TypeError, r"idx must be int64"),
-    (_bad(idx=torch.zeros(2, 5, 2, dtype=torch.int64)), ValueError, r"idx must have shape"),
+    (dict(q=torch.zeros(2, 5, 2)), ValueError, r"q must have shape \(B, Q, 3\)"),
+    (dict(q=torch.zeros(5, 3)), ValueError, r"q must have shape"),
+    (dict(p=torch.zeros(3, 8, 3)), ValueError, r"p has batch size 3 but q has 2"),
+    (dict(f=torch.zeros(2, 7, 4)), ValueError, r"f must have shape \(B, P, F\)"),
+    (dict(sigma=torch.ones(2, 7, 3)), ValueError, r"sigma must have \(B, P\) = \(2, 8\)"),
+    (dict(R=torch.zeros(2, 8, 3)), ValueError, r"R must have shape \(B, P, 3, 3\)"),
+    (dict(K=0), ValueError, r"K must satisfy 1 <= K <= P = 8, got K = 0"),
+    (dict(K=9), ValueError, r"K must satisfy 1 <= K <= P = 8, got K = 9"),
+    (dict(K=2.0), TypeError, r"K must be an int"),
+    (dict(q=torch.zeros(2, 5, 3, dtype=torch.int64)), TypeError, r"q must be float32 or float64"),
+    (dict(f=torch.zeros(2, 8, 4, dtype=torch.float64)), TypeError, r"f has dtype torch.float64"),
+    (dict(q=torch.zeros(2, 5, 3).tolist()), TypeError, r"q must be a torch.Tensor, got list"),
+    (dict(idx=torch.zeros(2, 5, 3, dtype=torch.int32)), TypeError, r"idx must be int64"),
+    (dict(idx=torch.zeros(2, 5, 2, dtype=torch.int64)), ValueError, r"idx must have shape"),
     (
-        _bad(idx=torch.full((2, 5, 3), 8)),
+        dict(idx=torch.full((2, 5, 3), 8)),
         ValueError,
         r"idx must hold point indices in \[0, P\) = \[0, 8\)",
     ),
-    (_bad(idx=torch.full((2, 5, 3), -1)), ValueError, r"idx must hold point indices"),
+    (dict(idx=torch.full((2, 5, 3), -1)), ValueError, r"idx must hold point indices"),
 ]
 
 
