@@ -1,15 +1,52 @@
-"""OmegaConf resolvers used by the Hydra configs in ``configs/``."""
+"""Where the Hydra configs live, the resolvers they use, composing them, and runtime settings.
+
+From a source checkout the configs and the default shape are the checkout's ``configs/`` and
+``data/``; an installed wheel carries them inside the package (``neusdf/configs``,
+``neusdf/assets``).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["register_resolvers", "on_gpu", "compose_train_config"]
+__all__ = [
+    "CONFIG_DIR",
+    "DATA_DIR",
+    "compose_config",
+    "compose_train_config",
+    "configure_runtime",
+    "on_gpu",
+    "project_root",
+    "register_resolvers",
+]
 
-ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+# An installed wheel holds configs/ inside the package; a checkout beside it.
+_INSTALLED = (PACKAGE_DIR / "configs").is_dir()
+CONFIG_DIR = PACKAGE_DIR / "configs" if _INSTALLED else PACKAGE_DIR.parent / "configs"
+DATA_DIR = PACKAGE_DIR / "assets" if _INSTALLED else PACKAGE_DIR.parent / "data"
+
+
+def project_root() -> Path:
+    """Where runs write ``outputs/``: the checkout's root, or the working directory when
+    neusdf is installed as a package."""
+    return Path.cwd() if _INSTALLED else PACKAGE_DIR.parent
+
+
+def configure_runtime() -> None:
+    """Process-wide settings of every training run, from the command line or from Python.
+
+    - float32 matrix products may use TF32 tensor cores on GPUs (``"high"`` precision);
+    - ``NCCL_NVLS_ENABLE=0`` unless already set: NVLink multicast stays off in NCCL, because a
+      job using it can put a shared multi-GPU host's GPUs out of service. Set before any
+      process group starts (DDP ranks inherit the environment).
+    """
+    torch.set_float32_matmul_precision("high")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 
 def on_gpu(accelerator: str) -> bool:
@@ -20,15 +57,30 @@ def on_gpu(accelerator: str) -> bool:
 
 
 def register_resolvers() -> None:
-    """Registers ``${gpu_or_cpu:ACCEL,A,B}`` and ``${neusdf_root:}`` (idempotent).
+    """Registers ``${gpu_or_cpu:ACCEL,A,B}``, ``${neusdf_root:}`` and ``${neusdf_data:}``.
 
     ``gpu_or_cpu`` sizes defaults for the device the run will use: A on a GPU, B on the CPU.
-    ``neusdf_root`` is the repository root (where ``configs/`` and ``data/`` live).
+    ``neusdf_root`` is :func:`project_root`; ``neusdf_data`` the folder of the default shape.
+    Idempotent.
     """
     OmegaConf.register_new_resolver(
         "gpu_or_cpu", lambda acc, gpu, cpu: gpu if on_gpu(str(acc)) else cpu, replace=True
     )
-    OmegaConf.register_new_resolver("neusdf_root", lambda: str(ROOT), replace=True)
+    OmegaConf.register_new_resolver("neusdf_root", lambda: str(project_root()), replace=True)
+    OmegaConf.register_new_resolver("neusdf_data", lambda: str(DATA_DIR), replace=True)
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """The config ``configs/<name>.yaml`` with Hydra ``overrides``, outside ``@hydra.main``.
+
+    Raises:
+        hydra.errors.ConfigCompositionException: unknown keys or groups, naming them.
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
 
 
 def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictConfig:
@@ -44,11 +96,7 @@ def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictCo
     Raises:
         hydra.errors.ConfigCompositionException: unknown keys or groups, naming them.
     """
-    from hydra import compose, initialize_config_dir
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config("train", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg

@@ -1,11 +1,7 @@
-"""Mesh extraction: narrow-band grid evaluation of the SDF and slab-wise marching cubes.
+"""Checkpoint -> mesh in the input's coordinates, optionally scored against a reference shape.
 
-Memory stays bounded at any resolution: the SDF is evaluated in chunks of ``chunk`` queries,
-and the grid is processed in slabs of ``block`` z-layers, each meshed on its own and stitched
-(vertices on a shared layer come from the same two grid values in both slabs, so they are
-merged exactly). Blocks of ``block``^3 grid points whose centre value says the surface cannot
-reach them (|sdf| > band * half-diagonal) are not evaluated: at resolution 256 this skips most
-of the grid. The extraction command::
+The grid evaluation and marching cubes are :func:`neusdf.meshing.extract_mesh`; options come
+from ``configs/extract.yaml``. The extraction command::
 
     python -m neusdf.extract ckpt=outputs/.../checkpoints/last.ckpt resolution=512 \\
         [output=mesh.ply] [reference=shape.obj] [metrics=metrics.json] [overwrite=true]
@@ -15,173 +11,30 @@ of the grid. The extraction command::
 from __future__ import annotations
 
 import logging
-import math
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
-from skimage.measure import marching_cubes
-from tqdm import tqdm
 
-__all__ = ["ExtractConfig", "GridStats", "extract_mesh", "main"]
+from neusdf.checkpoint import CheckpointError, load_checkpoint
+from neusdf.config import compose_config
+from neusdf.mesh_io import ShapeError, check_writable, load_shape, save_json, save_mesh
+from neusdf.meshing import extract_mesh
+from neusdf.metrics import SurfaceSet, evaluate, format_table
 
-log = logging.getLogger(__name__)
-
-SdfFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class GridStats:
-    """What an extraction did: evaluated queries (of resolution^3) and seconds spent."""
-
-    evaluated: int = 0
-    total: int = 0
-    seconds_eval: float = 0.0
-    seconds_total: float = 0.0
-
-
-def _evaluate(fn: SdfFn, x: np.ndarray, device, chunk: int) -> np.ndarray:
-    """SDF of (N, 3) float32 points in chunks; returns (N,) float32 on the host."""
-    out = np.empty(len(x), dtype=np.float32)
-    with torch.no_grad():
-        for s in range(0, len(x), chunk):
-            q = torch.from_numpy(x[s : s + chunk]).to(device)
-            out[s : s + chunk] = fn(q).float().cpu().numpy()
-    return out
-
-
-def _expand(a: np.ndarray, block: int, n: int) -> np.ndarray:
-    """Repeats an (nb, nb) block array to the (n, n) grid points it covers."""
-    return np.repeat(np.repeat(a, block, 0)[:n], block, 1)[:, :n]
-
-
-def extract_mesh(
-    fn: SdfFn,
-    resolution: int,
-    box: float,
-    device: torch.device | str = "cpu",
-    chunk: int = 262_144,
-    block: int = 8,
-    band: float = 2.0,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, GridStats]:
-    """Zero level set of ``fn`` on a resolution^3 grid over [-box, box]^3.
-
-    Args:
-        fn: SDF, (N, 3) float32 tensor on ``device`` -> (N,); called under no_grad.
-        resolution: grid points per axis (>= 2).
-        box: half-size of the cube.
-        chunk: queries per call of ``fn``.
-        block: block edge in grid points for the narrow-band skip and the slab thickness.
-        band: safety factor on the skip test; larger is safer for SDFs that are not exact
-            distances (0 disables skipping: every grid point is evaluated).
-        progress: show a progress bar.
-
-    Returns:
-        vertices (V, 3) float64 in the same coordinates as the queries, faces (F, 3) int64
-        wound so that normals point towards positive SDF (outwards), and :class:`GridStats`.
-        Raises ValueError when the SDF has no zero crossing on the grid.
-    """
-    if resolution < 2:
-        raise ValueError(f"resolution must be >= 2, got {resolution}")
-    if block < 2 or chunk < 1:
-        raise ValueError("block must be >= 2 and chunk >= 1")
-    t0 = time.perf_counter()
-    stats = GridStats(total=resolution**3)
-    n, h = resolution, 2 * box / (resolution - 1)
-    nb = math.ceil(n / block)
-    # Block centres (the last block may be short) and their SDF: the coarse pass.
-    starts = np.arange(nb) * block
-    centres = -box + h * (starts + (np.minimum(starts + block, n) - 1 - starts) / 2)
-    c = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), -1).reshape(-1, 3)
-    te = time.perf_counter()
-    coarse = _evaluate(fn, c.astype(np.float32), device, chunk).reshape(nb, nb, nb)
-    stats.seconds_eval += time.perf_counter() - te
-    stats.evaluated += coarse.size
-    half_diag = math.sqrt(3) / 2 * (block - 1) * h
-    keep = np.abs(coarse) <= band * half_diag + h if band > 0 else np.ones_like(coarse, bool)
-
-    lin = (-box + h * np.arange(n)).astype(np.float32)
-    gx, gy = np.meshgrid(lin, lin, indexing="ij")
-    verts_parts, faces_parts, offset = [], [], 0
-    top: np.ndarray | None = None  # the previous slab's last layer is this slab's first
-    slabs = range(0, n - 1, block)
-    for z0 in tqdm(slabs, desc=f"extract {n}^3", disable=not progress, leave=False):
-        z1 = min(z0 + block, n - 1)
-        first = z0 if top is None else z0 + 1
-        layers = range(first, z1 + 1)
-        vol = np.stack([_expand(coarse[:, :, z // block], block, n) for z in layers], -1)
-        mask = np.stack([_expand(keep[:, :, z // block], block, n) for z in layers], -1)
-        if mask.any():
-            ix, iy, iz = np.nonzero(mask)
-            pts = np.stack([gx[ix, iy], gy[ix, iy], lin[first + iz]], -1)
-            te = time.perf_counter()
-            vol[ix, iy, iz] = _evaluate(fn, pts, device, chunk)
-            stats.seconds_eval += time.perf_counter() - te
-            stats.evaluated += len(ix)
-        if top is not None:
-            vol = np.concatenate([top[:, :, None], vol], axis=-1)
-        top = vol[:, :, -1].copy()
-        if vol.min() >= 0 or vol.max() <= 0:
-            continue
-        # skimage's default winding ('descent') makes faces point towards increasing values,
-        # i.e. out of the SDF's negative inside: the mesh comes out oriented outwards.
-        v, f, _, _ = marching_cubes(vol, 0.0)
-        v[:, 2] += z0  # grid-index units: shared layers coincide exactly across slabs
-        verts_parts.append(v.astype(np.float64))
-        faces_parts.append(f.astype(np.int64) + offset)
-        offset += len(v)
-    if not verts_parts:
-        raise ValueError(
-            f"the SDF has no zero crossing in [-{box}, {box}]^3 at resolution {n}: "
-            "training diverged or the shape lies outside the box"
-        )
-    verts, faces = np.concatenate(verts_parts), np.concatenate(faces_parts)
-    uniq, inverse = np.unique(verts, axis=0, return_inverse=True)
-    faces = inverse.reshape(-1)[faces]
-    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2])
-                  & (faces[:, 0] != faces[:, 2])]  # fmt: skip
-    stats.seconds_total = time.perf_counter() - t0
-    return -box + h * uniq, faces, stats
-
-
-@dataclass
-class ExtractConfig:
-    """Options of ``python -m neusdf.extract`` (key=value on the command line)."""
-
-    ckpt: str = "???"
-    resolution: int = 256
-    output: str | None = None
-    reference: str | None = None
-    metrics: str | None = None
-    device: str = "auto"
-    # op backend: the checkpoint's own (None), 'compiled' or 'reference' (no compiler needed)
-    backend: str | None = None
-    chunk: int = 262_144
-    band: float = 2.0
-    overwrite: bool = False
-    num_query: int = 100_000
-    num_ref: int = 1_000_000
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (messages, not tracebacks, on bad input)."""
-    from neusdf.mesh_io import ShapeError, check_writable, load_shape, save_mesh
-    from neusdf.metrics import SurfaceSet, evaluate, format_table, save_json
-    from neusdf.module import CheckpointError, load_checkpoint
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), OmegaConf.from_cli(argv))
+        cfg = compose_config("extract", list(argv))
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ValueError("ckpt is required: python -m neusdf.extract ckpt=PATH [...]")
-    except Exception as e:  # OmegaConf's messages name the key; drop its traceback
+    except Exception as e:  # Hydra's messages name the key; drop its traceback
         print(f"error: {e}".splitlines()[0] + "\n" + __doc__.split("::", 1)[1], file=sys.stderr)
         return 2
     device = cfg.device
@@ -210,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if cfg.reference:
         recon = SurfaceSet(verts, faces)
-        m = evaluate(recon, SurfaceSet.from_shape(reference), num_query=cfg.num_query,
-                     num_ref=cfg.num_ref)  # fmt: skip
+        m = evaluate(
+            recon,
+            SurfaceSet.from_shape(reference),
+            num_query=cfg.num_query,
+            num_ref=cfg.num_ref,
+        )
         print(format_table(m))
         save_json(metrics_path, m, overwrite=cfg.overwrite)
         print(f"wrote {metrics_path}")

@@ -13,11 +13,34 @@ All terms are means over their samples, so weights do not depend on sample count
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 import torch
 
-__all__ = ["LOSS_TERMS", "sdf_losses", "sdf_and_gradient"]
+__all__ = ["LOSS_TERMS", "LossConfig", "sdf_losses", "sdf_and_gradient"]
 
 LOSS_TERMS = ("surface", "normal", "eikonal", "offsurface", "near")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The ``loss`` config: a weight per term and the off-surface decay.
+
+    Attributes:
+        weights: weight per term in :data:`LOSS_TERMS` (missing or 0: the term is skipped).
+        offsurface_alpha: decay of the off-surface penalty exp(-alpha |sdf|), per unit-box
+            length.
+    """
+
+    weights: dict[str, float] = field(default_factory=dict)
+    offsurface_alpha: float = 100.0
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, float]) -> LossConfig:
+        """Splits a flat ``loss`` config (term weights plus ``offsurface_alpha``)."""
+        weights = {k: float(v) for k, v in cfg.items() if k != "offsurface_alpha"}
+        return cls(weights, float(cfg.get("offsurface_alpha", cls.offsurface_alpha)))
 
 
 def sdf_and_gradient(
@@ -45,7 +68,7 @@ def sdf_losses(
     surface_normals: torch.Tensor | None,
     near_offset: torch.Tensor | None,
     weights: dict[str, float],
-    offsurface_alpha: float = 100.0,
+    offsurface_alpha: float = LossConfig.offsurface_alpha,
 ) -> dict[str, torch.Tensor]:
     """Weighted loss terms and their total.
 

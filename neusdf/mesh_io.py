@@ -1,12 +1,14 @@
-"""Reading shapes (meshes and point clouds) and writing meshes, with readable errors.
+"""Reading shapes (meshes and point clouds) and writing meshes and JSON, with readable errors.
 
 Every loader returns a :class:`Shape` in the file's own coordinates; normalisation to the unit
-box happens in :mod:`neusdf.data`. Writers are atomic (temporary file + ``os.replace``) and
+box happens in :mod:`neusdf.geometry`. Writers are atomic (temporary file + ``os.replace``) and
 refuse to replace an existing file unless ``overwrite`` is set.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 import warnings
@@ -24,6 +26,7 @@ __all__ = [
     "atomic_write",
     "check_writable",
     "load_shape",
+    "save_json",
     "save_mesh",
 ]
 
@@ -55,12 +58,6 @@ class Shape:
     def is_mesh(self) -> bool:
         """True when the shape has triangles (surface samples are drawn from them)."""
         return self.faces is not None
-
-    def mesh(self) -> trimesh.Trimesh:
-        """The triangle mesh (only for meshes); raises :class:`ShapeError` otherwise."""
-        if self.faces is None:
-            raise ShapeError(f"{self.path}: is a point cloud, a mesh was expected")
-        return trimesh.Trimesh(self.points, self.faces, process=False)
 
 
 def _unit(n: np.ndarray, path: str) -> np.ndarray:
@@ -220,6 +217,21 @@ def atomic_write(path: str | os.PathLike, data: bytes, overwrite: bool = False) 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_json(path: str | os.PathLike, data: dict, overwrite: bool = False) -> None:
+    """Writes ``data`` as indented JSON, atomically (NaN and infinities are written as null)."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    atomic_write(path, (json.dumps(clean(data), indent=2) + "\n").encode(), overwrite)
 
 
 def save_mesh(

@@ -1,4 +1,4 @@
-"""Reconstruction metrics exactly as ``EVAL.md`` defines them.
+"""Reconstruction metrics of a mesh against a reference shape (the evaluation protocol).
 
 Both shapes are put in the reference's normalisation (bounding box centred at the origin,
 longest side 1). ``num_query`` samples on each surface are matched against ``num_ref`` samples
@@ -16,7 +16,6 @@ A point-cloud reference uses its points as both query and reference samples (sub
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +24,10 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
-from neusdf.data import Normalization, sample_triangles
-from neusdf.mesh_io import Shape, atomic_write
+from neusdf.geometry import Normalization, sample_triangles
+
+# save_json is also imported from here by benchmarks/quality.py.
+from neusdf.mesh_io import Shape, save_json
 
 __all__ = ["SurfaceSet", "METRIC_KEYS", "compute_metrics", "evaluate", "format_table", "save_json"]
 
@@ -151,18 +152,3 @@ def format_table(rows: dict[str, dict[str, float]] | dict[str, float]) -> str:
         cells = [f"{r[k]:.5g}" if k in r else "" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def save_json(path, data: dict, overwrite: bool = False) -> None:
-    """Writes ``data`` as indented JSON, atomically (NaN is written as null)."""
-
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        return x
-
-    atomic_write(path, (json.dumps(clean(data), indent=2) + "\n").encode(), overwrite)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 from torch import nn
 
-from neusdf.data import estimate_normals
+from neusdf.geometry import estimate_normals
 from neusdf.ops import (
     knn_aggregate_aniso,
     knn_aggregate_aniso_reference,
@@ -42,6 +42,9 @@ from neusdf.ops import (
 )
 
 __all__ = ["PointInit", "NeuralPointSDF", "quaternion_to_matrix", "frames_from_normals"]
+
+# Queries per op call by default: bounds the op's memory (neighbour lists, double backward).
+DEFAULT_CHUNK = 65_536
 
 OpFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -99,7 +102,7 @@ class PointInit:
 
     Attributes:
         points: (N, 3) float array. normals: (N, 3) unit normals, or None (then estimated
-            by PCA on the chosen neural points, see :func:`neusdf.data.estimate_normals`).
+            by PCA on the chosen neural points, see :func:`neusdf.geometry.estimate_normals`).
     """
 
     points: np.ndarray
@@ -140,13 +143,13 @@ class NeuralPointSDF(nn.Module):
         softplus_beta: float = 100.0,
         eps: float = 1e-3,
         backend: str = "compiled",
-        chunk: int = 65536,
+        chunk: int = DEFAULT_CHUNK,
         init: PointInit | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("num_points", num_points), ("feature_dim", feature_dim),
-                            ("K", K), ("hidden", hidden), ("chunk", chunk)):  # fmt: skip
+        sizes = {"num_points": num_points, "feature_dim": feature_dim, "K": K, "hidden": hidden}
+        for name, value in {**sizes, "chunk": chunk}.items():
             if value < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
         if frequencies < 0 or layers < 0:

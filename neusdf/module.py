@@ -1,39 +1,41 @@
 """Lightning module: samples on the device, losses, optimiser, validation with mesh metrics.
 
-Checkpoints carry everything needed to rebuild the SDF without the training data: the model
-config (``hparams.model``), the number of neural points, and the unit-box normalisation
-(buffers), so :func:`load_checkpoint` works on any machine and number of devices.
+Checkpoints are written so that :func:`neusdf.checkpoint.load_checkpoint` rebuilds the SDF
+without the training data (see :mod:`neusdf.checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from neusdf.data import Normalization, SurfaceSamples, draw_samples
-from neusdf.extract import extract_mesh
-from neusdf.losses import sdf_and_gradient, sdf_losses
+from neusdf.checkpoint import META_KEY, check_compatible
+from neusdf.data import SamplingConfig, SurfaceSamples, draw_samples
+from neusdf.geometry import Normalization
+from neusdf.losses import LossConfig, sdf_and_gradient, sdf_losses
+from neusdf.meshing import extract_mesh
 from neusdf.metrics import SurfaceSet, compute_metrics
 from neusdf.model import NeuralPointSDF
 
-__all__ = ["SDFModule", "CheckpointError", "LoadedSDF", "load_checkpoint", "section_image"]
+__all__ = ["SDFModule", "VAL_METRIC_KEYS", "VAL_KEYS", "section_image"]
 
 log = logging.getLogger(__name__)
 
-# Model options that do not change the parameters' meaning: a checkpoint loads across them.
-_PORTABLE_MODEL_KEYS = {"backend", "chunk", "seed", "_target_"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or from another model configuration."""
+# Mesh metrics logged at validation (``val/<key>``); the first is the progress bar's.
+VAL_METRIC_KEYS = ("chamfer_l1", "normal_consistency", "fscore_0.005", "fscore_0.01", "hausdorff")
+# Everything validation logs: the mesh metrics, then the Eikonal residual.
+VAL_KEYS = (*VAL_METRIC_KEYS, "eikonal_residual")
+# Seed of validation's uniform samples: the residual is measured at the same points every time.
+_VALIDATION_SEED = 12345
+# Validation measures the Eikonal residual at num_query / this many uniform samples.
+_EIKONAL_QUERY_DIVISOR = 4
+# Queries per SDF call when drawing a cross-section.
+_SECTION_CHUNK = 65_536
 
 
 class SDFModule(L.LightningModule):
@@ -46,8 +48,7 @@ class SDFModule(L.LightningModule):
             ``offsurface_alpha``.
         optim: ``lr`` (decoder), ``lr_points``, ``lr_features``, ``lr_gaussians``,
             ``warmup_steps``, ``final_lr_ratio`` (cosine decay to lr * ratio at max_steps).
-        sampling: ``surface``, ``space``, ``near`` counts per step, ``near_sigmas``, ``box``
-            (half-size of the unit-box domain).
+        sampling: what a step draws (stored in the checkpoint as a dict).
         validation: ``resolution`` (coarse mesh), ``num_query`` / ``num_ref`` metric samples,
             ``section_resolution`` (image), ``log_mesh``.
         center / scale: the data normalisation (unit = (x - center) / scale).
@@ -60,18 +61,30 @@ class SDFModule(L.LightningModule):
         model: dict,
         loss: dict,
         optim: dict,
-        sampling: dict,
+        sampling: SamplingConfig,
         validation: dict,
         center: tuple[float, float, float] = (0.0, 0.0, 0.0),
         scale: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(
+            {
+                "model": model,
+                "loss": loss,
+                "optim": optim,
+                "sampling": {**asdict(sampling), "near_sigmas": list(sampling.near_sigmas)},
+                "validation": validation,
+                "center": center,
+                "scale": scale,
+                "seed": seed,
+            }
+        )
         self.net = net
+        self.sampling = sampling
+        self.losses = LossConfig.from_dict(loss)
         self.register_buffer("center", torch.tensor(center, dtype=torch.float64))
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
-        self.loss_weights = {k: float(v) for k, v in loss.items() if k != "offsurface_alpha"}
         self._generator: torch.Generator | None = None
         self.surface: SurfaceSamples | None = None
 
@@ -96,21 +109,22 @@ class SDFModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """One step on freshly drawn samples; logs ``train/loss`` and ``train/loss_<term>``."""
-        s = self.hparams.sampling
-        b = draw_samples(
-            self.bank_points, self.bank_normals, s["surface"], s["space"], s["near"],
-            tuple(s["near_sigmas"]), s["box"], self._generator,
-        )  # fmt: skip
+        s = self.sampling
+        b = draw_samples(self.bank_points, self.bank_normals, s, self._generator)
         q = torch.cat([b["surface"], b["near"], b["space"]])
         sdf, grad = sdf_and_gradient(self.net, q)
-        sizes = [s["surface"], s["near"], s["space"]]
+        sizes = [s.surface, s.near, s.space]
         names = ("surface", "near", "space")
         sdfs = dict(zip(names, sdf.split(sizes), strict=True))
         grads = dict(zip(names, grad.split(sizes), strict=True))
         terms = sdf_losses(
-            sdfs, grads, b["surface_normals"], b["near_offset"], self.loss_weights,
-            self.hparams.loss.get("offsurface_alpha", 100.0),
-        )  # fmt: skip
+            sdfs,
+            grads,
+            b["surface_normals"],
+            b["near_offset"],
+            self.losses.weights,
+            self.losses.offsurface_alpha,
+        )
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items() if k != "loss"}
         logs["train/loss"] = terms["loss"].detach()
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
@@ -123,10 +137,13 @@ class SDFModule(L.LightningModule):
         groups = [
             {"params": [self.net.points], "lr": o["lr_points"], "name": "points"},
             {"params": [self.net.features], "lr": o["lr_features"], "name": "features"},
-            {"params": [self.net.log_scales, self.net.quats], "lr": o["lr_gaussians"],
-             "name": "gaussians"},
+            {
+                "params": [self.net.log_scales, self.net.quats],
+                "lr": o["lr_gaussians"],
+                "name": "gaussians",
+            },
             {"params": list(self.net.mlp.parameters()), "lr": o["lr"], "name": "decoder"},
-        ]  # fmt: skip
+        ]
         # the fused kernel updates every parameter in one launch (CUDA only)
         opt = torch.optim.Adam(groups, fused=self.device.type == "cuda")
         total = max(int(self.trainer.max_steps), 1)
@@ -149,12 +166,12 @@ class SDFModule(L.LightningModule):
         uniform samples; why inference mode is off), an SDF cross-section and the mesh.
         """
         v = self.hparams.validation
-        keys = ("chamfer_l1", "normal_consistency", "fscore_0.005", "fscore_0.01", "hausdorff")
-        values = torch.full((len(keys) + 1,), float("nan"), device=self.device)
+        values = torch.full((len(VAL_KEYS),), float("nan"), device=self.device)
         if self.global_rank == 0:
-            gen = torch.Generator(device=self.device).manual_seed(12345)
-            box = self.hparams.sampling["box"]
-            q = torch.rand(v["num_query"] // 4, 3, device=self.device, generator=gen) * 2 - 1
+            gen = torch.Generator(device=self.device).manual_seed(_VALIDATION_SEED)
+            box = self.sampling.box
+            n = v["num_query"] // _EIKONAL_QUERY_DIVISOR
+            q = torch.rand(n, 3, device=self.device, generator=gen) * 2 - 1
             _, grad = sdf_and_gradient(self.net, q * box, create_graph=False)
             values[-1] = (grad.norm(dim=-1) - 1).abs().mean()
             try:
@@ -166,18 +183,19 @@ class SDFModule(L.LightningModule):
                     normals=None if self.bank_normals is None else self.bank_normals.cpu().numpy(),
                 )
                 m = compute_metrics(SurfaceSet(verts, faces), gt, v["num_query"], v["num_ref"])
-                values[: len(keys)] = torch.tensor([m[k] for k in keys], device=self.device)
+                metric_values = [m[k] for k in VAL_METRIC_KEYS]
+                values[: len(VAL_METRIC_KEYS)] = torch.tensor(metric_values, device=self.device)
                 self._log_visuals(verts, faces)
             except ValueError as e:  # no surface yet: log NaN metrics, keep training
                 log.warning("validation at step %d: %s", self.global_step, e)
         values = self.trainer.strategy.broadcast(values, src=0)
-        for k, x in zip((*keys, "eikonal_residual"), values, strict=True):
+        for k, x in zip(VAL_KEYS, values, strict=True):
             self.log(
                 f"val/{k}",
                 x,
                 on_epoch=True,
                 sync_dist=False,
-                prog_bar=k == "chamfer_l1",
+                prog_bar=k == VAL_METRIC_KEYS[0],
                 batch_size=1,
             )
 
@@ -187,8 +205,7 @@ class SDFModule(L.LightningModule):
         if writer is None or not hasattr(writer, "add_image"):
             return
         v = self.hparams.validation
-        img = section_image(self.net, v["section_resolution"], self.hparams.sampling["box"],
-                            self.device)  # fmt: skip
+        img = section_image(self.net, v["section_resolution"], self.sampling.box, self.device)
         try:
             writer.add_image("val/sdf_section_z0", img, self.global_step, dataformats="HWC")
             if v.get("log_mesh", True):
@@ -204,80 +221,11 @@ class SDFModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Records the neural point count so the net can be rebuilt without the data."""
-        checkpoint["neusdf"] = {"num_points": self.net.num_points}
+        checkpoint[META_KEY] = {"num_points": self.net.num_points}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuses checkpoints of another model configuration with a readable message."""
         check_compatible(checkpoint, dict(self.hparams.model), self.net.num_points)
-
-
-def check_compatible(checkpoint: dict, model_cfg: dict, num_points: int | None) -> None:
-    """Raises :class:`CheckpointError` when ``checkpoint`` was trained with another model.
-
-    Args:
-        checkpoint: a loaded Lightning checkpoint dict.
-        model_cfg: the model config of this run. num_points: this run's P (None: any).
-    """
-    theirs = dict(checkpoint.get("hyper_parameters", {}).get("model", {}))
-    if not theirs or "neusdf" not in checkpoint:
-        raise CheckpointError("the checkpoint was not written by neusdf's SDFModule")
-    diffs = [
-        f"model.{k}: checkpoint {theirs.get(k)!r}, this run {model_cfg.get(k)!r}"
-        for k in sorted(set(theirs) | set(model_cfg))
-        if k not in _PORTABLE_MODEL_KEYS and theirs.get(k) != model_cfg.get(k)
-    ]
-    theirs_p = checkpoint["neusdf"]["num_points"]
-    if num_points is not None and theirs_p != num_points:
-        diffs.append(f"neural points: checkpoint {theirs_p}, this run {num_points}")
-    if diffs:
-        raise CheckpointError(
-            "the checkpoint comes from another model configuration:\n  " + "\n  ".join(diffs)
-        )
-
-
-@dataclass
-class LoadedSDF:
-    """An SDF rebuilt from a checkpoint: the net (eval mode), normalisation and domain box."""
-
-    net: NeuralPointSDF
-    normalization: Normalization
-    box: float
-    hparams: dict
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    backend: str | None = None) -> LoadedSDF:  # fmt: skip
-    """Rebuilds the SDF of a checkpoint on ``device`` (any device count; no data needed).
-
-    Args:
-        path: a ``.ckpt`` written by training. device: where to put the net.
-        backend: override the op backend ('compiled' or 'reference'); default: the stored one.
-
-    Raises:
-        CheckpointError: missing/unreadable file or not a neusdf checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"ckpt: file '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle/zip errors vary; name the file instead
-        raise CheckpointError(f"ckpt: '{path}' could not be read as a checkpoint ({e})") from e
-    if not isinstance(ckpt, dict) or "neusdf" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"ckpt: '{path}' was not written by neusdf's SDFModule")
-    hp = ckpt["hyper_parameters"]
-    model_cfg = OmegaConf.create(dict(hp["model"]))
-    if backend is not None:
-        model_cfg.backend = backend
-    net = instantiate(model_cfg, num_points=ckpt["neusdf"]["num_points"], init=None)
-    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"ckpt: '{path}' does not match its own model config ({e})") from e
-    sd = ckpt["state_dict"]
-    norm = Normalization(sd["center"].numpy(), float(sd["scale"]))
-    return LoadedSDF(net.to(device).eval(), norm, float(hp["sampling"]["box"]), hp)
 
 
 def section_image(
@@ -297,7 +245,8 @@ def section_image(
     free = [i for i in range(3) if i != axis]
     q[:, free[0]], q[:, free[1]] = a.reshape(-1), b.flip(0).reshape(-1)
     with torch.no_grad():
-        s = torch.cat([fn(c) for c in q.split(65536)]).reshape(resolution, resolution).cpu().numpy()
+        s = torch.cat([fn(c) for c in q.split(_SECTION_CHUNK)])
+    s = s.reshape(resolution, resolution).cpu().numpy()
     t = np.clip(np.abs(s) / (box / 2), 0, 1)[..., None]
     inside, outside = np.array([40, 90, 220.0]), np.array([220, 70, 40.0])
     img = np.where(s[..., None] < 0, inside, outside) * (0.35 + 0.65 * t) + 255 * (1 - t) * 0.5

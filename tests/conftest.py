@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-# train.py is a script at the repository root, not part of the package: make it (and an
-# uninstalled checkout's neusdf) importable however pytest is started.
+import numpy as np
+import pytest
+import trimesh
+from omegaconf import DictConfig
+
+from neusdf.config import compose_config, compose_train_config, register_resolvers
+
+# The checkout (train.py, the command-line entry, is run from here).
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import trimesh  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from neusdf.config import compose_train_config, register_resolvers  # noqa: E402
-
-CONFIGS = ROOT / "configs"
 SHARED_MESHES = ROOT.parent / "shared" / "data" / "meshes"
 
 register_resolvers()
@@ -29,8 +22,7 @@ def compose_train(overrides: list[str], output_dir: Path | None = None) -> DictC
     """The train config as train.py would see it (run directory: output_dir or unset)."""
     if output_dir is not None:
         return compose_train_config(overrides, output_dir)
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def tiny_overrides(shape: Path, backend: str = "reference") -> list[str]:

@@ -21,16 +21,18 @@ class DumpRankState(L.Callback):
         # replay this rank's generator on a copy: the samples of its first step
         gen = torch.Generator(device=pl_module.device)
         gen.set_state(pl_module._generator.get_state())
-        s = pl_module.hparams.sampling
-        b = draw_samples(pl_module.bank_points, pl_module.bank_normals, s["surface"],
-                         s["space"], s["near"], tuple(s["near_sigmas"]), s["box"], gen)  # fmt: skip
+        b = draw_samples(pl_module.bank_points, pl_module.bank_normals, pl_module.sampling, gen)
         self.first_samples = b["space"].cpu()
 
     def on_train_end(self, trainer, pl_module) -> None:
         params = {k: v.detach().cpu() for k, v in pl_module.net.named_parameters()}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"params": params, "samples": self.first_samples, "step": trainer.global_step,
-             "world_size": trainer.world_size},
+            {
+                "params": params,
+                "samples": self.first_samples,
+                "step": trainer.global_step,
+                "world_size": trainer.world_size,
+            },
             self.out_dir / f"rank{trainer.global_rank}.pt",
-        )  # fmt: skip
+        )

@@ -26,11 +26,17 @@ def test_default_config_composes_and_resolves(tmp_path):
 
 def test_overrides_reach_the_objects(tmp_path, sphere_points_path):
     cfg = compose_train(
-        [f"data.path={sphere_points_path}", "model.num_points=300", "model.K=5",
-         "trainer.max_steps=7", "loss.eikonal=0.25", "trainer.accelerator=cpu",
-         "model.backend=reference"],
+        [
+            f"data.path={sphere_points_path}",
+            "model.num_points=300",
+            "model.K=5",
+            "trainer.max_steps=7",
+            "loss.eikonal=0.25",
+            "trainer.accelerator=cpu",
+            "model.backend=reference",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     assert cfg.loss.eikonal == 0.25
     dm = instantiate(cfg.data)
     assert dm.path == str(sphere_points_path)
@@ -79,8 +85,11 @@ def test_unknown_key_is_rejected(tmp_path):
 def test_unknown_key_on_the_command_line_gives_a_short_message():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "no_such_key=1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr
     assert "Traceback" not in proc.stderr

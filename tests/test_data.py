@@ -8,7 +8,8 @@ import torch
 import trimesh
 from conftest import SHARED_MESHES
 
-from neusdf.data import Normalization, ShapeDataModule, draw_samples, estimate_normals
+from neusdf.data import SamplingConfig, ShapeDataModule, draw_samples
+from neusdf.geometry import Normalization, estimate_normals
 from neusdf.mesh_io import load_shape, save_mesh
 
 
@@ -34,8 +35,14 @@ def test_point_clouds_with_and_without_normals(tmp_path):
     cloud = trimesh.Trimesh(pts, np.zeros((0, 3), int), vertex_normals=nrm, process=False)
     (tmp_path / "e.ply").write_bytes(trimesh.exchange.ply.export_ply(cloud, vertex_normal=True))
     trimesh.PointCloud(pts).export(tmp_path / "f.ply")
-    for name, has_normals in [("a.xyz", True), ("b.xyz", False), ("c.npz", True),
-                              ("d.npz", False), ("e.ply", True), ("f.ply", False)]:  # fmt: skip
+    for name, has_normals in [
+        ("a.xyz", True),
+        ("b.xyz", False),
+        ("c.npz", True),
+        ("d.npz", False),
+        ("e.ply", True),
+        ("f.ply", False),
+    ]:
         s = load_shape(tmp_path / name)
         assert not s.is_mesh, name
         np.testing.assert_allclose(s.points, pts, rtol=1e-6, atol=1e-6, err_msg=name)
@@ -71,7 +78,10 @@ def test_draw_samples_shapes_ranges_and_seeds(sphere_points_path):
 
     def draw(seed):
         g = torch.Generator().manual_seed(seed)
-        return draw_samples(pts, nrm, 64, 32, 48, (0.01, 0.002), 0.55, g)
+        sampling = SamplingConfig(
+            surface=64, space=32, near=48, near_sigmas=(0.01, 0.002), box=0.55
+        )
+        return draw_samples(pts, nrm, sampling, g)
 
     a, b, c = draw(0), draw(0), draw(1)
     assert a["surface"].shape == (64, 3) and a["surface_normals"].shape == (64, 3)

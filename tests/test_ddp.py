@@ -9,18 +9,24 @@ import sys
 import torch
 from conftest import ROOT, compose_train, tiny_overrides
 
-from neusdf.module import load_checkpoint
-from train import train
+from neusdf.checkpoint import load_checkpoint
+from neusdf.pipeline import train
 
 
 def test_two_ranks_end_identical_and_checkpoint_loads_on_one(tmp_path, sphere_mesh_path):
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     cmd = [
-        sys.executable, str(ROOT / "train.py"), *tiny_overrides(sphere_mesh_path, "reference"),
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=5",
+        sys.executable,
+        str(ROOT / "train.py"),
+        *tiny_overrides(sphere_mesh_path, "reference"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=5",
         f"hydra.run.dir={run_dir}",
-        "+callbacks.dump._target_=ddp_helpers.DumpRankState", f"+callbacks.dump.out_dir={dump}",
-    ]  # fmt: skip
+        "+callbacks.dump._target_=ddp_helpers.DumpRankState",
+        f"+callbacks.dump.out_dir={dump}",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,8 +48,14 @@ def test_two_ranks_end_identical_and_checkpoint_loads_on_one(tmp_path, sphere_me
     loaded = load_checkpoint(last, backend="reference")
     for k, v in loaded.net.named_parameters():
         assert torch.equal(v.detach(), r0["params"][k]), k
-    resumed = train(compose_train(
-        [*tiny_overrides(sphere_mesh_path, "reference"), f"ckpt_path={last}",
-         "trainer.max_steps=7"], tmp_path / "resumed",
-    ))  # fmt: skip
+    resumed = train(
+        compose_train(
+            [
+                *tiny_overrides(sphere_mesh_path, "reference"),
+                f"ckpt_path={last}",
+                "trainer.max_steps=7",
+            ],
+            tmp_path / "resumed",
+        )
+    )
     assert resumed["timing"]["steps"] == 7

@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from neusdf.extract import extract_mesh
+from neusdf.meshing import extract_mesh
 from neusdf.shapes import default_shape_sdf
 
 

@@ -23,8 +23,9 @@ def test_concentric_spheres(gap):
     # Every point of one sphere is exactly `gap` from the other sphere, in both directions,
     # so accuracy = completeness = Chamfer = Hausdorff = gap up to the sampling floor below.
     r_in, r_out, n_ref, n_q = 0.4, 0.4 + gap, 300_000, 20_000
-    m = compute_metrics(sphere_points(r_out, n_ref, 2), sphere_points(r_in, n_ref, 1),
-                        num_query=n_q, num_ref=n_ref)  # fmt: skip
+    m = compute_metrics(
+        sphere_points(r_out, n_ref, 2), sphere_points(r_in, n_ref, 1), num_query=n_q, num_ref=n_ref
+    )
     assert set(METRIC_KEYS) <= set(m)
     # Sampling floor. A query at angle theta from its nearest reference sample (density rho
     # per unit area on the reference sphere) is at distance^2 = gap^2 + r_in r_out theta^2.
@@ -45,8 +46,10 @@ def test_concentric_spheres(gap):
     assert m["normal_consistency"] == pytest.approx(1.0, abs=1e-3)
     for tau in (0.005, 0.01):
         # P(distance < tau) = 1 - exp(-pi rho (tau^2 - gap^2) / c) per direction
-        pr = [1 - math.exp(-math.pi * rho * (tau**2 - gap**2) / c) if tau > gap else 0.0
-              for rho, c in floors.values()]  # fmt: skip
+        pr = [
+            1 - math.exp(-math.pi * rho * (tau**2 - gap**2) / c) if tau > gap else 0.0
+            for rho, c in floors.values()
+        ]
         f = 2 * pr[0] * pr[1] / (pr[0] + pr[1]) if sum(pr) > 0 else 0.0
         tol = 4 * math.sqrt(max(f * (1 - f), 1e-12) / n_q) + 1e-4
         assert m[f"fscore_{tau:g}"] == pytest.approx(f, abs=tol)
@@ -75,8 +78,9 @@ def test_meshes_are_sampled_and_normalised_by_the_reference():
     b = trimesh.creation.icosphere(subdivisions=5, radius=5.2)
     for m_ in (a, b):
         m_.apply_translation([100.0, -3.0, 7.0])
-    m = evaluate(SurfaceSet.from_mesh(b), SurfaceSet.from_mesh(a), num_query=20_000,
-                 num_ref=200_000)  # fmt: skip
+    m = evaluate(
+        SurfaceSet.from_mesh(b), SurfaceSet.from_mesh(a), num_query=20_000, num_ref=200_000
+    )
     assert m["chamfer_l1"] == pytest.approx(0.02, rel=0.05)
     assert m["normal_consistency"] > 0.99
 

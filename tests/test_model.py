@@ -33,8 +33,9 @@ def test_quaternions_and_frames_are_rotations():
     n = sphere_init(100).normals
     F = frames_from_normals(n)
     np.testing.assert_allclose(F[:, 2], n, atol=1e-12)
-    np.testing.assert_allclose(F @ F.transpose(0, 2, 1), np.broadcast_to(np.eye(3), F.shape),
-                               atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        F @ F.transpose(0, 2, 1), np.broadcast_to(np.eye(3), F.shape), atol=1e-12
+    )
 
 
 def test_init_is_a_signed_distance_to_the_input():
@@ -102,11 +103,8 @@ def test_bad_options_name_the_option():
 
 
 def test_compiled_backend_matches_reference():
-    pytest.importorskip("neusdf.ops.knn")
-    try:
-        compiled = make(backend="compiled")
-    except (ImportError, RuntimeError) as e:  # no compiler on this machine
-        pytest.skip(f"compiled op unavailable: {e}")
+    # no skip: the op builds wherever the tests run (CPU included), so a broken build fails
+    compiled = make(backend="compiled")
     ref = make(backend="reference")
     ref.load_state_dict(compiled.state_dict())
     for net in (compiled, ref):
