@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 __all__ = [
@@ -76,8 +77,6 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
     Raises:
         hydra.errors.ConfigCompositionException: unknown keys or groups, naming them.
     """
-    from hydra import compose, initialize_config_dir
-
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)

@@ -1,4 +1,4 @@
-"""Analytic shapes: the generated default shape and closed-form SDFs used by tests.
+"""The default shape: generated from a closed-form SDF, also used by the extraction tests.
 
 The default shape (``data/default_shape.ply``) is a torus (a hole) smoothly joined to a ball
 (curvature) and a thin fin (a thin part), meshed by marching cubes from its analytic SDF so
@@ -17,12 +17,7 @@ from skimage.measure import marching_cubes
 
 from neusdf.mesh_io import save_mesh
 
-__all__ = ["default_shape_sdf", "sphere_sdf", "make_default_shape", "orient_outward"]
-
-
-def sphere_sdf(x: np.ndarray, radius: float = 0.4) -> np.ndarray:
-    """Exact SDF of a sphere at the origin: (N, 3) -> (N,), negative inside."""
-    return np.linalg.norm(x, axis=-1) - radius
+__all__ = ["default_shape_sdf", "make_default_shape", "orient_outward"]
 
 
 def _smooth_min(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
