@@ -93,3 +93,17 @@ def test_unknown_key_on_the_command_line_gives_a_short_message():
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_wheel_lists_every_config_group():
+    # a group missing from pyproject.toml's packages would be left out of (or only warned
+    # about in) the wheel, whose commands then fail to compose their config
+    tomllib = pytest.importorskip("tomllib")
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    groups = {p.name for p in (ROOT / "configs").iterdir() if p.is_dir()}
+    assert {f"neusdf.configs.{g}" for g in groups} <= set(setup["packages"])
+    assert setup["package-dir"] == {
+        "neusdf.csrc": "csrc",
+        "neusdf.configs": "configs",
+        "neusdf.assets": "data",
+    }

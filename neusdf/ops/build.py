@@ -34,7 +34,12 @@ import torch
 
 __all__ = ["load_library", "cuda_enabled", "SOURCE_DIR"]
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
+# csrc/ of an installed wheel (inside the package), else of the source checkout.
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+SOURCE_DIR = next(
+    (d for d in (_PACKAGE_DIR / "csrc", _PACKAGE_DIR.parent / "csrc") if d.is_dir()),
+    _PACKAGE_DIR.parent / "csrc",
+)
 _CPU_SOURCES = ("knn_aggregate.cpp", "knn_aggregate_autograd.cpp", "knn_aggregate_cpu.cpp")
 _CUDA_SOURCES = ("knn_aggregate_cuda.cu",)
 
