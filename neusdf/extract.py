@@ -15,15 +15,30 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from neusdf.checkpoint import CheckpointError, load_checkpoint
-from neusdf.config import compose_config
+from neusdf.config import CONFIG_DIR, compose_config
 from neusdf.mesh_io import ShapeError, check_writable, load_shape, save_json, save_mesh
 from neusdf.meshing import extract_mesh
 from neusdf.metrics import SurfaceSet, evaluate, format_table
 
 __all__ = ["main"]
+
+
+def _check_types(cfg: DictConfig) -> None:
+    """Raises ValueError for a value whose type differs from its default's in extract.yaml."""
+    defaults = OmegaConf.load(CONFIG_DIR / "extract.yaml")
+    for key in defaults:
+        if key == "defaults" or OmegaConf.is_missing(defaults, key) or defaults[key] is None:
+            continue
+        kind = type(defaults[key])
+        value = cfg[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
+            raise ValueError(f"{key} must be of type {kind.__name__}, got {value!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config("extract", list(argv))
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ValueError("ckpt is required: python -m neusdf.extract ckpt=PATH [...]")
+        _check_types(cfg)
     except Exception as e:  # Hydra's messages name the key; drop its traceback
         print(f"error: {e}".splitlines()[0] + "\n" + __doc__.split("::", 1)[1], file=sys.stderr)
         return 2

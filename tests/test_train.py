@@ -92,6 +92,8 @@ def test_extract_command_bad_arguments(tmp_path, capsys):
     assert "ckpt is required" in capsys.readouterr().err
     assert extract.main(["ckpt=x.ckpt", "no_such_option=1"]) == 2
     assert "no_such_option" in capsys.readouterr().err
+    assert extract.main(["ckpt=x.ckpt", "resolution=abc"]) == 2
+    assert "resolution must be of type int, got 'abc'" in capsys.readouterr().err
     assert extract.main([f"ckpt={tmp_path / 'missing.ckpt'}"]) == 1
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
