@@ -11,6 +11,7 @@ uniform-space and near-surface samples from it on the training device with
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,7 +21,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 # Normalization and sample_triangles are also imported from here by benchmarks/quality.py.
-from neusdf.geometry import Normalization, sample_triangles
+from neusdf.geometry import (
+    InputStats,
+    Normalization,
+    estimate_normals,
+    measure_points,
+    sample_triangles,
+)
 from neusdf.mesh_io import Shape, load_shape
 
 __all__ = [
@@ -163,7 +170,7 @@ class ShapeDataModule(L.LightningDataModule):
         path: shape file (mesh: obj/ply/stl/off; point cloud: ply/xyz/npz).
         surface_samples: size of the dense sample drawn once from a mesh.
         seed: seed of that sample.
-        use_normals: use the file's normals when it has them (false: train as if it had none).
+        use_normals: use the file's normals when it has them (false: estimate them instead).
         num_surface / num_space / num_near: samples per step (see :func:`draw_samples`).
         near_sigmas: jitter std devs of near-surface samples. box: half-size of the domain.
     """
@@ -191,29 +198,39 @@ class ShapeDataModule(L.LightningDataModule):
         self.shape: Shape | None = None
         self.surface: SurfaceSamples | None = None
         self.normalization: Normalization | None = None
+        self.stats: InputStats | None = None
 
     def load(self) -> None:
-        """Reads and samples the shape once (idempotent); raises ShapeError on bad input."""
+        """Reads and samples the shape once (idempotent); raises ShapeError on bad input.
+
+        A point cloud without normals (or ``use_normals=false``) gets normals estimated and
+        consistently oriented (:func:`neusdf.geometry.estimate_normals`); training then uses
+        them as it would the file's. :attr:`stats` records what the input looked like.
+        """
         if self.surface is not None:
             return
         self.shape = load_shape(self.path)
         self.surface, self.normalization = prepare_surface(
             self.shape, self.surface_samples, self.seed
         )
-        if not self.use_normals:
-            self.surface.normals = None
-        if self.surface.normals is None:
-            log.warning(
-                "%s has no normals: training without the normal loss and the near-surface "
-                "offset loss; neural point frames start from PCA normals oriented away from "
-                "the centroid",
+        had_normals = self.use_normals and self.surface.normals is not None
+        self.stats = measure_points(self.surface.points.numpy(), had_normals, self.seed)
+        if not had_normals:
+            t0 = time.perf_counter()
+            normals = estimate_normals(self.surface.points.numpy().astype(np.float64))
+            self.surface.normals = torch.as_tensor(normals, dtype=torch.float32)
+            log.info(
+                "%s: no normals used from the file; estimated and oriented %d normals "
+                "(local PCA, spanning-tree propagation) in %.1f s",
                 self.path,
+                len(normals),
+                time.perf_counter() - t0,
             )
 
     @property
     def has_normals(self) -> bool:
-        """Whether training samples carry normals (after :meth:`load`)."""
-        return self.surface is not None and self.surface.normals is not None
+        """Whether the input's own normals are used (after :meth:`load`; else estimated)."""
+        return self.stats is not None and self.stats.has_normals
 
     def setup(self, stage: str | None = None) -> None:
         """Lightning hook: loads the shape."""

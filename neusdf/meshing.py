@@ -59,6 +59,7 @@ def extract_mesh(
     block: int = 8,
     band: float = 2.0,
     progress: bool = True,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, GridStats]:
     """Zero level set of ``fn`` on a resolution^3 grid over [-box, box]^3.
 
@@ -71,6 +72,8 @@ def extract_mesh(
         band: safety factor on the skip test; larger is safer for SDFs that are not exact
             distances (0 disables skipping: every grid point is evaluated).
         progress: show a progress bar.
+        keep: optional trim, (N, 3) float32 vertex positions on ``device`` -> (N,) bool; faces
+            with a vertex it rejects are dropped, and vertices no face uses.
 
     Returns:
         vertices (V, 3) float64 in the same coordinates as the queries, faces (F, 3) int64
@@ -94,7 +97,7 @@ def extract_mesh(
     stats.seconds_eval += time.perf_counter() - te
     stats.evaluated += coarse.size
     half_diag = math.sqrt(3) / 2 * (block - 1) * h
-    keep = np.abs(coarse) <= band * half_diag + h if band > 0 else np.ones_like(coarse, bool)
+    active = np.abs(coarse) <= band * half_diag + h if band > 0 else np.ones_like(coarse, bool)
 
     lin = (-box + h * np.arange(n)).astype(np.float32)
     gx, gy = np.meshgrid(lin, lin, indexing="ij")
@@ -106,7 +109,7 @@ def extract_mesh(
         first = z0 if top is None else z0 + 1
         layers = range(first, z1 + 1)
         vol = np.stack([_expand(coarse[:, :, z // block], block, n) for z in layers], -1)
-        mask = np.stack([_expand(keep[:, :, z // block], block, n) for z in layers], -1)
+        mask = np.stack([_expand(active[:, :, z // block], block, n) for z in layers], -1)
         if mask.any():
             ix, iy, iz = np.nonzero(mask)
             pts = np.stack([gx[ix, iy], gy[ix, iy], lin[first + iz]], -1)
@@ -137,5 +140,26 @@ def extract_mesh(
     faces = faces[
         (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
     ]
+    verts = -box + h * uniq
+    if keep is not None:
+        verts, faces = _trim(verts, faces, keep, device, chunk)
+        if len(faces) == 0:
+            raise ValueError("every face of the mesh lies away from the data (trimmed)")
     stats.seconds_total = time.perf_counter() - t0
-    return -box + h * uniq, faces, stats
+    return verts, faces, stats
+
+
+def _trim(
+    verts: np.ndarray, faces: np.ndarray, keep: Callable, device, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drops the faces with a vertex that ``keep`` rejects, then the unused vertices."""
+    ok = np.empty(len(verts), dtype=bool)
+    with torch.no_grad():
+        for s in range(0, len(verts), chunk):
+            q = torch.from_numpy(verts[s : s + chunk].astype(np.float32)).to(device)
+            ok[s : s + chunk] = keep(q).cpu().numpy()
+    faces = faces[ok[faces].all(1)]
+    used = np.unique(faces)
+    remap = np.full(len(verts), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return verts[used], remap[faces]

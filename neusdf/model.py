@@ -19,6 +19,21 @@ with s the mean spacing of the neural points at init.
   Gaussian reaches, so the decoder never sees the meaningless 0/0 feature there.
 - The decoder's last layer starts at zero (geometric initialisation): at step 0 the SDF is
   the implicit-MLS field of the input surface, already signed and near-Eikonal.
+
+Far from the data the tangent planes are not trustworthy: beyond the tip of a thin part, between
+close limbs or under an overhang, the nearest points' planes disagree about the sign, and a
+spurious sheet of surface appears in empty space (measured: a sparse horse grew one 0.24 from
+every input point before any training). So the sign far away comes from the generalised
+winding number w of the oriented neural points at init (:mod:`neusdf.winding`), a global and
+robust inside/outside indicator, stored on a grid in the checkpoint:
+
+    sdf = (1 - beta) * near + beta * s(q) * dmin(q),      s = clamp(4 (1 - 2 w), -1, 1)
+
+with ``near`` the field above, dmin the distance to the nearest neural point and beta a
+smoothstep from 0 at ``far_start`` to 1 at ``far_end`` mean spacings from the points. Beyond
+``far_end`` nothing learned can put a zero crossing (no Gaussian that grows into empty space,
+no disagreeing planes); only where w itself is 1/2 (across a hole of an open scan) does the
+far field pass through zero, and extraction trims that part (:meth:`NeuralPointSDF.near_data`).
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ from neusdf.ops import (
     knn_search_aniso,
     knn_search_aniso_reference,
 )
+from neusdf.winding import point_areas, sample_grid, winding_grid
 
 __all__ = ["PointInit", "NeuralPointSDF", "quaternion_to_matrix", "frames_from_normals"]
 
@@ -120,6 +136,10 @@ class NeuralPointSDF(nn.Module):
         frequencies: octaves of the sin/cos encoding of q fed to the decoder (0: q only).
         scale_factor: initial Gaussian scale as a multiple of the local point spacing.
         plane_bandwidth: bandwidth h of the tangent-plane blend, in mean point spacings.
+        far_start / far_end: where the far field (winding-number sign times the distance to the
+            nearest point) starts and takes over, in mean point spacings.
+        winding_resolution: nodes per axis of the winding-number grid over the sampling box.
+        box: half-size of the domain [-box, box]^3 that the grid covers.
         softplus_beta: sharpness of the decoder's softplus (smooth, so the Eikonal loss has
             useful second derivatives).
         eps: floor of the weight sum in the feature normalisation and the gate.
@@ -140,6 +160,10 @@ class NeuralPointSDF(nn.Module):
         frequencies: int = 2,
         scale_factor: float = 1.5,
         plane_bandwidth: float = 1.0,
+        far_start: float = 2.0,
+        far_end: float = 4.0,
+        winding_resolution: int = 64,
+        box: float = 0.55,
         softplus_beta: float = 100.0,
         eps: float = 1e-3,
         backend: str = "compiled",
@@ -156,10 +180,18 @@ class NeuralPointSDF(nn.Module):
             raise ValueError("model.frequencies and model.layers must be >= 0")
         if plane_bandwidth <= 0:
             raise ValueError(f"model.plane_bandwidth must be > 0, got {plane_bandwidth}")
+        if not 0 <= far_start < far_end:
+            raise ValueError(
+                f"model.far_start and model.far_end must satisfy 0 <= far_start < far_end, "
+                f"got {far_start} and {far_end}"
+            )
+        if winding_resolution < 2:
+            raise ValueError(f"model.winding_resolution must be >= 2, got {winding_resolution}")
         self.op, self.search = _ops(backend)
         self.backend = backend
         self.eps, self.chunk, self.frequencies = eps, chunk, frequencies
         self.plane_bandwidth = plane_bandwidth
+        self.far_start, self.far_end, self.box = far_start, far_end, box
         if init is not None:
             pts, frames, spacing = self._init_points(init, num_points, seed)
         else:
@@ -180,6 +212,19 @@ class NeuralPointSDF(nn.Module):
         self.quats = nn.Parameter(torch.tensor([1.0, 0, 0, 0]).repeat(P, 1))
         self.register_buffer("frames0", torch.as_tensor(np.ascontiguousarray(frames), dtype=f32))
         self.register_buffer("spacing", torch.tensor(float(np.mean(spacing))))
+        if init is not None:
+            # the winding number of the neural points as placed: each stands for its share of
+            # the surface's area
+            wind = winding_grid(
+                self.points.detach(),
+                self.frames0[:, 2],
+                torch.as_tensor(point_areas(pts), dtype=f32),
+                winding_resolution,
+                box,
+            )
+        else:
+            wind = torch.zeros((winding_resolution,) * 3)
+        self.register_buffer("winding", wind)
         # Constants of every forward, kept as (non-checkpointed) buffers so that a step does
         # not rebuild them: the Euclidean metric of the plane search and the encoding's
         # frequencies.
@@ -243,7 +288,7 @@ class NeuralPointSDF(nn.Module):
             q[None], self.points[None], self.features[None], sigma[None], R[None], self.K
         )
         f_out, w = f_out[0], w[0]
-        plane = self._plane(q, R[:, 2])
+        plane, dmin = self._plane(q, R[:, 2])
         wsum = w.sum(-1, keepdim=True)
         feat = f_out / (wsum + self.eps)
         z = torch.cat([feat, plane[:, None] / self.spacing, self.encode(q)], dim=-1)
@@ -251,10 +296,35 @@ class NeuralPointSDF(nn.Module):
             z = self.act(layer(z))
         correction = self.mlp[-1](z)[:, 0]
         gate = (wsum / (wsum + self.eps))[:, 0]
-        return plane + gate * correction
+        near = plane + gate * correction
+        t = ((dmin / self.spacing - self.far_start) / (self.far_end - self.far_start)).clamp(0, 1)
+        beta = t * t * (3 - 2 * t)
+        return near + beta * (self.far_sign(q) * dmin - near)
 
-    def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-        """Implicit-MLS tangent-plane distance (Q,) over the K Euclidean-nearest points."""
+    def far_sign(self, q: torch.Tensor) -> torch.Tensor:
+        """Sign of the far field at (Q, 3) queries: +-1 where the winding number is decided.
+
+        clamp(4 (1 - 2 w), -1, 1): +1 outside (w <= 3/8), -1 inside (w >= 5/8), a ramp
+        through 0 where w is near 1/2 (the surface, or a hole of an open surface).
+        Not differentiable (the grid is a constant of the data).
+        """
+        return (4 * (1 - 2 * sample_grid(self.winding, q, self.box))).clamp(-1, 1)
+
+    def near_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Whether (N, 3) unit-box positions lie within ``far_end`` spacings of a neural point.
+
+        Surface beyond that is the far field's zero crossing where the winding number is 1/2
+        (a hole of an open scan), not data: extraction trims it.
+        """
+        idx = self.search(
+            x[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, 1
+        )[0, :, 0]
+        d = (x - self.points.detach()[idx]).norm(dim=-1)
+        return d <= self.far_end * self.spacing
+
+    def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Implicit-MLS tangent-plane distance (Q,) over the K Euclidean-nearest points, and the
+        distance (Q,) to the nearest point."""
         idx = self.search(
             q[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, self.K
         )[0]
@@ -266,9 +336,12 @@ class NeuralPointSDF(nn.Module):
         # The bandwidth widens with the distance to the nearest point: a fixed one would make
         # far queries switch abruptly between tangent planes (huge gradients on the Voronoi
         # boundaries, fighting the Eikonal loss); this keeps the blend smooth at all ranges.
-        h2 = (self.plane_bandwidth * self.spacing) ** 2 + d2.min(-1, keepdim=True).values
+        d2min = d2.min(-1, keepdim=True).values
+        h2 = (self.plane_bandwidth * self.spacing) ** 2 + d2min
         a = torch.softmax(-d2 / h2, dim=-1)  # finite however far q is
-        return (a * (d * pn[..., 3:]).sum(-1)).sum(-1)
+        # +tiny: sqrt's derivative stays finite at a query that sits on a point
+        dmin = (d2min[:, 0] + 1e-12).sqrt()
+        return (a * (d * pn[..., 3:]).sum(-1)).sum(-1), dmin
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """SDF at unit-box queries.

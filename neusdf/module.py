@@ -117,6 +117,7 @@ class SDFModule(L.LightningModule):
         names = ("surface", "near", "space")
         sdfs = dict(zip(names, sdf.split(sizes), strict=True))
         grads = dict(zip(names, grad.split(sizes), strict=True))
+        far_sign = getattr(self.net, "far_sign", None)  # models without a far field: no labels
         terms = sdf_losses(
             sdfs,
             grads,
@@ -124,6 +125,7 @@ class SDFModule(L.LightningModule):
             b["near_offset"],
             self.losses.weights,
             self.losses.offsurface_alpha,
+            space_sign=None if far_sign is None else far_sign(b["space"]),
         )
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items() if k != "loss"}
         logs["train/loss"] = terms["loss"].detach()
@@ -176,7 +178,12 @@ class SDFModule(L.LightningModule):
             values[-1] = (grad.norm(dim=-1) - 1).abs().mean()
             try:
                 verts, faces, _ = extract_mesh(
-                    self.net, v["resolution"], box, self.device, progress=False
+                    self.net,
+                    v["resolution"],
+                    box,
+                    self.device,
+                    progress=False,
+                    keep=self.net.near_data,
                 )
                 gt = SurfaceSet(
                     self.bank_points.cpu().numpy(),

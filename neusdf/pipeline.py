@@ -29,6 +29,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from neusdf.adapt import resolve_auto
 from neusdf.checkpoint import CheckpointError
 from neusdf.config import CONFIG_DIR, configure_runtime, register_resolvers
 from neusdf.data import ShapeDataModule
@@ -99,6 +100,7 @@ def build(cfg: DictConfig) -> Run:
     """Loads the shape, builds the op (if compiled), the network, module and trainer."""
     dm: ShapeDataModule = instantiate(cfg.data)
     dm.load()
+    resolve_auto(cfg, dm.stats)
     _build_op(cfg.model.backend)
     surface = dm.surface
     init = PointInit(
@@ -125,7 +127,7 @@ def build(cfg: DictConfig) -> Run:
         "training on %s: %d neural points, %s normals, %d steps",
         dm.path,
         net.num_points,
-        "with" if dm.has_normals else "WITHOUT",
+        "the file's" if dm.has_normals else "estimated",
         trainer.max_steps,
     )
     return Run(dm, module, trainer)
@@ -157,7 +159,13 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
     device = trainer.strategy.root_device
     net = run.module.net.to(device).eval()
     verts, faces, stats = extract_mesh(
-        net, x.resolution, dm.sampling.box, device, x.chunk, band=x.band
+        net,
+        x.resolution,
+        dm.sampling.box,
+        device,
+        x.chunk,
+        band=x.band,
+        keep=net.near_data if x.trim else None,
     )
     verts = dm.normalization.from_unit(verts)
     save_mesh(mesh_path, verts, faces, overwrite=cfg.overwrite)
@@ -180,7 +188,12 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
         "extract_evaluated_fraction": stats.evaluated / stats.total,
         "metrics_seconds": time.perf_counter() - t1,
     }
-    metrics["input"] = {"path": dm.path, "has_normals": dm.has_normals}
+    metrics["input"] = {
+        "path": dm.path,
+        "has_normals": dm.has_normals,
+        "spacing": dm.stats.spacing,
+        "noise": dm.stats.noise,
+    }
     save_json(metrics_path, metrics, overwrite=cfg.overwrite)
     scores = {k: v for k, v in metrics.items() if isinstance(v, float)}
     if scores:
