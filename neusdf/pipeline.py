@@ -241,7 +241,10 @@ def build(cfg: DictConfig) -> Run:
         seed=cfg.seed,
     )
     module.set_surface(surface)
-    callbacks = [_instantiate(c, "callbacks") for c in (cfg.get("callbacks") or {}).values()]
+    # a group entry set to null (debug=fdr: no model_checkpoint) is left out
+    callbacks = [
+        _instantiate(c, "callbacks") for c in (cfg.get("callbacks") or {}).values() if c is not None
+    ]
     callbacks.append(RunRecorder(record, _resume_args(cfg)))
     loggers = [_instantiate(c, "logger") for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = _instantiate(

@@ -183,6 +183,8 @@ def test_fast_dev_run(tmp_path, sphere_mesh_path, backend):
     overrides = [*tiny_overrides(sphere_mesh_path, backend), "debug=fdr"]
     metrics = train(compose_train(overrides, tmp_path))
     assert metrics["timing"]["steps"] == 1 and (tmp_path / "mesh.ply").is_file()
+    # as configs/debug/fdr.yaml says: no checkpoints or logs
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "csv").exists()
 
 
 def test_command_line_bad_input_is_one_line(tmp_path):
