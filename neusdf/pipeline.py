@@ -39,11 +39,11 @@ import hydra
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from neusdf.callbacks import RunRecorder, last_checkpoint_path
 from neusdf.checkpoint import CheckpointError, check_same_data, data_record, read_checkpoint
-from neusdf.config import CONFIG_DIR, configure_runtime, register_resolvers
+from neusdf.config import CONFIG_DIR, configure_runtime, on_gpu, register_resolvers
 from neusdf.data import ShapeDataModule
 from neusdf.mesh_io import ShapeError, check_writable, save_json, save_mesh
 from neusdf.meshing import extract_mesh
@@ -203,6 +203,26 @@ def _check_resume(cfg: DictConfig, record: dict) -> None:
     check_same_data(ckpt, record, allow_other=bool(cfg.get("resume_other_data", False)))
 
 
+def _deterministic_backend(cfg: DictConfig) -> None:
+    """``deterministic=true`` on a GPU runs the plain-PyTorch op (``model.backend=reference``).
+
+    The compiled op's CUDA backward accumulates with atomic adds, whose order varies run to
+    run; the reference op under torch's deterministic algorithms does not (an op without a
+    deterministic kernel raises instead). The price: the reference op's speed and memory
+    (see benchmarks/RESULTS.md: some 10-35x slower per step). On the CPU the compiled op is
+    deterministic already and stays.
+    """
+    if not cfg.get("deterministic", False) or cfg.model.backend != "compiled":
+        return
+    if on_gpu(str(cfg.trainer.accelerator)):
+        log.warning(
+            "deterministic=true on a GPU: model.backend=reference (the compiled op's CUDA "
+            "backward is not bit-reproducible); expect a much slower run"
+        )
+        with open_dict(cfg):
+            cfg.model.backend = "reference"
+
+
 def _resume_args(cfg: DictConfig) -> list[str]:
     """The arguments that select this run's data, for the resume hint after Ctrl-C."""
     return [f"data.path={cfg.data.path}"]
@@ -222,6 +242,7 @@ def build(cfg: DictConfig) -> Run:
     _check_surface(dm, cfg)
     record = data_record(dm.path, dm.shape, dm.normalization)
     _check_resume(cfg, record)
+    _deterministic_backend(cfg)
     _build_op(cfg.model.backend)
     surface = dm.surface
     init = PointInit(

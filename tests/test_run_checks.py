@@ -188,3 +188,14 @@ def test_deterministic_runs_are_identical(tmp_path, sphere_mesh_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_deterministic_on_a_gpu_runs_the_reference_op(tmp_path):
+    from neusdf.pipeline import _deterministic_backend
+
+    cfg = compose_train(["trainer.accelerator=gpu", "deterministic=true"], tmp_path)
+    _deterministic_backend(cfg)
+    assert cfg.model.backend == "reference" and cfg.trainer.deterministic is True
+    cpu = compose_train(["trainer.accelerator=cpu", "deterministic=true"], tmp_path)
+    _deterministic_backend(cpu)
+    assert cpu.model.backend == "compiled"
