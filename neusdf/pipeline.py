@@ -126,12 +126,38 @@ def _unknown_option(e: TypeError, target: str, group: str) -> ValueError | None:
     return ValueError(f"{group}.{m.group(1)} is not an option of {target}{hint}")
 
 
+_PLAIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_types(node: DictConfig, group: str) -> None:
+    """Raises ValueError for an option whose value is not of its plainly annotated type."""
+    try:
+        params = inspect.signature(get_class(str(node.get("_target_")))).parameters
+    except Exception:  # the target cannot be inspected: nothing to check
+        return
+    for key, p in params.items():
+        ann = (
+            p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        )
+        kind = _PLAIN_TYPES.get(ann)
+        if kind is None or key not in node:
+            continue
+        value = node[key]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok and value is not None:
+            raise ValueError(f"{group}.{key} must be of type {ann}, got {value!r}")
+
+
 def _instantiate(node: DictConfig, group: str, **kwargs):
     """``hydra.utils.instantiate`` that raises the target's own error, not Hydra's wrapper.
 
     ValueError (and its subclasses) come through as they are; an unknown option (TypeError)
-    becomes a ValueError naming the closest valid option.
+    becomes a ValueError naming the closest valid option; a value of the wrong type for a
+    plainly annotated option (``model.K=abc``) is refused before the call.
     """
+    _check_types(node, group)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -474,8 +500,52 @@ class _RunFiles:
             pass
 
 
+def _unknown_key(overrides: list[str]) -> str | None:
+    """The one-line error for an override of a key the config does not have, naming the
+    nearest key that exists; None when the overrides compose (or fail for another reason,
+    which Hydra then reports itself)."""
+    from hydra.errors import ConfigCompositionException
+
+    from neusdf.config import compose_config
+
+    try:
+        compose_config("train", overrides)
+        return None
+    except ConfigCompositionException as e:
+        m = re.search(r"Could not override '([\w.]+)'", str(e))
+        if m is None or "To append to your config" not in str(e):
+            return None
+        key = m.group(1)
+    except Exception:  # anything else: Hydra's own report
+        return None
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        cfg = compose_config("train", rest)
+    except Exception:
+        return None
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    return f"{key} is not a config key{hint} (+{key}=... adds a new key)"
+
+
+def main() -> None:
+    """Command-line entry: an unknown config key is one line naming the nearest valid one
+    (checked before Hydra starts); then :func:`_hydra_main`."""
+    args = sys.argv[1:]
+    plain = [a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    if args and not any(a.startswith("-") for a in args):
+        msg = _unknown_key(plain)
+        if msg is not None:
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(1)
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point: runs :func:`train`, turning bad input into a one-line error."""
     files = _RunFiles(cfg)
     accepted = False

@@ -135,7 +135,28 @@ def test_model_errors_are_the_models_own(tmp_path, sphere_mesh_path):
         ValueError, match=r"model.hiden is not an option .*did you mean model.hidden"
     ):
         train(compose_train([*base, "+model.hiden=3"], tmp_path))
+    with pytest.raises(ValueError, match=r"^model.K must be of type int, got 'abc'$"):
+        train(compose_train([*base, "model.K=abc"], tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.hiden=3", "error: model.hiden is not a config key; did you mean model.hidden?"),
+        ("trainer.max_step=3", "error: trainer.max_step is not a config key; did you mean "),
+    ],
+)
+def test_unknown_keys_name_the_nearest(monkeypatch, capsys, tmp_path, override, expected):
+    from neusdf import pipeline
+
+    monkeypatch.setattr(sys, "argv", ["train.py", override, f"hydra.run.dir={tmp_path / 'r'}"])
+    with pytest.raises(SystemExit) as e:
+        pipeline.main()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
 
 
 def test_overwrite_replaces_the_run_cleanly(tmp_path, sphere_mesh_path):
