@@ -7,6 +7,7 @@ From a source checkout the configs and the default shape are the checkout's ``co
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -38,16 +39,31 @@ def project_root() -> Path:
     return Path.cwd() if _INSTALLED else PACKAGE_DIR.parent
 
 
-def configure_runtime() -> None:
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's advertising tips (the litlogger one at every Trainer start)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+_TIPS_FILTER = _DropLightningTips()
+
+
+def configure_runtime(deterministic: bool = False) -> None:
     """Process-wide settings of every training run, from the command line or from Python.
 
-    - float32 matrix products may use TF32 tensor cores on GPUs (``"high"`` precision);
+    - float32 matrix products may use TF32 tensor cores on GPUs (``"high"`` precision), or
+      full float32 with ``deterministic``;
     - ``NCCL_NVLS_ENABLE=0`` unless already set: NVLink multicast stays off in NCCL, because a
       job using it can put a shared multi-GPU host's GPUs out of service. Set before any
-      process group starts (DDP ranks inherit the environment).
+      process group starts (DDP ranks inherit the environment);
+    - Lightning's tips (an advertisement for its cloud logger) are dropped from its log.
     """
-    torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision("highest" if deterministic else "high")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _TIPS_FILTER not in rank_zero_log.filters:
+        rank_zero_log.addFilter(_TIPS_FILTER)
 
 
 def on_gpu(accelerator: str) -> bool:

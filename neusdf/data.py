@@ -28,7 +28,7 @@ from neusdf.geometry import (
     measure_points,
     sample_triangles,
 )
-from neusdf.mesh_io import Shape, load_shape
+from neusdf.mesh_io import Shape, ShapeError, load_shape
 
 __all__ = [
     "Normalization",
@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Fewest surface points accepted: a point's normal is estimated from its 16 nearest.
+MIN_SURFACE_POINTS = 16
 
 
 @dataclass
@@ -213,6 +216,12 @@ class ShapeDataModule(L.LightningDataModule):
         self.surface, self.normalization = prepare_surface(
             self.shape, self.surface_samples, self.seed
         )
+        n = len(self.surface.points)
+        if n < MIN_SURFACE_POINTS:
+            raise ShapeError(
+                f"'{self.path}' has {n} points; at least {MIN_SURFACE_POINTS} are needed to "
+                "define a surface"
+            )
         had_normals = self.use_normals and self.surface.normals is not None
         self.stats = measure_points(self.surface.points.numpy(), had_normals, self.seed)
         if not had_normals:

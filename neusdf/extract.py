@@ -4,7 +4,8 @@ The grid evaluation and marching cubes are :func:`neusdf.meshing.extract_mesh`; 
 from ``configs/extract.yaml``. The extraction command::
 
     python -m neusdf.extract ckpt=outputs/.../checkpoints/last.ckpt resolution=512 \\
-        [output=mesh.ply] [reference=shape.obj] [metrics=metrics.json] [overwrite=true]
+        [output=<run dir>/last_mesh512.ply] [reference=shape.obj] [metrics=<output>.metrics.json]
+        [overwrite=true]
         [device=auto|cpu|cuda] [backend=compiled|reference] [chunk=262144] [band=2.0]
 """
 
@@ -23,7 +24,12 @@ from neusdf.mesh_io import ShapeError, check_writable, load_shape, save_json, sa
 from neusdf.meshing import extract_mesh
 from neusdf.metrics import SurfaceSet, evaluate, format_table
 
-__all__ = ["main"]
+__all__ = ["main", "run_directory"]
+
+
+def run_directory(ckpt: Path) -> Path:
+    """The run directory of a checkpoint: the parent of ``checkpoints/``, else its folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def _check_types(cfg: DictConfig) -> None:
@@ -57,13 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = Path(cfg.ckpt)
-    output = Path(cfg.output or ckpt.with_name(f"{ckpt.stem}_mesh{cfg.resolution}.ply"))
+    default = run_directory(ckpt) / f"{ckpt.stem}_mesh{cfg.resolution}.ply"
+    output = Path(cfg.output or default)
     metrics_path = Path(cfg.metrics or output.with_suffix(".metrics.json"))
     try:
         check_writable(output, cfg.overwrite)
         if cfg.reference:
             check_writable(metrics_path, cfg.overwrite)
-            reference = load_shape(cfg.reference)
+            try:
+                reference = load_shape(cfg.reference)
+            except ShapeError as e:
+                raise ShapeError(f"reference: {e}") from None
         loaded = load_checkpoint(ckpt, device, backend=cfg.backend)
         verts, faces, stats = extract_mesh(
             loaded.net,
@@ -91,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             num_query=cfg.num_query,
             num_ref=cfg.num_ref,
         )
-        print(format_table(m))
+        scores = {k: v for k, v in m.items() if isinstance(v, float)}
+        print(format_table({output.name: scores}))
         save_json(metrics_path, m, overwrite=cfg.overwrite)
         print(f"wrote {metrics_path}")
     return 0

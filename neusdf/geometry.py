@@ -197,7 +197,7 @@ def measure_points(points: np.ndarray, has_normals: bool, seed: int = 0) -> Inpu
     """Spacing and noise level of a surface sample (a random subset of up to 20k points).
 
     Args:
-        points: (N, 3) float array in unit-box coordinates, N >= 17.
+        points: (N, 3) float array in unit-box coordinates, N >= 4.
         has_normals: recorded as is.
     """
     rng = np.random.default_rng(seed)
@@ -206,7 +206,7 @@ def measure_points(points: np.ndarray, has_normals: bool, seed: int = 0) -> Inpu
         if len(points) <= _MEASURE_SAMPLE
         else points[rng.choice(len(points), _MEASURE_SAMPLE, replace=False)]
     )
-    d, nn = cKDTree(points).query(sub, k=17)
+    d, nn = cKDTree(points).query(sub, k=min(17, len(points)))
     nb = points[nn[:, 1:]]
     nb = nb - nb.mean(1, keepdims=True)
     smallest = np.linalg.eigvalsh(np.einsum("nki,nkj->nij", nb, nb) / nb.shape[1])[:, 0]

@@ -175,9 +175,9 @@ def load_shape(path: str | os.PathLike) -> Shape:
     """
     path = str(path)
     if not os.path.exists(path):
-        raise ShapeError(f"data.path: file '{path}' does not exist")
+        raise ShapeError(f"shape file '{path}' does not exist")
     if os.path.isdir(path):
-        raise ShapeError(f"data.path: '{path}' is a directory, a shape file was expected")
+        raise ShapeError(f"'{path}' is a directory, a shape file was expected")
     suffix = Path(path).suffix.lower()
     if suffix == ".xyz":
         return _load_xyz(path)
@@ -186,7 +186,7 @@ def load_shape(path: str | os.PathLike) -> Shape:
     if suffix in MESH_SUFFIXES:
         return _load_trimesh(path)
     known = sorted(set(MESH_SUFFIXES + POINT_SUFFIXES))
-    raise ShapeError(f"data.path: '{path}' has unsupported suffix '{suffix}'; expected {known}")
+    raise ShapeError(f"'{path}' has unsupported suffix '{suffix}'; expected {known}")
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> None:

@@ -13,26 +13,39 @@
 Outputs go to the run directory (``outputs/train/runs/<date>_<time>/``): checkpoints
 (``checkpoints/last.ckpt``, ``best.ckpt``), TensorBoard logs, ``mesh.ply`` in the input's
 coordinates and ``metrics.json`` (reconstruction metrics against the input, plus timings).
+
+Nothing is written into the run directory until every check has passed (config values, the
+outputs it would replace, the data, the model, the checkpoint to resume from): a refused run
+leaves the directory as it was. With ``overwrite=true`` the earlier run's files are removed
+first (see :data:`RUN_FILES`), so the directory then holds the new run only.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
+import logging.handlers
 import os
+import re
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from neusdf.adapt import resolve_auto
-from neusdf.checkpoint import CheckpointError
-from neusdf.config import CONFIG_DIR, configure_runtime, register_resolvers
-from neusdf.data import ShapeDataModule
+from neusdf.callbacks import RunRecorder, last_checkpoint_path
+from neusdf.checkpoint import CheckpointError, check_same_data, data_record, read_checkpoint
+from neusdf.config import CONFIG_DIR, configure_runtime, on_gpu, register_resolvers
+from neusdf.data import MIN_SURFACE_POINTS, ShapeDataModule
 from neusdf.mesh_io import ShapeError, check_writable, save_json, save_mesh
 from neusdf.meshing import extract_mesh
 from neusdf.metrics import SurfaceSet, evaluate, format_table
@@ -40,10 +53,36 @@ from neusdf.model import PointInit
 from neusdf.module import SDFModule
 from neusdf.ops.build import load_library
 
-__all__ = ["Run", "build", "check_outputs", "finalise", "fit", "main", "train"]
+__all__ = [
+    "MIN_SURFACE_POINTS",
+    "RUN_FILES",
+    "Run",
+    "build",
+    "check_config",
+    "check_outputs",
+    "finalise",
+    "fit",
+    "main",
+    "train",
+]
 
 log = logging.getLogger("neusdf.train")
 register_resolvers()
+
+# Fewest surface points that define a surface: the neighbourhood of the PCA normal estimate
+# (neusdf.geometry.estimate_normals) and of the neural points' spacing. Fewer is refused.
+# What a run writes into its directory; overwrite=true removes these first (nothing else).
+RUN_FILES = (
+    "checkpoints",
+    "tensorboard",
+    "csv",
+    "lightning_logs",
+    ".hydra",
+    "train.log",
+    "mesh.ply",
+    "mesh.obj",
+    "metrics.json",
+)
 
 
 @dataclass
@@ -62,6 +101,74 @@ def _build_op(backend: str) -> None:
     t0 = time.perf_counter()
     load_library()
     log.info("compiled op ready (%.1f s)", time.perf_counter() - t0)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuses (ValueError) settings that would not end: ``trainer.max_steps`` below 1."""
+    steps = cfg.trainer.max_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            f"trainer.max_steps must be an integer >= 1 (training runs until it), got {steps!r}"
+        )
+
+
+def _unknown_option(e: TypeError, target: str, group: str) -> ValueError | None:
+    """A readable error for an option the target does not take, naming the nearest one."""
+    m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+    if m is None:
+        return None
+    try:
+        valid = [p for p in inspect.signature(get_class(target)).parameters if p != "self"]
+    except Exception:  # the target cannot be inspected: no suggestion
+        valid = []
+    close = difflib.get_close_matches(m.group(1), valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {group}.{close[0]}?" if close else ""
+    return ValueError(f"{group}.{m.group(1)} is not an option of {target}{hint}")
+
+
+_PLAIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_types(node: DictConfig, group: str) -> None:
+    """Raises ValueError for an option whose value is not of its plainly annotated type."""
+    try:
+        params = inspect.signature(get_class(str(node.get("_target_")))).parameters
+    except Exception:  # the target cannot be inspected: nothing to check
+        return
+    for key, p in params.items():
+        ann = (
+            p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        )
+        kind = _PLAIN_TYPES.get(ann)
+        if kind is None or key not in node:
+            continue
+        value = node[key]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok and value is not None:
+            raise ValueError(f"{group}.{key} must be of type {ann}, got {value!r}")
+
+
+def _instantiate(node: DictConfig, group: str, **kwargs):
+    """``hydra.utils.instantiate`` that raises the target's own error, not Hydra's wrapper.
+
+    ValueError (and its subclasses) come through as they are; an unknown option (TypeError)
+    becomes a ValueError naming the closest valid option; a value of the wrong type for a
+    plainly annotated option (``model.K=abc``) is refused before the call.
+    """
+    _check_types(node, group)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        if isinstance(cause, TypeError):
+            err = _unknown_option(cause, str(node.get("_target_")), group)
+            if err is not None:
+                raise err from None
+        raise
 
 
 def _check_checkpoint_dir(cfg: DictConfig) -> None:
@@ -96,17 +203,74 @@ def _container(node: DictConfig) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
+def _check_surface(dm: ShapeDataModule, cfg: DictConfig) -> None:
+    """Says when the point count is capped (too small an input is refused by ``dm.load``)."""
+    n = len(dm.surface.points)
+    asked = cfg.model.num_points
+    if isinstance(asked, int) and asked > n:
+        log.warning(
+            "model.num_points capped at %d (the surface sample's size), %d asked%s",
+            n,
+            asked,
+            "" if dm.shape.is_mesh else " (a point cloud is used as given)",
+        )
+
+
+def _check_resume(cfg: DictConfig, record: dict) -> None:
+    """Refuses to resume from a checkpoint of other data unless ``resume_other_data``."""
+    if cfg.ckpt_path is None:
+        return
+    ckpt = read_checkpoint(cfg.ckpt_path)
+    check_same_data(ckpt, record, allow_other=bool(cfg.get("resume_other_data", False)))
+
+
+def _deterministic_backend(cfg: DictConfig) -> None:
+    """``deterministic=true`` on a GPU runs the plain-PyTorch op (``model.backend=reference``).
+
+    The compiled op's CUDA backward accumulates with atomic adds, whose order varies run to
+    run; the reference op under torch's deterministic algorithms does not (an op without a
+    deterministic kernel raises instead). The price: the reference op's speed and memory
+    (see benchmarks/RESULTS.md: some 10-35x slower per step). On the CPU the compiled op is
+    deterministic already and stays.
+    """
+    if not cfg.get("deterministic", False) or cfg.model.backend != "compiled":
+        return
+    if on_gpu(str(cfg.trainer.accelerator)):
+        log.warning(
+            "deterministic=true on a GPU: model.backend=reference (the compiled op's CUDA "
+            "backward is not bit-reproducible); expect a much slower run"
+        )
+        with open_dict(cfg):
+            cfg.model.backend = "reference"
+
+
+def _resume_args(cfg: DictConfig) -> list[str]:
+    """The arguments that select this run's data, for the resume hint after Ctrl-C."""
+    return [f"data.path={cfg.data.path}"]
+
+
 def build(cfg: DictConfig) -> Run:
-    """Loads the shape, builds the op (if compiled), the network, module and trainer."""
-    dm: ShapeDataModule = instantiate(cfg.data)
-    dm.load()
+    """Loads the shape, builds the op (if compiled), the network, module and trainer.
+
+    Writes nothing: every refusal (bad data, model options, a checkpoint of other data)
+    happens here or before.
+    """
+    dm: ShapeDataModule = _instantiate(cfg.data, "data")
+    try:
+        dm.load()
+    except ShapeError as e:
+        raise ShapeError(f"data.path: {e}") from None
     resolve_auto(cfg, dm.stats)
+    _check_surface(dm, cfg)
+    record = data_record(dm.path, dm.shape, dm.normalization)
+    _check_resume(cfg, record)
+    _deterministic_backend(cfg)
     _build_op(cfg.model.backend)
     surface = dm.surface
     init = PointInit(
         surface.points.numpy(), None if surface.normals is None else surface.normals.numpy()
     )
-    net = instantiate(cfg.model, init=init)
+    net = _instantiate(cfg.model, "model", init=init)
     norm = dm.normalization
     module = SDFModule(
         net,
@@ -120,9 +284,15 @@ def build(cfg: DictConfig) -> Run:
         seed=cfg.seed,
     )
     module.set_surface(surface)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # a group entry set to null (debug=fdr: no model_checkpoint) is left out
+    callbacks = [
+        _instantiate(c, "callbacks") for c in (cfg.get("callbacks") or {}).values() if c is not None
+    ]
+    callbacks.append(RunRecorder(record, _resume_args(cfg)))
+    loggers = [_instantiate(c, "logger") for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = _instantiate(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False
+    )
     log.info(
         "training on %s: %d neural points, %s normals, %d steps",
         dm.path,
@@ -134,16 +304,22 @@ def build(cfg: DictConfig) -> Run:
 
 
 def fit(run: Run, ckpt_path: str | None = None) -> float:
-    """Trains (resuming from ``ckpt_path`` if given); saves ``last.ckpt``; returns seconds."""
+    """Trains (resuming from ``ckpt_path`` if given); saves ``last.ckpt``; returns seconds.
+
+    Ctrl-C saves ``last.ckpt``, prints how to resume or extract from it and exits with status
+    1 (:class:`neusdf.callbacks.RunRecorder`).
+    """
     t0 = time.perf_counter()
-    run.trainer.fit(run.module, datamodule=run.data, ckpt_path=ckpt_path)
+    # neusdf checkpoints hold plain Python containers besides tensors (the config): trusted
+    # files of this project's own runs, loaded as full pickles
+    run.trainer.fit(run.module, datamodule=run.data, ckpt_path=ckpt_path, weights_only=False)
     seconds = time.perf_counter() - t0
-    ckpt_cb = run.trainer.checkpoint_callback
-    if ckpt_cb is not None and getattr(ckpt_cb, "save_last", False):
+    last = last_checkpoint_path(run.trainer)
+    if last is not None and not run.trainer.fast_dev_run:
         # Lightning writes last.ckpt at validation and epoch ends; the step loader never ends
         # an epoch, so the final state is saved here (on rank 0; every rank joins the barrier).
-        last = Path(ckpt_cb.dirpath) / f"{ckpt_cb.CHECKPOINT_NAME_LAST}.ckpt"
-        run.trainer.save_checkpoint(last)
+        # fast_dev_run writes no checkpoints.
+        run.trainer.save_checkpoint(last, weights_only=False)
     return seconds
 
 
@@ -179,10 +355,14 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
             num_ref=x.num_ref,
         )
     steps = trainer.global_step
+    recorder = next((c for c in trainer.callbacks if isinstance(c, RunRecorder)), None)
+    start = recorder.start_step if recorder is not None else 0
     metrics["timing"] = {
         "fit_seconds": fit_seconds,
+        # the model's step count (restored steps included); the speed counts this run's only
         "steps": steps,
-        "steps_per_second": steps / fit_seconds if fit_seconds > 0 else float("nan"),
+        "resumed_from_step": start,
+        "steps_per_second": (steps - start) / fit_seconds if fit_seconds > 0 else float("nan"),
         "extract_seconds": stats.seconds_total,
         "extract_resolution": int(x.resolution),
         "extract_evaluated_fraction": stats.evaluated / stats.total,
@@ -206,13 +386,43 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
     return metrics
 
 
-def train(cfg: DictConfig) -> dict | None:
+def _clear_previous_run(cfg: DictConfig) -> None:
+    """With ``overwrite=true``, removes the earlier run's files (:data:`RUN_FILES`) from the
+    run directory, so that checkpoints and event files of two runs do not pile up.
+
+    Kept when resuming from a checkpoint inside the run directory (the run continues there).
+    """
+    out_dir = Path(cfg.paths.output_dir)
+    if not cfg.overwrite or not out_dir.is_dir():
+        return
+    if cfg.ckpt_path is not None and out_dir.resolve() in Path(cfg.ckpt_path).resolve().parents:
+        return
+    for name in RUN_FILES:
+        p = out_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _is_main_process() -> bool:
+    """True except in the extra ranks Lightning starts for DDP (they share rank 0's run)."""
+    return (
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
+
+
+def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict | None:
     """Trains, then (on rank 0) extracts the mesh and computes metrics.
 
-    Sets the process-wide runtime first (:func:`neusdf.config.configure_runtime`).
+    Sets the process-wide runtime first (:func:`neusdf.config.configure_runtime`). Checks
+    everything it can before writing anything; then (``overwrite=true``) clears the earlier
+    run from the run directory and calls ``on_accept`` (the command line writes its config
+    and log files there).
 
     Args:
         cfg: the composed config (``configs/train.yaml``).
+        on_accept: called once the run is accepted, before anything is written.
 
     Returns:
         On rank 0, the metrics dict (reconstruction metrics against the input unless
@@ -222,23 +432,143 @@ def train(cfg: DictConfig) -> dict | None:
         ShapeError, CheckpointError, FileExistsError, ValueError: bad input, with a message
         naming the option or file.
     """
-    configure_runtime()
+    configure_runtime(deterministic=bool(cfg.get("deterministic", False)))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_config(cfg)
     check_outputs(cfg)
     run = build(cfg)
+    if _is_main_process():
+        _clear_previous_run(cfg)
+    if on_accept is not None:
+        on_accept()
     fit_seconds = fit(run, cfg.ckpt_path)
     if run.trainer.global_rank != 0:
         return None
     return finalise(run, cfg, fit_seconds)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: runs :func:`train`, turning bad input into a one-line error."""
+# When this process started: a run directory created after it (by Hydra) and left empty by a
+# refusal is removed again.
+_STARTED = time.time()
+
+
+class _RunFiles:
+    """The command line's files in the run directory, written only once the run is accepted.
+
+    Hydra is configured (``configs/hydra/default.yaml``) to write nothing itself: no
+    ``.hydra/`` output subdirectory and no log file handler. Records logged before acceptance
+    are held in memory; :meth:`accept` writes ``.hydra/{config,hydra,overrides}.yaml`` (as
+    Hydra would have) and ``<job name>.log`` with the held records. :meth:`refuse` drops them
+    and leaves the directory as it was (one Hydra created for this run and left empty is
+    removed).
+    """
+
+    FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        self.cfg = cfg
+        self.hydra = HydraConfig.get()
+        self.out_dir = Path(self.hydra.runtime.output_dir)
+        self.held = logging.handlers.MemoryHandler(
+            capacity=1 << 20, flushLevel=logging.CRITICAL + 1
+        )
+        logging.getLogger().addHandler(self.held)
+
+    def accept(self) -> None:
+        root = logging.getLogger()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_file = logging.FileHandler(self.out_dir / f"{self.hydra.job.name}.log")
+        log_file.setFormatter(logging.Formatter(self.FORMAT))
+        self.held.setTarget(log_file)
+        self.held.flush()
+        root.removeHandler(self.held)
+        root.addHandler(log_file)
+        if _is_main_process():
+            sub = self.out_dir / ".hydra"
+            sub.mkdir(exist_ok=True)
+            OmegaConf.save(self.cfg, sub / "config.yaml")
+            OmegaConf.save(
+                OmegaConf.create({"hydra": OmegaConf.to_container(self.hydra)}), sub / "hydra.yaml"
+            )
+            OmegaConf.save(
+                OmegaConf.create(list(self.hydra.overrides.task)), sub / "overrides.yaml"
+            )
+
+    def refuse(self) -> None:
+        logging.getLogger().removeHandler(self.held)
+        self.held.setTarget(None)
+        self.held.buffer.clear()
+        try:
+            if self.out_dir.stat().st_ctime >= _STARTED - 1 and not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()
+        except OSError:
+            pass
+
+
+def _unknown_key(overrides: list[str]) -> str | None:
+    """The one-line error for an override of a key the config does not have, naming the
+    nearest key that exists; None when the overrides compose (or fail for another reason,
+    which Hydra then reports itself)."""
+    from hydra.errors import ConfigCompositionException
+
+    from neusdf.config import compose_config
+
     try:
-        train(cfg)
+        compose_config("train", overrides)
+        return None
+    except ConfigCompositionException as e:
+        m = re.search(r"Could not override '([\w.]+)'", str(e))
+        if m is None or "To append to your config" not in str(e):
+            return None
+        key = m.group(1)
+    except Exception:  # anything else: Hydra's own report
+        return None
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        cfg = compose_config("train", rest)
+    except Exception:
+        return None
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    return f"{key} is not a config key{hint} (+{key}=... adds a new key)"
+
+
+def main() -> None:
+    """Command-line entry: an unknown config key is one line naming the nearest valid one
+    (checked before Hydra starts); then :func:`_hydra_main`."""
+    args = sys.argv[1:]
+    plain = [a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    if args and not any(a.startswith("-") for a in args):
+        msg = _unknown_key(plain)
+        if msg is not None:
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(1)
+    _hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    """Hydra entry point: runs :func:`train`, turning bad input into a one-line error."""
+    files = _RunFiles(cfg)
+    accepted = False
+
+    def accept() -> None:
+        nonlocal accepted
+        accepted = True
+        files.accept()
+
+    try:
+        train(cfg, on_accept=accept)
     except (ShapeError, CheckpointError, FileExistsError, ValueError) as e:
         if os.environ.get("NEUSDF_DEBUG") == "1":
             raise
         log.error("error: %s", e)
         sys.exit(1)
+    finally:
+        if not accepted:
+            files.refuse()

@@ -14,8 +14,8 @@ def _write(path, content: bytes | str):
 
 
 def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(ShapeError, match="data.path.*does not exist"):
-        load_shape(tmp_path / "nope.obj")
+    with pytest.raises(ShapeError, match="^shape file '.*nope.obj' does not exist"):
+        load_shape(tmp_path / "nope.obj")  # no config involved: no option named
     with pytest.raises(ShapeError, match="is a directory"):
         load_shape(tmp_path)
 

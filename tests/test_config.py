@@ -107,3 +107,26 @@ def test_wheel_lists_every_config_group():
         "neusdf.configs": "configs",
         "neusdf.assets": "data",
     }
+
+
+def test_readme_commands_are_ones_that_work():
+    readme = (ROOT / "README.md").read_text()
+    # resuming needs the checkpoint's data.path (other data is refused)
+    resume = [line for line in readme.splitlines() if "ckpt_path=" in line]
+    assert resume and all("data.path=" in line for line in resume)
+    # the extraction example writes into the run directory, not the working directory
+    assert "output=mesh.ply" not in readme and "metrics=metrics.json" not in readme
+    assert "outputs/debug/runs/" in readme
+
+
+def test_cfg_job_resolve_shows_values():
+    assert "--cfg job --resolve" in (ROOT / "README.md").read_text()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "--resolve"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "gpu_or_cpu" not in proc.stdout and "num_points: " in proc.stdout

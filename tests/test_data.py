@@ -113,12 +113,14 @@ def test_save_mesh_is_atomic_and_does_not_overwrite(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.skipif(not SHARED_MESHES.is_dir(), reason="shared test meshes not present")
 @pytest.mark.parametrize(
     "name", ["stanford-bunny.obj", "fandisk.obj", "rocker-arm.obj", "torus.stl"]
 )
 def test_shared_meshes_load_and_normalise(name):
-    shape = load_shape(SHARED_MESHES / name)
+    path = SHARED_MESHES / name
+    if not path.is_file():  # per file: a partly present folder tests what it has
+        pytest.skip(f"shared test mesh {name} not present")
+    shape = load_shape(path)
     assert shape.is_mesh and len(shape.faces) > 1000
     unit = Normalization.of(shape.points).to_unit(shape.points)
     assert (unit.max(0) - unit.min(0)).max() == pytest.approx(1.0)

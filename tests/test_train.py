@@ -87,6 +87,27 @@ def test_extract_command(run, tmp_path, sphere_mesh_path, capsys):
     assert extract.main([*args, "overwrite=true"]) == 0
 
 
+def test_extract_defaults_to_the_run_directory(run, sphere_mesh_path, tmp_path, capsys):
+    out, _ = run
+    args = [
+        f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+        "resolution=24",
+        f"reference={sphere_mesh_path}",
+        "num_query=2000",
+        "num_ref=5000",
+    ]
+    try:
+        assert extract.main(args) == 0
+        assert (out / "last_mesh24.ply").is_file() and (out / "last_mesh24.metrics.json").is_file()
+        assert "| last_mesh24.ply | " in capsys.readouterr().out  # the table's row is named
+    finally:
+        for name in ("last_mesh24.ply", "last_mesh24.metrics.json"):
+            (out / name).unlink(missing_ok=True)
+    missing = tmp_path / "missing.ply"
+    assert extract.main([*args, f"reference={missing}", f"output={tmp_path / 'm.ply'}"]) == 1
+    assert f"error: reference: shape file '{missing}' does not exist" in capsys.readouterr().err
+
+
 def test_extract_command_bad_arguments(tmp_path, capsys):
     assert extract.main(["resolution=32"]) == 2
     assert "ckpt is required" in capsys.readouterr().err
@@ -162,6 +183,8 @@ def test_fast_dev_run(tmp_path, sphere_mesh_path, backend):
     overrides = [*tiny_overrides(sphere_mesh_path, backend), "debug=fdr"]
     metrics = train(compose_train(overrides, tmp_path))
     assert metrics["timing"]["steps"] == 1 and (tmp_path / "mesh.ply").is_file()
+    # as configs/debug/fdr.yaml says: no checkpoints or logs
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "csv").exists()
 
 
 def test_command_line_bad_input_is_one_line(tmp_path):

@@ -124,7 +124,13 @@ def load_library(verbose: bool | None = None) -> bool:
 
 def main() -> int:
     """Command line: build and load the library, print what it holds."""
-    print("neusdf: building the op (the first build takes a minute or two) ...", flush=True)
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = "neusdf_ops_cuda" if cuda_enabled() else "neusdf_ops_cpu"
+    if (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file():
+        print("neusdf: loading the op (built before; rebuilt only if its sources changed)")
+    else:
+        print("neusdf: building the op (the first build takes a minute or two) ...", flush=True)
     try:
         with_cuda = load_library(verbose=os.environ.get("NEUSDF_BUILD_VERBOSE", "0") == "1")
     except (RuntimeError, OSError) as err:
