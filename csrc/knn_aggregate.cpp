@@ -74,8 +74,8 @@ Upstreams check_upstreams(const std::optional<at::Tensor>& gf,
     check_upstream(*g, name, shape, q);
     return g->contiguous();
   };
-  return {read(gf, "grad_f", {n.B, n.Q, n.F}), read(gw, "grad_w", {n.B, n.Q, n.K}),
-          read(gD, "grad_d", {n.B, n.Q, n.K})};
+  return {read(gf, "gf", {n.B, n.Q, n.F}), read(gw, "gw", {n.B, n.Q, n.K}),
+          read(gD, "gD", {n.B, n.Q, n.K})};
 }
 
 }  // namespace neusdf
@@ -86,11 +86,11 @@ TORCH_LIBRARY(neusdf, m) {
       "knn_aggregate(Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
-      "knn_aggregate_backward(Tensor? grad_f, Tensor? grad_w, Tensor? grad_d, Tensor q, Tensor p,"
+      "knn_aggregate_backward(Tensor? gf, Tensor? gw, Tensor? gD, Tensor q, Tensor p,"
       " Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "knn_aggregate_double_backward(Tensor ggq, Tensor? grad_f, Tensor? grad_w, Tensor? grad_d,"
+      "knn_aggregate_double_backward(Tensor ggq, Tensor? gf, Tensor? gw, Tensor? gD,"
       " Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -17,14 +17,17 @@
 //       distances sort last. 1 <= K <= P.
 //   knn_aggregate(q, p, f, sigma, R, idx) -> (f_out (B, Q, F), w (B, Q, K), dists (B, Q, K))
 //       f_out = sum_k w_k f_idx[k]; not normalised.
-//   knn_aggregate_backward(grad_f?, grad_w?, grad_d?, q, p, f, sigma, R, idx)
-//       -> (grad_q, grad_p, grad_f_in, grad_sigma, grad_R): the vector-Jacobian product of
-//       knn_aggregate for upstream grad_f (B, Q, F), grad_w and grad_d (B, Q, K); an absent
-//       (None) upstream counts as zero and its terms are skipped.
-//   knn_aggregate_double_backward(ggq, grad_f?, grad_w?, grad_d?, q, p, f, sigma, R, idx)
-//       -> (g_grad_f, g_grad_w, g_grad_d, g_q, g_p, g_f, g_sigma, g_R): the gradient of
+//   knn_aggregate_backward(gf?, gw?, gD?, q, p, f, sigma, R, idx)
+//       -> (grad_q, grad_p, grad_f, grad_sigma, grad_R): the vector-Jacobian product of
+//       knn_aggregate for upstreams gf of f_out (B, Q, F), gw of w and gD of dists (B, Q, K);
+//       an absent (None) upstream counts as zero and its terms are skipped.
+//   knn_aggregate_double_backward(ggq, gf?, gw?, gD?, q, p, f, sigma, R, idx)
+//       -> (g_gf, g_gw, g_gD, g_q, g_p, g_f, g_sigma, g_R): the gradient of
 //       sum(ggq * grad_q) with respect to every input of knn_aggregate_backward; ggq (B, Q, 3).
 //       The gradient of an absent upstream is returned as an empty tensor of shape (0,).
+//
+// Index names used by every kernel: bq = b * Q + query (flat query), pj = b * P + j (flat
+// point), t = bq * K + k (flat (query, neighbour) pair).
 #pragma once
 
 #include <torch/types.h>

@@ -103,4 +103,53 @@ NEUSDF_HD void add_second_order_point_terms(T c, const T e[3], const T s[3], con
   }
 }
 
+// dL/dD of one pair in the backward: Dbar = gD - w (gf . f_k + gw), with inner = gf . f_k + gw
+// (dL/dw of the pair; absent upstreams count as zero).
+template <typename T>
+NEUSDF_HD T backward_dbar(T gD, T w, T inner) {
+  return gD - w * inner;
+}
+
+// Per-pair scalars of the double backward for an upstream e = ggq of the query gradient:
+//   es = e . g, ws = w es, dbar = gD - w inner (as in the backward), E = es w inner,
+// with inner = gf . f_k + gw. The pair's gradients are then d/dgD = es, d/dgw = -ws,
+// d/dgf = -ws f_k, d/df_k = -ws gf, and the geometric terms of the two functions below.
+template <typename T>
+struct DoubleBackwardScalars {
+  T es, ws, dbar, E;
+};
+
+template <typename T>
+NEUSDF_HD DoubleBackwardScalars<T> double_backward_scalars(const T e[3], const T g[3], T w,
+                                                           T inner, T gD) {
+  DoubleBackwardScalars<T> sc;
+  sc.es = e[0] * g[0] + e[1] * g[1] + e[2] * g[2];
+  sc.ws = w * sc.es;
+  sc.dbar = backward_dbar(gD, w, inner);
+  sc.E = sc.es * w * inner;
+  return sc;
+}
+
+// Query side of one pair in the double backward: gq += E g + dbar H e.
+template <typename T>
+NEUSDF_HD void add_double_backward_query_terms(const DoubleBackwardScalars<T>& sc, const T e[3],
+                                               const T s[3], const T R[9], const T g[3],
+                                               T gq[3]) {
+  T a[3], h[3];
+  hessian_times(s, R, e, a, h);
+#pragma unroll
+  for (int c = 0; c < 3; ++c) gq[c] += sc.E * g[c] + sc.dbar * h[c];
+}
+
+// Point side of one pair in the double backward (position, precisions, axes): the first-order
+// terms weighted by E plus the terms of differentiating g, weighted by dbar.
+template <typename T>
+NEUSDF_HD void add_double_backward_point_terms(const DoubleBackwardScalars<T>& sc, const T e[3],
+                                               const T s[3], const T R[9], const T d[3],
+                                               const T u[3], const T g[3], T gp[3], T gs[3],
+                                               T gR[9]) {
+  add_first_order_point_terms(sc.E, s, d, u, g, gp, gs, gR);
+  add_second_order_point_terms(sc.dbar, e, s, R, d, u, gp, gs, gR);
+}
+
 }  // namespace neusdf

@@ -189,7 +189,7 @@ def test_opcheck(device):
     q, p, f, sigma, R = make_inputs(2, 7, 6, 3, dtype=torch.float64, device=device, seed=7)
     ops = torch.ops.neusdf
     idx = ops.knn_search(q, p, sigma, R, 3)
-    # Upstreams: grad_f (B, Q, F), grad_w and grad_d (B, Q, K), ggq (B, Q, 3).
+    # Upstreams: gf (B, Q, F), gw and gD (B, Q, K), ggq (B, Q, 3).
     gf, gw, gd = (torch.randn(shape, dtype=q.dtype, device=device) for shape in ((2, 7, 3),) * 3)
     ggq = torch.randn_like(q)
     torch.library.opcheck(ops.knn_search, (q, p, sigma, R, 3))

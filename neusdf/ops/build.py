@@ -35,8 +35,13 @@ import torch
 __all__ = ["load_library", "cuda_enabled", "SOURCE_DIR"]
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
-_CPU_SOURCES = ("knn_aggregate.cpp", "knn_aggregate_autograd.cpp", "knn_aggregate_cpu.cpp")
-_CUDA_SOURCES = ("knn_aggregate_cuda.cu",)
+_CPU_SOURCES = (
+    "knn_aggregate.cpp",
+    "knn_aggregate_autograd.cpp",
+    "knn_aggregate_cpu.cpp",
+    "knn_search_cpu.cpp",
+)
+_CUDA_SOURCES = ("knn_aggregate_cuda.cu", "knn_search_cuda.cu")
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # set once the library is loaded; records whether CUDA is in it

@@ -197,12 +197,10 @@ def _register_fakes() -> None:
         return q.new_empty((B, Q, f.shape[2])), q.new_empty((B, Q, K)), q.new_empty((B, Q, K))
 
     @torch.library.register_fake("neusdf::knn_aggregate_backward")
-    def _(grad_f, grad_w, grad_d, q, p, f, sigma, R, idx):
+    def _(gf, gw, gD, q, p, f, sigma, R, idx):
         return tuple(torch.empty_like(t) for t in (q, p, f, sigma, R))
 
     @torch.library.register_fake("neusdf::knn_aggregate_double_backward")
-    def _(ggq, grad_f, grad_w, grad_d, q, p, f, sigma, R, idx):
-        upstream = tuple(
-            q.new_empty(0) if g is None else torch.empty_like(g) for g in (grad_f, grad_w, grad_d)
-        )
+    def _(ggq, gf, gw, gD, q, p, f, sigma, R, idx):
+        upstream = tuple(q.new_empty(0) if g is None else torch.empty_like(g) for g in (gf, gw, gD))
         return (*upstream, *(torch.empty_like(t) for t in (q, p, f, sigma, R)))
