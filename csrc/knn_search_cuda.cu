@@ -8,6 +8,7 @@
 // query are merged through shared memory. No (B, Q, P) tensor ever exists. K > 32 uses a
 // simple kernel that keeps the list in global memory (correct, not fast).
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -16,6 +17,9 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "knn_aggregate.h"
 #include "knn_aggregate_math.h"
@@ -284,17 +288,33 @@ __global__ void knn_search_large_k_kernel(const T* __restrict__ q, const T* __re
 
 // Warps per search block: enough blocks x warps to fill the GPU, at most 4 (on an H100, 4 beat
 // 2, 6 and 8 at P = 4096 and P = 65536: benchmarks/RESULTS.md). NEUSDF_SEARCH_WARPS (1..8)
-// overrides the choice, for tuning.
-int search_warps(int64_t blocks) {
-  if (const char* env = std::getenv("NEUSDF_SEARCH_WARPS")) {
-    const int w = std::atoi(env);
-    if (w >= 1 && w <= 8) return w;
-  }
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+// overrides the choice, for tuning; it is read once per process, and the SM counts of the
+// devices once per process too: no getenv and no CUDA call per search.
+int multiprocessor_count(c10::DeviceIndex device) {
+  static std::once_flag once;
+  static std::vector<int> sms;
+  std::call_once(once, [] {
+    std::vector<int> counts(c10::cuda::device_count());
+    for (size_t d = 0; d < counts.size(); ++d) {
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[d], cudaDevAttrMultiProcessorCount,
+                                            static_cast<int>(d)));
+    }
+    sms = std::move(counts);  // only after every query succeeded (a throw lets a later call retry)
+  });
+  return sms.at(device);
+}
+
+int search_warps(int64_t blocks, c10::DeviceIndex device) {
+  static const int forced = [] {
+    const char* env = std::getenv("NEUSDF_SEARCH_WARPS");
+    const int w = env ? std::atoi(env) : 0;
+    return w >= 1 && w <= 8 ? w : 0;
+  }();
+  if (forced) return forced;
+  const int sms = multiprocessor_count(device);
   const int64_t target = static_cast<int64_t>(sms) * 32;  // resident warps to aim for
-  return static_cast<int>(std::min<int64_t>(4, std::max<int64_t>(1, (target + blocks - 1) / blocks)));
+  const int64_t warps = (target + blocks - 1) / blocks;
+  return static_cast<int>(std::min<int64_t>(4, std::max<int64_t>(1, warps)));
 }
 
 template <typename T, int N>
@@ -302,7 +322,7 @@ void launch_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& s
                    const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
                    cudaStream_t stream) {
   const int64_t blocks = n.B * ((n.Q + kWarp - 1) / kWarp);
-  const int warps = search_warps(blocks);
+  const int warps = search_warps(blocks, q.get_device());
   const size_t smem = search_smem_bytes<T, N>(warps);
   knn_search_kernel<T, N><<<blocks, warps * kWarp, smem, stream>>>(
       q.data_ptr<T>(), p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), n.Q, n.P, n.K,

@@ -15,8 +15,8 @@ Knobs (environment variables):
 - ``MAX_JOBS``: parallel compile jobs for ninja.
 - ``NEUSDF_CPU_ONLY=1``: build the CPU part only, even where CUDA is available.
 - ``NEUSDF_BUILD_VERBOSE=1``: print the compiler's output.
-- ``NEUSDF_SEARCH_WARPS`` (1..8, run time): warps per CUDA search block, for tuning (default:
-  chosen from the problem size, at most 4).
+- ``NEUSDF_SEARCH_WARPS`` (1..8, read at the first CUDA search): warps per CUDA brute-force
+  search block, for tuning (default: chosen from the problem size, at most 4).
 
 The CUDA part is built when PyTorch has CUDA, ``nvcc`` is found (``CUDA_HOME``) and either a GPU
 is visible or ``TORCH_CUDA_ARCH_LIST`` is set; otherwise only the CPU part is.
