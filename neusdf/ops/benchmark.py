@@ -20,7 +20,11 @@ writes everything as JSON.
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -179,6 +183,38 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Path, data: dict, overwrite: bool = False) -> None:
+    """Writes ``data`` as indented JSON through a temporary file in the same directory, so a
+    crash never leaves half a file (non-finite floats become null). The op package keeps its
+    own writer: it imports nothing from the rest of neusdf."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"'{path}' exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(clean(data), indent=2) + "\n")
+        umask = os.umask(0)  # mkstemp makes 0600 files; use what a plain open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -211,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(records))
     if args.json:
         payload = {"device": device_name, "torch": torch.__version__, "records": records}
-        # Imported here: the framework's writer brings trimesh, which timing the op does not need.
-        from neusdf.metrics import save_json
-
-        save_json(args.json, payload, overwrite=args.overwrite)
+        write_json(args.json, payload, overwrite=args.overwrite)
         print(f"wrote {args.json}")
     return 0
 
