@@ -10,7 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neusdf.ops import knn_aggregate_aniso, knn_aggregate_aniso_reference, knn_search_aniso
+from neusdf.ops import (
+    KnnAggregateResult,
+    knn_aggregate_aniso,
+    knn_aggregate_aniso_reference,
+    knn_search_aniso,
+)
 from neusdf.ops.knn import ensure_registered
 from neusdf.ops.reference import anisotropic_dists
 from neusdf.ops.testing import make_inputs
@@ -40,10 +45,18 @@ def tol(dtype: torch.dtype) -> dict:
     return {"rtol": RTOL[dtype], "atol": RTOL[dtype]}
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_close_scaled(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = ""
+) -> None:
     """Elementwise closeness relative to the largest magnitude of the expected tensor."""
     scale = max(float(expected.abs().max()), 1.0)
-    torch.testing.assert_close(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=RTOL[dtype],
+        atol=RTOL[dtype] * scale,
+        msg=lambda m: f"{name}: {m}" if name else m,
+    )
 
 
 def assert_same_neighbours(idx, q, p, sigma, R) -> None:
@@ -121,7 +134,7 @@ def test_first_order_matches_reference(size, opts, dtype, device, uses):
     ours = _vjp(lambda *a: knn_aggregate_aniso(*a, idx=idx), inputs, K, upstream)
     ref = _vjp(lambda *a: knn_aggregate_aniso_reference(*a, idx=idx), inputs, K, upstream)
     for name, a, b in zip(("q", "p", "f", "sigma", "R"), ours, ref, strict=True):
-        assert_close_scaled(a, b, dtype), name
+        assert_close_scaled(a, b, dtype, name)
 
 
 def eikonal_grads(fn, inputs, K, features_only=False):
@@ -186,13 +199,17 @@ def test_gradcheck_float64_cuda():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     ensure_registered()
-    q, p, f, sigma, R = make_inputs(2, 7, 6, 3, dtype=torch.float64, device=device, seed=7)
+    B, Q, P, F, K = 2, 7, 6, 5, 3
+    q, p, f, sigma, R = make_inputs(B, Q, P, F, dtype=torch.float64, device=device, seed=7)
     ops = torch.ops.neusdf
-    idx = ops.knn_search(q, p, sigma, R, 3)
-    # Upstreams: gf (B, Q, F), gw and gD (B, Q, K), ggq (B, Q, 3).
-    gf, gw, gd = (torch.randn(shape, dtype=q.dtype, device=device) for shape in ((2, 7, 3),) * 3)
+    idx = ops.knn_search(q, p, sigma, R, K)
+    # Upstreams: gf (B, Q, F), gw and gd (B, Q, K), ggq (B, Q, 3).
+    gf, gw, gd = (
+        torch.randn(shape, dtype=q.dtype, device=device)
+        for shape in ((B, Q, F), (B, Q, K), (B, Q, K))
+    )
     ggq = torch.randn_like(q)
-    torch.library.opcheck(ops.knn_search, (q, p, sigma, R, 3))
+    torch.library.opcheck(ops.knn_search, (q, p, sigma, R, K))
     leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
     torch.library.opcheck(ops.knn_aggregate, (*leaves, idx))
     torch.library.opcheck(ops.knn_aggregate_backward, (gf, gw, gd, *leaves, idx))
@@ -200,6 +217,81 @@ def test_opcheck(device):
     for upstream in ((gf, gw, gd), (gf, None, None), (None, gw, None)):
         args = (ggq, *upstream, q, p, f, sigma, R, idx)
         torch.library.opcheck(ops.knn_aggregate_double_backward, args)
+
+
+def test_result_is_a_named_tuple():
+    q, p, f, sigma, R = make_inputs(1, 6, 8, 3, seed=20)
+    for fn in (knn_aggregate_aniso, knn_aggregate_aniso_reference):
+        res = fn(q, p, f, sigma, R, 3)
+        assert isinstance(res, KnnAggregateResult)
+        f_out, w, dists, idx = res
+        assert res.f_out is f_out and res.w is w and res.dists is dists and res.idx is idx
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_kernels_match_real_outputs(device):
+    """Shapes, dtypes and strides of every output: fake (meta) kernels against the real ones,
+    with non-contiguous inputs (the kernels return fresh contiguous tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ensure_registered()
+    B, Q, P, F, K = 2, 5, 7, 4, 3
+    q, p, f, sigma, R = make_inputs(B, Q, P, F, dtype=torch.float64, device=device, seed=21)
+    qn = q.transpose(1, 2).contiguous().transpose(1, 2)
+    Rn = R.transpose(2, 3).contiguous().transpose(2, 3)
+    fn = torch.stack([f, f], -1)[..., 0]
+    ops = torch.ops.neusdf
+    idx = ops.knn_search(qn, p, sigma, Rn, K)
+    shapes = ((B, Q, F), (B, Q, K), (B, Q, K))
+    gf, gw, gd = (torch.randn(s, dtype=q.dtype, device=device) for s in shapes)
+    calls = [
+        (ops.knn_search, (qn, p, sigma, Rn, K)),
+        (ops.knn_aggregate, (qn, p, fn, sigma, Rn, idx)),
+        (ops.knn_aggregate_backward, (gf, gw, gd, qn, p, fn, sigma, Rn, idx)),
+        (ops.knn_aggregate_double_backward, (qn, gf, None, gd, qn, p, fn, sigma, Rn, idx)),
+    ]
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = op(*fake_args)
+        real = real if isinstance(real, tuple) else (real,)
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        for r, x in zip(real, fake, strict=True):
+            assert (r.shape, r.dtype, r.stride()) == (x.shape, x.dtype, x.stride()), op
+
+
+def test_torch_compile_fullgraph_cpu():
+    """The op traces into one graph (fake kernels, no graph break) and the compiled function
+    gives the eager values and first-order gradients. (A double backward through a compiled
+    graph is a limitation of torch.compile's aot_autograd, not of the op.)"""
+    inputs = make_inputs(2, 9, 12, 4, dtype=torch.float64, seed=22, requires_grad=True)
+    K = 3
+
+    def step(q, p, f, sigma, R):
+        f_out, w, dists, idx = knn_aggregate_aniso(q, p, f, sigma, R, K)
+        return f_out.sum(-1) + w.sum(-1) - dists[..., 0], idx
+
+    def run(fn):
+        s, idx = fn(*inputs)
+        return s, idx, torch.autograd.grad(s.sum(), inputs)
+
+    expected = run(step)  # also loads the library before tracing
+    got = run(torch.compile(step, fullgraph=True))
+    torch.testing.assert_close(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+    for a, b in zip(got[2], expected[2], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_nonpositive_sigma_is_rejected(bad):
+    q, p, f, sigma, R = make_inputs(1, 5, 8, 3, seed=23)
+    sigma[0, 4, 1] = bad
+    with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
+        knn_aggregate_aniso(q, p, f, sigma, R, 3)
+    with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
+        knn_search_aniso(q, p, sigma, R, 3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
