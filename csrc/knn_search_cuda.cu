@@ -344,9 +344,12 @@ void launch_search_large_k(const at::Tensor& q, const at::Tensor& p, const at::T
 }
 
 at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
-                           const at::Tensor& sigma_in, const at::Tensor& R_in, int64_t K) {
+                           const at::Tensor& sigma_in, const at::Tensor& R_in, int64_t K,
+                           c10::string_view method) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
+  choose_search_method(method, n, /*cuda=*/true);  // validates method
+  TORCH_CHECK(method != "grid", "neusdf: the grid search is not implemented on CUDA yet");
   TORCH_CHECK(n.P < INT_MAX && n.Q < INT_MAX, "neusdf: knn_search supports P, Q < 2^31 on CUDA");
   TORCH_CHECK(n.B * ((n.Q + kWarp - 1) / kWarp) < INT_MAX, "neusdf: B * Q too large");
   at::Tensor idx = at::empty({n.B, n.Q, K}, q_in.options().dtype(at::kLong));

@@ -18,7 +18,7 @@ from neusdf.ops import (
 )
 from neusdf.ops.knn import ensure_registered
 from neusdf.ops.reference import anisotropic_dists
-from neusdf.ops.testing import make_inputs
+from neusdf.ops.testing import SEARCH_CASES, make_inputs, make_search_case
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
@@ -323,6 +323,65 @@ def test_ties_go_to_the_lower_index(device, dtype):
     assert_same_neighbours(idx, q, p, sigma, R)
 
 
+# (B, Q, P, K): a grid of several cells per axis, K == P, K == 1.
+GRID_SIZES = [(2, 300, 3000, 16), (1, 64, 32, 32), (1, 150, 1500, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", SEARCH_CASES)
+def test_grid_search_equals_brute_force(kind, dtype, device):
+    """The grid search is exact: the same indices in the same order as brute force (ties to
+    the lower index), on inputs built to break a careless bound."""
+    for B, Q, P, K in GRID_SIZES:
+        q, p, sigma, R = make_search_case(kind, B, Q, P, dtype=dtype, device=device, seed=5)
+        brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
+        grid = knn_search_aniso(q, p, sigma, R, K, method="grid")
+        assert torch.equal(grid, brute), (kind, B, Q, P, K, int((grid != brute).sum()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_search_many_seeds(device):
+    for seed in range(12):
+        kind = SEARCH_CASES[seed % len(SEARCH_CASES)]
+        q, p, sigma, R = make_search_case(kind, 1, 100, 900, device=device, seed=100 + seed)
+        brute = knn_search_aniso(q, p, sigma, R, 6, method="brute")
+        assert torch.equal(knn_search_aniso(q, p, sigma, R, 6, method="grid"), brute), kind
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_search_brute_force_is_right(device):
+    """The brute force the grid is compared with agrees with float64 distances."""
+    q, p, sigma, R = make_search_case("clusters", 1, 200, 2000, device=device, seed=6)
+    idx = knn_search_aniso(q, p, sigma, R, 8, method="grid")
+    assert_same_neighbours(idx, q, p, sigma, R)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_search_non_finite_inputs(device):
+    """NaN queries and points with non-finite positions or axes: the same result as brute
+    force (such points sit in the bucket every query scans; NaN queries scan everything)."""
+    q, p, sigma, R = make_search_case("clusters", 1, 60, 1200, device=device, seed=7)
+    q[0, 3] = float("nan")
+    q[0, 4, 1] = float("inf")
+    p[0, 10] = float("nan")
+    p[0, 11, 2] = float("inf")
+    R[0, 12, 1, 1] = float("nan")
+    sigma[0, 13] = float("inf")
+    brute = knn_search_aniso(q, p, sigma, R, 5, method="brute")
+    assert torch.equal(knn_search_aniso(q, p, sigma, R, 5, method="grid"), brute)
+    assert brute[0, 3].tolist() == [0, 1, 2, 3, 4]  # all keys equal (NaN): lowest indices
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aggregate_search_argument(device):
+    inputs = make_inputs(1, 40, 2000, 4, device=device, seed=24)
+    a = knn_aggregate_aniso(*inputs, 8, search="grid")
+    b = knn_aggregate_aniso(*inputs, 8, search="brute")
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_queries_and_noncontiguous_inputs(device):
     q, p, f, sigma, R = make_inputs(2, 10, 12, 6, device=device, seed=10)
@@ -382,6 +441,7 @@ BAD_INPUTS = [
         r"idx must hold point indices in \[0, P\) = \[0, 8\)",
     ),
     (dict(idx=torch.full((2, 5, 3), -1)), ValueError, r"idx must hold point indices"),
+    (dict(search="kd-tree"), ValueError, r"search method must be one of"),
 ]
 
 
@@ -409,6 +469,8 @@ def test_direct_op_call_checks_inputs():
         torch.ops.neusdf.knn_search(q, p, sigma, R, 9)
     with pytest.raises(RuntimeError, match=r"sigma must be \(B, P, 3\)"):
         torch.ops.neusdf.knn_search(q, p, sigma[:, :4], R, 2)
+    with pytest.raises(RuntimeError, match=r"method must be"):
+        torch.ops.neusdf.knn_search(q, p, sigma, R, 2, "kd-tree")
 
 
 @pytest.mark.cuda

@@ -17,7 +17,13 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["KnnAggregateResult", "knn_aggregate_aniso", "knn_search_aniso", "ensure_registered"]
+__all__ = [
+    "KnnAggregateResult",
+    "SEARCH_METHODS",
+    "knn_aggregate_aniso",
+    "knn_search_aniso",
+    "ensure_registered",
+]
 
 
 class KnnAggregateResult(NamedTuple):
@@ -37,15 +43,30 @@ _lock = threading.Lock()
 _registered = False
 
 
+SEARCH_METHODS = ("auto", "grid", "brute")
+GRID_MAX_K_CUDA = 32  # the CUDA grid search keeps each query's list in registers
+
+
 def knn_search_aniso(
-    q: torch.Tensor, p: torch.Tensor, sigma: torch.Tensor, R: torch.Tensor, K: int
+    q: torch.Tensor,
+    p: torch.Tensor,
+    sigma: torch.Tensor,
+    R: torch.Tensor,
+    K: int,
+    *,
+    method: str = "auto",
 ) -> torch.Tensor:
     """The K nearest points of every query under the points' own anisotropic metrics.
 
     Args:
-        q: (B, Q, 3) queries. p: (B, P, 3) points. sigma: (B, P, 3) per-axis precisions.
+        q: (B, Q, 3) queries. p: (B, P, 3) points. sigma: (B, P, 3) per-axis precisions (> 0).
         R: (B, P, 3, 3) per-point axes (rows). All float32 or all float64, on one device.
         K: neighbours per query, 1 <= K <= P.
+        method: ``"brute"`` scans every point; ``"grid"`` sorts the points into a uniform grid
+            each call and visits cells in rings around the query, skipping cells with a
+            conservative lower bound on the distance (exact: identical results; on CUDA for
+            K <= 32); ``"auto"`` (default) takes the grid when P is large enough for it to pay
+            off and K is small against P (docs/op.md).
 
     Returns:
         idx (B, Q, K) int64, ascending in D = sum_j sigma_kj (R_k (q - p_k))_j^2, ties to the
@@ -53,15 +74,16 @@ def knn_search_aniso(
     """
     _check_points(q, p, sigma, R)
     _check_k(K, p.shape[1])
+    _check_method(method, K, q)
     _check_values(sigma, None, p.shape[1])
-    return _search(q, p, sigma, R, K)
+    return _search(q, p, sigma, R, K, method)
 
 
-def _search(q, p, sigma, R, K: int) -> torch.Tensor:
+def _search(q, p, sigma, R, K: int, method: str) -> torch.Tensor:
     """The search op on checked inputs. Its Autograd key falls through (csrc): the selection
     is piecewise constant and idx is an integer tensor, so no graph is recorded."""
     ensure_registered()
-    return torch.ops.neusdf.knn_search(q, p, sigma, R, K)
+    return torch.ops.neusdf.knn_search(q, p, sigma, R, K, method)
 
 
 def knn_aggregate_aniso(
@@ -72,6 +94,8 @@ def knn_aggregate_aniso(
     R: torch.Tensor,
     K: int,
     idx: torch.Tensor | None = None,
+    *,
+    search: str = "auto",
 ) -> KnnAggregateResult:
     """Sums the features of each query's K nearest points, weighted by anisotropic Gaussians.
 
@@ -87,6 +111,8 @@ def knn_aggregate_aniso(
         K: neighbours per query, 1 <= K <= P.
         idx: optional (B, Q, K) int64 neighbours from an earlier call; skips the search and
             gives the same values and gradients as searching.
+        search: the search method, ``"auto"``, ``"grid"`` or ``"brute"`` (identical results;
+            see :func:`knn_search_aniso`); ignored when idx is given.
 
     All float tensors must share one dtype (float32 or float64) and one device (CPU or CUDA).
 
@@ -106,9 +132,11 @@ def knn_aggregate_aniso(
     _check_k(K, p.shape[1])
     if idx is not None:
         _check_idx(idx, q, K)
+    else:
+        _check_method(search, K, q)
     _check_values(sigma, idx, p.shape[1])
     if idx is None:
-        idx = _search(q, p, sigma, R, K)
+        idx = _search(q, p, sigma, R, K, search)
     else:
         ensure_registered()
     f_out, w, dists = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx)
@@ -178,6 +206,16 @@ def _check_k(K, P: int) -> None:
         raise TypeError(f"K must be an int, got {type(K).__name__}")
     if not 1 <= K <= P:
         raise ValueError(f"K must satisfy 1 <= K <= P = {P}, got K = {K}")
+
+
+def _check_method(method, K: int, q: torch.Tensor) -> None:
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
+    if method == "grid" and q.device.type == "cuda" and K > GRID_MAX_K_CUDA:
+        raise ValueError(
+            f"the grid search supports K <= {GRID_MAX_K_CUDA} on CUDA, got K = {K}; "
+            "use 'auto' or 'brute'"
+        )
 
 
 def _check_idx(idx, q: torch.Tensor, K: int) -> None:
@@ -251,9 +289,10 @@ def _register_fakes() -> None:
         return t.new_empty(t.shape)
 
     @torch.library.register_fake("neusdf::knn_search")
-    def _(q, p, sigma, R, K):
+    def _(q, p, sigma, R, K, method="auto"):
         _check_points(q, p, sigma, R)
         _check_k(K, p.shape[1])
+        _check_method(method, K, q)
         return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.int64)
 
     @torch.library.register_fake("neusdf::knn_aggregate")
