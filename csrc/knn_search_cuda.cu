@@ -7,6 +7,13 @@
 // that the list is indexed by compile-time constants only). At the end the W lists of each
 // query are merged through shared memory. No (B, Q, P) tensor ever exists. K > 32 uses a
 // simple kernel that keeps the list in global memory (correct, not fast).
+//
+// Grid (knn_grid.h; K <= 32): built on the device each call without a host synchronisation
+// (the grid's size depends on P only): per-point lam, the batch's median lam and bounding box
+// (ATen reductions), a counting sort of the points by cell (atomic counts, cumulative sum,
+// atomic scatter of packed point records in cell order), each cell's minimum lam. Queries are
+// sorted by cell the same way, so that neighbouring threads walk neighbouring cells; each thread
+// then runs the ring search of one query with its list in registers.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,12 +25,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "knn_aggregate.h"
 #include "knn_aggregate_math.h"
 #include "knn_cuda_helpers.cuh"
+#include "knn_grid.h"
 
 namespace neusdf {
 namespace {
@@ -343,13 +352,274 @@ void launch_search_large_k(const at::Tensor& q, const at::Tensor& p, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ------------------------------------------------------------------------------ grid search
+
+constexpr int kGridThreads = 128;
+
+int64_t grid_blocks(int64_t n) { return (n + kGridThreads - 1) / kGridThreads; }
+
+template <typename T>
+__global__ void point_lambda_kernel(const T* __restrict__ p, const T* __restrict__ sigma,
+                                    const T* __restrict__ R, int64_t BP, T* __restrict__ lam) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= BP) return;
+  lam[x] = point_lambda(p + 3 * x, sigma + 3 * x, R + 9 * x);
+}
+
+// Bucket of every point (in_cells given: its cell, else bucket G^3) or query (in_cells null:
+// its clamped cell when finite, else bucket G^3), counted into counts[b * buckets + bucket].
+template <typename T>
+__global__ void bucket_kernel(const T* __restrict__ xyz, const bool* __restrict__ in_cells,
+                              const T* __restrict__ lo, const T* __restrict__ hi, int64_t n,
+                              int64_t per_batch, int G, int* __restrict__ bucket,
+                              int* __restrict__ counts) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= n) return;
+  const int64_t b = x / per_batch;
+  const GridGeom<T> g = make_grid_geom(lo + 3 * b, hi + 3 * b, G);
+  const int cells = G * G * G;
+  const T* v = xyz + 3 * x;
+  const bool inside =
+      in_cells ? in_cells[x] : (is_finite(v[0]) && is_finite(v[1]) && is_finite(v[2]));
+  int bk = cells;
+  if (inside) {
+    const int c[3] = {cell_coord(v[0], g, 0), cell_coord(v[1], g, 1), cell_coord(v[2], g, 2)};
+    bk = static_cast<int>(cell_linear(c, G));
+  }
+  bucket[x] = bk;
+  atomicAdd(counts + b * (cells + 1) + bk, 1);
+}
+
+// Counting sort's scatter: slot of element x = the next free place of its bucket. With records
+// (points), also copies the point's record into its slot. order holds the index within the batch
+// (points) or the flat index (queries, flat = true).
+template <typename T>
+__global__ void scatter_kernel(const int* __restrict__ bucket, int64_t n, int64_t per_batch,
+                               int buckets, bool flat, int* __restrict__ cursor,
+                               int* __restrict__ order, const T* __restrict__ p,
+                               const T* __restrict__ sigma, const T* __restrict__ R,
+                               PointRec<T>* __restrict__ records) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= n) return;
+  const int64_t b = x / per_batch;
+  const int slot = atomicAdd(cursor + b * buckets + bucket[x], 1);
+  order[slot] = flat ? static_cast<int>(x) : static_cast<int>(x - b * per_batch);
+  if (records != nullptr) {
+    PointRec<T> rec;
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      rec.p[c] = p[3 * x + c];
+      rec.s[c] = sigma[3 * x + c];
+    }
+#pragma unroll
+    for (int c = 0; c < 9; ++c) rec.R[c] = R[9 * x + c];
+    rec.pad = 0;
+    records[slot] = rec;
+  }
+}
+
+// Minimum lam over each cell's points (+inf for an empty cell); cells of all batches.
+template <typename T>
+__global__ void cell_lambda_kernel(const int* __restrict__ start, const int* __restrict__ order,
+                                   const T* __restrict__ lam, int64_t B, int cells, int64_t P,
+                                   T* __restrict__ cell_lam) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= B * cells) return;
+  const int64_t b = x / cells, bucket = b * (cells + 1) + x % cells;
+  T m = INFINITY;
+  for (int s = start[bucket]; s < start[bucket + 1]; ++s) {
+    const T l = lam[b * P + order[s]];
+    m = l < m ? l : m;
+  }
+  cell_lam[x] = m;
+}
+
+// The device side of the grid of every batch.
+template <typename T>
+struct GridView {
+  const T* lo;            // (B, 3) bounding box of the points in cells
+  const T* hi;            // (B, 3)
+  const int* start;       // B * (G^3 + 1) + 1 bucket offsets into order / records
+  const int* order;       // point index within the batch, slot by slot
+  const PointRec<T>* records;  // point records, slot by slot
+  const T* cell_lam;      // (B, G^3) minimum lam of each cell
+  const T* lam_min;       // (B,) minimum lam over the batch's points in cells
+  int G;
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void scan_slots(const GridView<T>& grid, int begin, int end,
+                                           const T qv[3], LaneList<T, N>& list) {
+  for (int slot = begin; slot < end; ++slot) {
+    const PointRec<T>& r = grid.records[slot];
+    T d[3], u[3];
+    const T k = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
+    const int j = grid.order[slot];
+    if (comes_before<T>(k, j, list.key[N - 1], list.ind[N - 1])) {
+      insert_sorted<T, N, true>(list.key, list.ind, k, j);
+    }
+  }
+}
+
+// One thread per query, in cell order (qorder). The list holds N >= K entries; pruning
+// against its N-th key (>= the K-th) is conservative.
+template <typename T, int N>
+__global__ void knn_grid_search_kernel(const T* __restrict__ q, const int* __restrict__ qorder,
+                                       GridView<T> grid, int64_t BQ, int Q, int K,
+                                       int64_t* __restrict__ idx) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= BQ) return;
+  const int64_t bq = qorder[x];
+  const int64_t b = bq / Q;
+  const int G = grid.G, cells = G * G * G;
+  const int* start = grid.start + b * (cells + 1);
+  const T qv[3] = {q[3 * bq], q[3 * bq + 1], q[3 * bq + 2]};
+  LaneList<T, N> list;
+  list.clear();
+  scan_slots(grid, start[cells], start[cells + 1], qv, list);  // points outside the bound
+  if (!(is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2]))) {
+    scan_slots(grid, start[0], start[cells], qv, list);  // no bound holds: every cell
+  } else {
+    const GridGeom<T> g = make_grid_geom(grid.lo + 3 * b, grid.hi + 3 * b, G);
+    const T lam_min = grid.lam_min[b];
+    const T* cell_lam = grid.cell_lam + b * cells;
+    const int cq[3] = {cell_coord(qv[0], g, 0), cell_coord(qv[1], g, 1),
+                       cell_coord(qv[2], g, 2)};
+    int rmax = 0;
+    for (int a = 0; a < 3; ++a) rmax = max(rmax, max(cq[a], G - 1 - cq[a]));
+    for (int r = 0; r <= rmax; ++r) {
+      if (r > 0) {
+        const T gap2 = ring_gap2(qv, g, cq, r);
+        if (gap2 < T(0) || bound_key(lam_min, gap2) > list.key[N - 1]) break;
+      }
+      // The cells at Chebyshev distance exactly r from cq, clipped to the grid.
+      for (int z = max(0, cq[2] - r); z <= min(G - 1, cq[2] + r); ++z) {
+        for (int y = max(0, cq[1] - r); y <= min(G - 1, cq[1] + r); ++y) {
+          const bool shell = abs(z - cq[2]) == r || abs(y - cq[1]) == r;
+          const int step = shell || r == 0 ? 1 : 2 * r;
+          for (int xc = cq[0] - r; xc <= cq[0] + r; xc += step) {
+            if (xc < 0 || xc >= G) continue;
+            const int c[3] = {xc, y, z};
+            const int64_t cell = cell_linear(c, G);
+            if (start[cell] == start[cell + 1]) continue;
+            if (bound_key(cell_lam[cell], cell_gap2(qv, g, c)) > list.key[N - 1]) continue;
+            scan_slots(grid, start[cell], start[cell + 1], qv, list);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+    if (s < K) idx[bq * K + s] = list.ind[s];
+  }
+}
+
+// Counting sort of n elements (per_batch of them per batch) into B * buckets buckets: returns
+// (start: B * buckets + 1 offsets, order), bucket[x] given, counts accumulated by bucket_kernel.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> counting_sort(const at::Tensor& bucket, const at::Tensor& counts,
+                                                int64_t per_batch, int buckets, bool flat,
+                                                const T* p, const T* sigma, const T* R,
+                                                PointRec<T>* records, cudaStream_t stream) {
+  const int64_t n = bucket.numel();
+  at::Tensor start = at::zeros({counts.numel() + 1}, counts.options());
+  start.narrow(0, 1, counts.numel()).copy_(at::cumsum(counts, 0, at::kInt));
+  at::Tensor cursor = start.narrow(0, 0, counts.numel()).clone();
+  at::Tensor order = at::empty({n}, counts.options());
+  scatter_kernel<T><<<grid_blocks(n), kGridThreads, 0, stream>>>(
+      bucket.data_ptr<int>(), n, per_batch, buckets, flat, cursor.data_ptr<int>(),
+      order.data_ptr<int>(), p, sigma, R, records);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {start, order};
+}
+
+template <typename T, int N>
+void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
+                        const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
+                        cudaStream_t stream) {
+  const int G = grid_cells_per_axis(n.P);
+  const int cells = G * G * G, buckets = cells + 1;
+  TORCH_CHECK(n.B * n.P < INT_MAX && n.B * n.Q < INT_MAX && n.B * buckets < INT_MAX,
+              "neusdf: the CUDA grid search supports B * P, B * Q and B * cells < 2^31");
+  const auto opts = q.options();
+  const auto iopts = opts.dtype(at::kInt);
+  // Per-point bound; points below a fraction of the batch median (or without a bound) go to
+  // the bucket every query scans.
+  at::Tensor lam = at::empty({n.B, n.P}, opts);
+  point_lambda_kernel<T><<<grid_blocks(n.B * n.P), kGridThreads, 0, stream>>>(
+      p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), n.B * n.P, lam.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor median = std::get<0>(at::median(lam, 1));
+  const at::Tensor floor = median.clamp_min(0).mul(kLamFloorOfMedian).unsqueeze(1);
+  const at::Tensor in_cells = lam.gt(0).logical_and_(lam.ge(floor)).contiguous();
+  const at::Tensor out = in_cells.logical_not().unsqueeze(2);
+  const at::Tensor lo = p.masked_fill(out, INFINITY).amin(1).contiguous();
+  const at::Tensor hi = p.masked_fill(out, -INFINITY).amax(1).contiguous();
+  // Points: bucket, counting sort, packed records in slot order, per-cell minimum lam.
+  at::Tensor counts = at::zeros({n.B * buckets}, iopts);
+  at::Tensor bucket = at::empty({n.B * n.P}, iopts);
+  bucket_kernel<T><<<grid_blocks(n.B * n.P), kGridThreads, 0, stream>>>(
+      p.data_ptr<T>(), in_cells.data_ptr<bool>(), lo.data_ptr<T>(), hi.data_ptr<T>(),
+      n.B * n.P, n.P, G, bucket.data_ptr<int>(), counts.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor records =
+      at::empty({n.B * n.P * static_cast<int64_t>(sizeof(PointRec<T>))}, opts.dtype(at::kByte));
+  PointRec<T>* rec = reinterpret_cast<PointRec<T>*>(records.data_ptr());
+  const std::pair<at::Tensor, at::Tensor> sorted =
+      counting_sort<T>(bucket, counts, n.P, buckets, false, p.data_ptr<T>(),
+                       sigma.data_ptr<T>(), R.data_ptr<T>(), rec, stream);
+  const at::Tensor& start = sorted.first;  // B * buckets + 1 slot offsets
+  const at::Tensor& order = sorted.second;  // point index within the batch, per slot
+  at::Tensor cell_lam = at::empty({n.B, cells}, opts);
+  cell_lambda_kernel<T><<<grid_blocks(n.B * cells), kGridThreads, 0, stream>>>(
+      start.data_ptr<int>(), order.data_ptr<int>(), lam.data_ptr<T>(), n.B, cells, n.P,
+      cell_lam.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor lam_min = cell_lam.amin(1).contiguous();
+  // Queries: sorted by cell too, so that a warp's threads walk nearby cells.
+  at::Tensor qcounts = at::zeros({n.B * buckets}, iopts);
+  at::Tensor qbucket = at::empty({n.B * n.Q}, iopts);
+  bucket_kernel<T><<<grid_blocks(n.B * n.Q), kGridThreads, 0, stream>>>(
+      q.data_ptr<T>(), nullptr, lo.data_ptr<T>(), hi.data_ptr<T>(), n.B * n.Q, n.Q, G,
+      qbucket.data_ptr<int>(), qcounts.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor qorder = counting_sort<T>(qbucket, qcounts, n.Q, buckets, true, nullptr,
+                                             nullptr, nullptr, nullptr, stream)
+                                .second;
+  const GridView<T> view{lo.data_ptr<T>(),      hi.data_ptr<T>(),       start.data_ptr<int>(),
+                         order.data_ptr<int>(), rec,                    cell_lam.data_ptr<T>(),
+                         lam_min.data_ptr<T>(), G};
+  knn_grid_search_kernel<T, N><<<grid_blocks(n.B * n.Q), kGridThreads, 0, stream>>>(
+      q.data_ptr<T>(), qorder.data_ptr<int>(), view, n.B * n.Q, static_cast<int>(n.Q),
+      static_cast<int>(n.K), idx.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls launch<T, N>(...) with N = K rounded up to a power of two (K <= 32).
+#define NEUSDF_DISPATCH_LIST_SIZE(K, LAUNCH, ...) \
+  do {                                            \
+    if ((K) <= 1) {                               \
+      LAUNCH<T, 1>(__VA_ARGS__);                  \
+    } else if ((K) <= 2) {                        \
+      LAUNCH<T, 2>(__VA_ARGS__);                  \
+    } else if ((K) <= 4) {                        \
+      LAUNCH<T, 4>(__VA_ARGS__);                  \
+    } else if ((K) <= 8) {                        \
+      LAUNCH<T, 8>(__VA_ARGS__);                  \
+    } else if ((K) <= 16) {                       \
+      LAUNCH<T, 16>(__VA_ARGS__);                 \
+    } else {                                      \
+      LAUNCH<T, 32>(__VA_ARGS__);                 \
+    }                                             \
+  } while (0)
+
 at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
                            const at::Tensor& sigma_in, const at::Tensor& R_in, int64_t K,
                            c10::string_view method) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
-  choose_search_method(method, n, /*cuda=*/true);  // validates method
-  TORCH_CHECK(method != "grid", "neusdf: the grid search is not implemented on CUDA yet");
+  const SearchMethod how = choose_search_method(method, n, /*cuda=*/true);
   TORCH_CHECK(n.P < INT_MAX && n.Q < INT_MAX, "neusdf: knn_search supports P, Q < 2^31 on CUDA");
   TORCH_CHECK(n.B * ((n.Q + kWarp - 1) / kWarp) < INT_MAX, "neusdf: B * Q too large");
   at::Tensor idx = at::empty({n.B, n.Q, K}, q_in.options().dtype(at::kLong));
@@ -359,18 +629,10 @@ at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_search_cuda", [&] {
     using T = scalar_t;
-    if (K <= 1) {
-      launch_search<T, 1>(q, p, sigma, R, n, idx, stream);
-    } else if (K <= 2) {
-      launch_search<T, 2>(q, p, sigma, R, n, idx, stream);
-    } else if (K <= 4) {
-      launch_search<T, 4>(q, p, sigma, R, n, idx, stream);
-    } else if (K <= 8) {
-      launch_search<T, 8>(q, p, sigma, R, n, idx, stream);
-    } else if (K <= 16) {
-      launch_search<T, 16>(q, p, sigma, R, n, idx, stream);
+    if (how == SearchMethod::kGrid) {
+      NEUSDF_DISPATCH_LIST_SIZE(K, launch_grid_search, q, p, sigma, R, n, idx, stream);
     } else if (K <= 32) {
-      launch_search<T, 32>(q, p, sigma, R, n, idx, stream);
+      NEUSDF_DISPATCH_LIST_SIZE(K, launch_search, q, p, sigma, R, n, idx, stream);
     } else {
       launch_search_large_k<T>(q, p, sigma, R, n, idx, stream);
     }
