@@ -37,12 +37,14 @@ struct Eps<double> {
   static constexpr double value = 2.220446049250313e-16;
 };
 
-// Grid cells per axis for P points: about two cells per point, at most 128 per axis (2^21
-// cells). The same for every batch and known on the host, so no device value is needed to
-// size the grid.
+// Grid cells per axis for P points: about two points per cell, at most 128 cells per axis
+// (2^21 cells). The same for every batch and known on the host, so no device value is needed
+// to size the grid. (Counted on the CPU for uniform clouds of 16k to 262k points and K = 8 or
+// 16: cells visited + distances evaluated per query were lowest at two points per cell; at P =
+// 262144, K = 16 a query visits about 290 cells and evaluates about 180 distances.)
 inline int grid_cells_per_axis(int64_t P) {
   int G = 1;
-  while (G < 128 && static_cast<int64_t>(G + 1) * (G + 1) * (G + 1) <= 2 * P) ++G;
+  while (G < 128 && 2 * static_cast<int64_t>(G + 1) * (G + 1) * (G + 1) <= P) ++G;
   return G;
 }
 
