@@ -501,3 +501,19 @@ def test_cuda_search_matches_reference_at_scale():
         idx = knn_search_aniso(q, p, sigma, R, K)
         sub = slice(0, 500)  # the float64 check builds a (B, Q, P) matrix on the CPU
         assert_same_neighbours(idx[:, sub], q[:, sub], p, sigma, R)
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_grid_search_at_scale(dtype):
+    """The CUDA grid search equals the CUDA brute force at a training-like size, and in float64
+    the CPU brute force too."""
+    q, p, f, sigma, R = make_inputs(2, 6000, 20000, 1, dtype=dtype, device="cuda", seed=18)
+    for K in (1, 8, 16, 32):
+        grid = knn_search_aniso(q, p, sigma, R, K, method="grid")
+        assert torch.equal(grid, knn_search_aniso(q, p, sigma, R, K, method="brute")), K
+        assert torch.equal(grid, knn_search_aniso(q, p, sigma, R, K)), K  # "auto": the grid
+        if dtype == torch.float64:
+            cpu = knn_search_aniso(*(t.cpu() for t in (q, p, sigma, R)), K, method="brute")
+            assert torch.equal(grid.cpu(), cpu), K
