@@ -6,8 +6,10 @@ autograd in C++ (``csrc/knn_aggregate_autograd.cpp``): the forward's backward is
 op, whose own backward is the double-backward op (exact for the upstream of the query gradient,
 which the Eikonal loss produces; upstreams of the other gradients, rare, are differentiated
 exactly through the formula on the gathered neighbours). A third derivative raises an error.
-This module loads the library on first use and registers a fake (meta) kernel for each
-operator, so that ``torch.compile`` and ``torch.library.opcheck`` can trace them.
+The search is exact either way: brute force or a uniform grid with a conservative distance
+bound (``method``; docs/op.md). This module loads the library on first use and registers a fake
+(meta) kernel for each operator, so that ``torch.compile`` and ``torch.library.opcheck`` can
+trace them.
 """
 
 from __future__ import annotations
