@@ -40,6 +40,18 @@ NEUSDF_HD bool comes_before(T key_a, long long idx_a, T key_b, long long idx_b) 
   return key_a < key_b || (key_a == key_b && idx_a < idx_b);
 }
 
+// a * b + c. Fused explicitly on the GPU, so that every kernel rounds the distance the same
+// way whatever the compiler would contract in its context (the grid and brute-force searches
+// must agree to the last bit); unfused on the host (built with -ffp-contract=off).
+template <typename T>
+NEUSDF_HD T mul_add(T a, T b, T c) {
+#ifdef __CUDA_ARCH__
+  return fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // d = q - p, u = R d; returns D = sum_i s_i u_i^2.
 template <typename T>
 NEUSDF_HD T pair_distance(const T q[3], const T p[3], const T s[3], const T R[9], T d[3],
@@ -47,8 +59,10 @@ NEUSDF_HD T pair_distance(const T q[3], const T p[3], const T s[3], const T R[9]
 #pragma unroll
   for (int j = 0; j < 3; ++j) d[j] = q[j] - p[j];
 #pragma unroll
-  for (int i = 0; i < 3; ++i) u[i] = R[3 * i] * d[0] + R[3 * i + 1] * d[1] + R[3 * i + 2] * d[2];
-  return s[0] * u[0] * u[0] + s[1] * u[1] * u[1] + s[2] * u[2] * u[2];
+  for (int i = 0; i < 3; ++i) {
+    u[i] = mul_add(R[3 * i + 2], d[2], mul_add(R[3 * i + 1], d[1], R[3 * i] * d[0]));
+  }
+  return mul_add(s[2] * u[2], u[2], mul_add(s[1] * u[1], u[1], s[0] * u[0] * u[0]));
 }
 
 // out = 2 R^T (s * v): with v = u this is g = dD/dq; with v = R e it is H e, H = d^2 D / dq^2.

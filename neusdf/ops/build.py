@@ -103,7 +103,9 @@ def load_library(verbose: bool | None = None) -> bool:
             verbose = os.environ.get("NEUSDF_BUILD_VERBOSE", "0") == "1"
         sources = [str(SOURCE_DIR / s) for s in _CPU_SOURCES]
         # No -std flag: torch picks the standard its headers need (C++17 or C++20).
-        cflags = ["-O3", "-fopenmp"]
+        # -ffp-contract=off: no fused multiply-add behind our back, so the distance rounds the
+        # same in every kernel (the exact searches compare them bit for bit).
+        cflags = ["-O3", "-fopenmp", "-ffp-contract=off"]
         if with_cuda:
             sources += [str(SOURCE_DIR / s) for s in _CUDA_SOURCES]
         load(
