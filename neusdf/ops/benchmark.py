@@ -1,4 +1,4 @@
-"""Benchmark of the compiled op against the plain-PyTorch reference (EVAL.md protocol).
+"""Benchmark of the compiled op against the plain-PyTorch reference.
 
     python -m neusdf.ops.benchmark --json results.json            # CUDA, all sizes
     python -m neusdf.ops.benchmark --size reference --size training-search
