@@ -1,39 +1,108 @@
 #!/usr/bin/env bash
-# One GPU-machine call for the op: build for sm_90, run the whole op test suite (CUDA tests
-# included), compute-sanitizer on a small case, then the benchmark. Logs go to $OUT.
-# Run from the repo root on the device machine:  bash benchmarks/gpu_op.sh
+# One GPU-machine call for the op: build for sm_90, the CUDA tests of tests/test_ops.py,
+# compute-sanitizer (memcheck, racecheck) on a small case, then the benchmark. Logs and the
+# benchmark JSON go to $OUT. Run from the repository root on the GPU machine:
+#
+#     bash benchmarks/gpu_op.sh
+#
+# Budget: about 5 minutes on an H100. Every stage runs under a timeout cut to what is left of
+# BUDGET_S (default 450 s) after a reserve for the stages behind it, so the script ends within
+# 7.5 minutes whatever hangs. Order: build, CUDA tests, benchmark, sanitizers. Knobs:
+# PYTEST_ARGS, BENCH_ARGS (extra arguments), SKIP_SANITIZER=1, BUDGET_S.
+#
+# On the GPU image (torch 2.11 + CUDA 13, Python 3.12) any C++ exception thrown from a freshly
+# built extension kills the process with a segmentation fault (benchmarks/RESULTS.md). The
+# tests that make the compiled code throw on purpose are therefore deselected here; they run
+# in CI on the CPU:
+#   test_direct_op_call_checks_inputs  (the raw op with bad input: TORCH_CHECK throws)
+#   test_third_order_raises            (the C++ autograd raises at third order)
+# Only the CUDA-marked tests run here (the CPU ones run in CI); --noconftest keeps pytest from
+# importing the framework's fixtures (Hydra, trimesh), which the op tests do not use.
 set -uo pipefail
-# Hydra, OmegaConf and trimesh travel as wheels (shared/device/fetch-wheels.sh; carry .whl).
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-OUT=${OUT:-/tmp/neusdf-out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/neusdf-out}
+mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-450}
+stage() { echo; echo "=== $1 (t = $(( $(date +%s) - T0 )) s)"; }
+# cap WANT RESERVE: seconds for a stage, at most WANT, leaving RESERVE for later stages.
+cap() {
+  local left=$(( BUDGET_S - ($(date +%s) - T0) - $2 ))
+  (( left < $1 )) && echo $(( left > 10 ? left : 10 )) || echo "$1"
+}
+STATUS=()
+
+stage "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-t0=$(date +%s)
-python3 -m neusdf.ops.build 2>&1 | tee "$OUT/build.log" || exit 1
-echo "build seconds: $(( $(date +%s) - t0 ))" | tee -a "$OUT/build.log"
-# CUDA tests first, so that a crash elsewhere cannot hide their result.
-python3 -m pytest tests/test_ops.py -q -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15
-python3 -m pytest tests/test_ops.py -q -p no:cacheprovider -m "not cuda" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-cpu.log" | tail -8
-cat > /tmp/sanitize_case.py <<'PY'
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+  | tee -a "$OUT/gpu.txt"
+git log --oneline -1 2>/dev/null | tee -a "$OUT/gpu.txt"
+
+stage "build (log: build.log)"
+if ! timeout "$(cap 200 250)" python3 -m neusdf.ops.build > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+tail -1 "$OUT/build.log"
+grep -q "CPU + CUDA" "$OUT/build.log" || { echo "BUILD HAS NO CUDA KERNELS"; exit 1; }
+
+stage "tests/test_ops.py, CUDA tests (log: pytest-cuda.log)"
+timeout "$(cap 150 190)" python3 -m pytest tests/test_ops.py -q -p no:cacheprovider --noconftest -m cuda \
+  --deselect tests/test_ops.py::test_direct_op_call_checks_inputs \
+  --deselect tests/test_ops.py::test_third_order_raises \
+  ${PYTEST_ARGS:-} > "$OUT/pytest-cuda.log" 2>&1
+rc=$?
+grep -E "^(FAILED|ERROR)" "$OUT/pytest-cuda.log" | head -30
+tail -1 "$OUT/pytest-cuda.log"
+STATUS+=("pytest -m cuda: exit $rc, $(tail -1 "$OUT/pytest-cuda.log")")
+
+stage "benchmark (log: op_benchmark.log, JSON: op_benchmark.json)"
+timeout "$(cap 150 100)" python3 -m neusdf.ops.benchmark --json "$OUT/op_benchmark.json" --overwrite \
+  --overhead ${BENCH_ARGS:-} > "$OUT/op_benchmark.log" 2>&1
+rc=$?
+sed -n '/^| size/,$p' "$OUT/op_benchmark.log"
+[ $rc -ne 0 ] && tail -20 "$OUT/op_benchmark.log"
+STATUS+=("benchmark: exit $rc")
+
+if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
+  stage "compute-sanitizer (logs: sanitizer-*.log)"
+  cat > /tmp/neusdf_sanitize_case.py <<'PY'
+"""Search (grid and brute), forward, backward and double backward on small CUDA cases."""
 import torch
-from neusdf.ops import knn_aggregate_aniso
-from neusdf.ops.testing import make_inputs
-for K, P in ((5, 37), (16, 300), (40, 50)):
-    ins = make_inputs(2, 45, P, 33, device="cuda", requires_grad=True)
-    f_out, w, d, idx = knn_aggregate_aniso(*ins, K)
-    (gq,) = torch.autograd.grad((f_out.sum(-1) + w.sum(-1)).sum(), ins[0], create_graph=True)
+
+from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
+from neusdf.ops.testing import make_inputs, make_search_case
+
+for search, K, P, Q in (("brute", 5, 37, 45), ("brute", 16, 300, 45), ("brute", 40, 50, 45),
+                        ("grid", 8, 700, 64), ("grid", 32, 40, 33)):
+    ins = make_inputs(2, Q, P, 33, device="cuda", requires_grad=True)
+    f_out, w, d, idx = knn_aggregate_aniso(*ins, K, search=search)
+    (gq,) = torch.autograd.grad((f_out.sum(-1) + w.sum(-1) - d[..., 0]).sum(), ins[0],
+                                create_graph=True)
     gq.square().sum().backward()
+for kind in ("clusters", "far-queries", "duplicates"):
+    q, p, sigma, R = make_search_case(kind, 2, 50, 600, device="cuda", seed=1)
+    q[0, 0] = float("nan")
+    p[1, 3] = float("nan")
+    a = knn_search_aniso(q, p, sigma, R, 6, method="grid")
+    b = knn_search_aniso(q, p, sigma, R, 6, method="brute")
+    assert torch.equal(a, b), kind
 torch.cuda.synchronize()
 print("sanitize case ok")
 PY
-for tool in memcheck racecheck; do
-  timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 python3 /tmp/sanitize_case.py \
-    > "$OUT/sanitizer-$tool.log" 2>&1
-  echo "compute-sanitizer $tool exit: $?  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1)"
-done
-python3 -m neusdf.ops.benchmark --json "$OUT/op_benchmark.json" --profile --overhead ${BENCH_ARGS:-} 2>&1 | tee "$OUT/op_benchmark.log" | tail -40
+  for tool in memcheck racecheck; do
+    timeout "$(cap 90 $([ $tool = memcheck ] && echo 45 || echo 0))" compute-sanitizer --tool $tool --error-exitcode 9 \
+      python3 /tmp/neusdf_sanitize_case.py > "$OUT/sanitizer-$tool.log" 2>&1
+    rc=$?
+    summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer-$tool.log" | tail -1)
+    ok=$(grep -c "sanitize case ok" "$OUT/sanitizer-$tool.log")
+    echo "compute-sanitizer $tool: exit $rc, case finished: $ok, $summary"
+    STATUS+=("sanitizer $tool: exit $rc, case finished: $ok, $summary")
+  done
+fi
+
+stage "summary"
+printf '%s\n' "${STATUS[@]}" | tee "$OUT/summary.txt"
+echo "total seconds: $(( $(date +%s) - T0 ))" | tee -a "$OUT/summary.txt"

@@ -5,6 +5,8 @@
 
 #include <torch/library.h>
 
+#include <string>
+
 namespace neusdf {
 namespace {
 
@@ -57,6 +59,20 @@ ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::
   return n;
 }
 
+SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n, bool cuda) {
+  if (method == "brute") return SearchMethod::kBrute;
+  if (method == "grid") {
+    TORCH_CHECK(!cuda || n.K <= kGridMaxKCuda, "neusdf: method=\"grid\" supports K <= ",
+                kGridMaxKCuda, " on CUDA, got K = ", n.K, "; use \"auto\" or \"brute\"");
+    return SearchMethod::kGrid;
+  }
+  TORCH_CHECK(method == "auto", "neusdf: knn_search method must be \"auto\", \"brute\" or "
+              "\"grid\", got \"", std::string(method.data(), method.size()), "\"");
+  const int64_t min_points = cuda ? 8192 : 1024;
+  const bool grid = n.P >= min_points && 16 * n.K <= n.P && (!cuda || n.K <= kGridMaxKCuda);
+  return grid ? SearchMethod::kGrid : SearchMethod::kBrute;
+}
+
 void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
                     const at::Tensor& q) {
   TORCH_CHECK(grad.sizes() == shape, "neusdf: ", name, " must have shape ", shape, ", got ",
@@ -74,23 +90,25 @@ Upstreams check_upstreams(const std::optional<at::Tensor>& gf,
     check_upstream(*g, name, shape, q);
     return g->contiguous();
   };
-  return {read(gf, "grad_f", {n.B, n.Q, n.F}), read(gw, "grad_w", {n.B, n.Q, n.K}),
-          read(gD, "grad_d", {n.B, n.Q, n.K})};
+  return {read(gf, "gf", {n.B, n.Q, n.F}), read(gw, "gw", {n.B, n.Q, n.K}),
+          read(gD, "gD", {n.B, n.Q, n.K})};
 }
 
 }  // namespace neusdf
 
 TORCH_LIBRARY(neusdf, m) {
-  m.def("knn_search(Tensor q, Tensor p, Tensor sigma, Tensor R, int K) -> Tensor");
+  m.def(
+      "knn_search(Tensor q, Tensor p, Tensor sigma, Tensor R, int K, str method=\"auto\")"
+      " -> Tensor");
   m.def(
       "knn_aggregate(Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
-      "knn_aggregate_backward(Tensor? grad_f, Tensor? grad_w, Tensor? grad_d, Tensor q, Tensor p,"
+      "knn_aggregate_backward(Tensor? gf, Tensor? gw, Tensor? gD, Tensor q, Tensor p,"
       " Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "knn_aggregate_double_backward(Tensor ggq, Tensor? grad_f, Tensor? grad_w, Tensor? grad_d,"
+      "knn_aggregate_double_backward(Tensor ggq, Tensor? gf, Tensor? gw, Tensor? gD,"
       " Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

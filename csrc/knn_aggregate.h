@@ -12,21 +12,27 @@
 //
 // Operators (namespace neusdf, registered in knn_aggregate.cpp, kernels per device in
 // knn_aggregate_cpu.cpp and knn_aggregate_cuda.cu):
-//   knn_search(q, p, sigma, R, K) -> idx (B, Q, K) int64
+//   knn_search(q, p, sigma, R, K, method="auto") -> idx (B, Q, K) int64
 //       The K points with the smallest D, ascending, ties to the lower index; NaN and +inf
-//       distances sort last. 1 <= K <= P.
+//       distances sort last. 1 <= K <= P. method: "brute" (every point), "grid" (the exact
+//       grid search of knn_grid.h; on CUDA for K <= 32) or "auto" (choose_search_method).
+//       Both methods give identical results.
 //   knn_aggregate(q, p, f, sigma, R, idx) -> (f_out (B, Q, F), w (B, Q, K), dists (B, Q, K))
 //       f_out = sum_k w_k f_idx[k]; not normalised.
-//   knn_aggregate_backward(grad_f?, grad_w?, grad_d?, q, p, f, sigma, R, idx)
-//       -> (grad_q, grad_p, grad_f_in, grad_sigma, grad_R): the vector-Jacobian product of
-//       knn_aggregate for upstream grad_f (B, Q, F), grad_w and grad_d (B, Q, K); an absent
-//       (None) upstream counts as zero and its terms are skipped.
-//   knn_aggregate_double_backward(ggq, grad_f?, grad_w?, grad_d?, q, p, f, sigma, R, idx)
-//       -> (g_grad_f, g_grad_w, g_grad_d, g_q, g_p, g_f, g_sigma, g_R): the gradient of
+//   knn_aggregate_backward(gf?, gw?, gD?, q, p, f, sigma, R, idx)
+//       -> (grad_q, grad_p, grad_f, grad_sigma, grad_R): the vector-Jacobian product of
+//       knn_aggregate for upstreams gf of f_out (B, Q, F), gw of w and gD of dists (B, Q, K);
+//       an absent (None) upstream counts as zero and its terms are skipped.
+//   knn_aggregate_double_backward(ggq, gf?, gw?, gD?, q, p, f, sigma, R, idx)
+//       -> (g_gf, g_gw, g_gD, g_q, g_p, g_f, g_sigma, g_R): the gradient of
 //       sum(ggq * grad_q) with respect to every input of knn_aggregate_backward; ggq (B, Q, 3).
 //       The gradient of an absent upstream is returned as an empty tensor of shape (0,).
+//
+// Index names used by every kernel: bq = b * Q + query (flat query), pj = b * P + j (flat
+// point), t = bq * K + k (flat (query, neighbour) pair).
 #pragma once
 
+#include <c10/util/string_view.h>
 #include <torch/types.h>
 
 #include <optional>
@@ -42,6 +48,18 @@ struct ProblemSize {
 // and 1 <= K <= P; returns the sizes (F = 0, K as given).
 ProblemSize check_points(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                          const at::Tensor& R, int64_t K);
+
+// The search method knn_search runs.
+enum class SearchMethod { kBrute, kGrid };
+
+// Largest K of the CUDA grid search (its per-query list lives in registers).
+constexpr int64_t kGridMaxKCuda = 32;
+
+// Parses knn_search's method ("auto", "brute" or "grid"; anything else is an error). "auto"
+// takes the grid when there are enough points for it to pay off (P >= 1024 on the CPU, P >= 8192
+// on CUDA) and K is small against P (16 K <= P), else brute force; "grid" with K > 32 on CUDA is
+// an error.
+SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n, bool cuda);
 
 // Checks everything knn_aggregate takes (idx: int64, (B, Q, K) with 1 <= K <= P); returns sizes.
 ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,

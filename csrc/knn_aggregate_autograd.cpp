@@ -37,7 +37,7 @@ Tensor3 aggregate_op(const at::Tensor& q, const at::Tensor& p, const at::Tensor&
   return op.call(q, p, f, s, R, idx);
 }
 
-Tensor5 backward_op(const OptTensor& gf, const OptTensor& gw, const OptTensor& gd,
+Tensor5 backward_op(const OptTensor& gf, const OptTensor& gw, const OptTensor& gD,
                     const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
                     const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx) {
   static const auto op =
@@ -46,11 +46,11 @@ Tensor5 backward_op(const OptTensor& gf, const OptTensor& gw, const OptTensor& g
           .typed<Tensor5(const OptTensor&, const OptTensor&, const OptTensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(gf, gw, gd, q, p, f, s, R, idx);
+  return op.call(gf, gw, gD, q, p, f, s, R, idx);
 }
 
 Tensor8 double_backward_op(const at::Tensor& ggq, const OptTensor& gf, const OptTensor& gw,
-                           const OptTensor& gd, const at::Tensor& q, const at::Tensor& p,
+                           const OptTensor& gD, const at::Tensor& q, const at::Tensor& p,
                            const at::Tensor& f, const at::Tensor& s, const at::Tensor& R,
                            const at::Tensor& idx) {
   static const auto op =
@@ -60,7 +60,7 @@ Tensor8 double_backward_op(const at::Tensor& ggq, const OptTensor& gf, const Opt
                          const OptTensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&)>();
-  return op.call(ggq, gf, gw, gd, q, p, f, s, R, idx);
+  return op.call(ggq, gf, gw, gD, q, p, f, s, R, idx);
 }
 
 OptTensor optional_of(const at::Tensor& t) {
@@ -89,11 +89,11 @@ Tensor3 aggregate_by_gathering(const at::Tensor& q, const at::Tensor& p, const a
 class DoubleBackwardFunction : public torch::autograd::Function<DoubleBackwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& ggq, const OptTensor& gf,
-                               const OptTensor& gw, const OptTensor& gd, const at::Tensor& q,
+                               const OptTensor& gw, const OptTensor& gD, const at::Tensor& q,
                                const at::Tensor& p, const at::Tensor& f, const at::Tensor& s,
                                const at::Tensor& R, const at::Tensor& idx) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto out = double_backward_op(ggq, gf, gw, gd, q, p, f, s, R, idx);
+    const auto out = double_backward_op(ggq, gf, gw, gD, q, p, f, s, R, idx);
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
             std::get<4>(out), std::get<5>(out), std::get<6>(out), std::get<7>(out)};
   }
@@ -106,32 +106,32 @@ class DoubleBackwardFunction : public torch::autograd::Function<DoubleBackwardFu
 class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const OptTensor& gf, const OptTensor& gw,
-                               const OptTensor& gd, const at::Tensor& q, const at::Tensor& p,
+                               const OptTensor& gD, const at::Tensor& q, const at::Tensor& p,
                                const at::Tensor& f, const at::Tensor& s, const at::Tensor& R,
                                const at::Tensor& idx) {
     ctx->set_materialize_grads(false);  // unused outputs give undefined grads: skip their work
     ctx->save_for_backward({gf.value_or(at::Tensor()), gw.value_or(at::Tensor()),
-                            gd.value_or(at::Tensor()), q, p, f, s, R, idx});
+                            gD.value_or(at::Tensor()), q, p, f, s, R, idx});
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto out = backward_op(gf, gw, gd, q, p, f, s, R, idx);
+    const auto out = backward_op(gf, gw, gD, q, p, f, s, R, idx);
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
             std::get<4>(out)};
   }
 
   // grads: upstreams of (grad_q, grad_p, grad_f, grad_sigma, grad_R). Returns the gradients of
-  // (grad_f, grad_w, grad_d, q, p, f, sigma, R, idx).
+  // (gf, gw, gD, q, p, f, sigma, R, idx).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list v = ctx->get_saved_variables();
-    const at::Tensor &gf = v[0], &gw = v[1], &gd = v[2], &q = v[3], &p = v[4], &f = v[5],
+    const at::Tensor &gf = v[0], &gw = v[1], &gD = v[2], &q = v[3], &p = v[4], &f = v[5],
                      &s = v[6], &R = v[7], &idx = v[8];
     variable_list out(9);
     if (grads[0].defined()) {  // the query gradient's upstream: the fast kernels
       const auto fast = double_backward_op(grads[0], optional_of(gf), optional_of(gw),
-                                           optional_of(gd), q, p, f, s, R, idx);
+                                           optional_of(gD), q, p, f, s, R, idx);
       // The gradient of an absent upstream comes back empty; its input is None.
       out[0] = gf.defined() ? std::get<0>(fast) : at::Tensor();
       out[1] = gw.defined() ? std::get<1>(fast) : at::Tensor();
-      out[2] = gd.defined() ? std::get<2>(fast) : at::Tensor();
+      out[2] = gD.defined() ? std::get<2>(fast) : at::Tensor();
       out[3] = std::get<3>(fast);
       out[4] = std::get<4>(fast);
       out[5] = std::get<5>(fast);
@@ -139,7 +139,7 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
       out[7] = std::get<7>(fast);
     }
     if (grads[1].defined() || grads[2].defined() || grads[3].defined() || grads[4].defined()) {
-      add_rare_upstreams(gf, gw, gd, q, p, f, s, R, idx, grads, out);
+      add_rare_upstreams(gf, gw, gD, q, p, f, s, R, idx, grads, out);
     }
     return out;
   }
@@ -147,7 +147,7 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
  private:
   // Exact gradients for upstreams of grad_p, grad_f, grad_sigma, grad_R (rare: the Eikonal
   // loss gives none): autograd twice through aggregate_by_gathering, O(B Q K F) memory.
-  static void add_rare_upstreams(const at::Tensor& gf, const at::Tensor& gw, const at::Tensor& gd,
+  static void add_rare_upstreams(const at::Tensor& gf, const at::Tensor& gw, const at::Tensor& gD,
                                  const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
                                  const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx,
                                  const variable_list& grads, variable_list& out) {
@@ -157,7 +157,7 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     const auto leaf = [](const at::Tensor& t) {
       return t.defined() ? t.detach().requires_grad_(true) : at::Tensor();
     };
-    const variable_list ups = {leaf(gf), leaf(gw), leaf(gd)};
+    const variable_list ups = {leaf(gf), leaf(gw), leaf(gD)};
     const variable_list inputs = {leaf(q), leaf(p), leaf(f), leaf(s), leaf(R)};
     const auto fwd = aggregate_by_gathering(inputs[0], inputs[1], inputs[2], inputs[3],
                                             inputs[4], idx);
@@ -229,18 +229,18 @@ Tensor3 aggregate_autograd(const at::Tensor& q, const at::Tensor& p, const at::T
   return {out[0], out[1], out[2]};
 }
 
-Tensor5 backward_autograd(const OptTensor& gf, const OptTensor& gw, const OptTensor& gd,
+Tensor5 backward_autograd(const OptTensor& gf, const OptTensor& gw, const OptTensor& gD,
                           const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
                           const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx) {
-  const auto out = BackwardFunction::apply(gf, gw, gd, q, p, f, s, R, idx);
+  const auto out = BackwardFunction::apply(gf, gw, gD, q, p, f, s, R, idx);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 Tensor8 double_backward_autograd(const at::Tensor& ggq, const OptTensor& gf, const OptTensor& gw,
-                                 const OptTensor& gd, const at::Tensor& q, const at::Tensor& p,
+                                 const OptTensor& gD, const at::Tensor& q, const at::Tensor& p,
                                  const at::Tensor& f, const at::Tensor& s, const at::Tensor& R,
                                  const at::Tensor& idx) {
-  const auto out = DoubleBackwardFunction::apply(ggq, gf, gw, gd, q, p, f, s, R, idx);
+  const auto out = DoubleBackwardFunction::apply(ggq, gf, gw, gD, q, p, f, s, R, idx);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
 }
 

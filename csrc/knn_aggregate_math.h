@@ -40,6 +40,18 @@ NEUSDF_HD bool comes_before(T key_a, long long idx_a, T key_b, long long idx_b) 
   return key_a < key_b || (key_a == key_b && idx_a < idx_b);
 }
 
+// a * b + c. Fused explicitly on the GPU, so that every kernel rounds the distance the same
+// way whatever the compiler would contract in its context (the grid and brute-force searches
+// must agree to the last bit); unfused on the host (built with -ffp-contract=off).
+template <typename T>
+NEUSDF_HD T mul_add(T a, T b, T c) {
+#ifdef __CUDA_ARCH__
+  return fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // d = q - p, u = R d; returns D = sum_i s_i u_i^2.
 template <typename T>
 NEUSDF_HD T pair_distance(const T q[3], const T p[3], const T s[3], const T R[9], T d[3],
@@ -47,8 +59,10 @@ NEUSDF_HD T pair_distance(const T q[3], const T p[3], const T s[3], const T R[9]
 #pragma unroll
   for (int j = 0; j < 3; ++j) d[j] = q[j] - p[j];
 #pragma unroll
-  for (int i = 0; i < 3; ++i) u[i] = R[3 * i] * d[0] + R[3 * i + 1] * d[1] + R[3 * i + 2] * d[2];
-  return s[0] * u[0] * u[0] + s[1] * u[1] * u[1] + s[2] * u[2] * u[2];
+  for (int i = 0; i < 3; ++i) {
+    u[i] = mul_add(R[3 * i + 2], d[2], mul_add(R[3 * i + 1], d[1], R[3 * i] * d[0]));
+  }
+  return mul_add(s[2] * u[2], u[2], mul_add(s[1] * u[1], u[1], s[0] * u[0] * u[0]));
 }
 
 // out = 2 R^T (s * v): with v = u this is g = dD/dq; with v = R e it is H e, H = d^2 D / dq^2.
@@ -101,6 +115,55 @@ NEUSDF_HD void add_second_order_point_terms(T c, const T e[3], const T s[3], con
 #pragma unroll
     for (int j = 0; j < 3; ++j) gR[3 * i + j] += cs * (e[j] * u[i] + a[i] * d[j]);
   }
+}
+
+// dL/dD of one pair in the backward: Dbar = gD - w (gf . f_k + gw), with inner = gf . f_k + gw
+// (dL/dw of the pair; absent upstreams count as zero).
+template <typename T>
+NEUSDF_HD T backward_dbar(T gD, T w, T inner) {
+  return gD - w * inner;
+}
+
+// Per-pair scalars of the double backward for an upstream e = ggq of the query gradient:
+//   es = e . g, ws = w es, dbar = gD - w inner (as in the backward), E = es w inner,
+// with inner = gf . f_k + gw. The pair's gradients are then d/dgD = es, d/dgw = -ws,
+// d/dgf = -ws f_k, d/df_k = -ws gf, and the geometric terms of the two functions below.
+template <typename T>
+struct DoubleBackwardScalars {
+  T es, ws, dbar, E;
+};
+
+template <typename T>
+NEUSDF_HD DoubleBackwardScalars<T> double_backward_scalars(const T e[3], const T g[3], T w,
+                                                           T inner, T gD) {
+  DoubleBackwardScalars<T> sc;
+  sc.es = e[0] * g[0] + e[1] * g[1] + e[2] * g[2];
+  sc.ws = w * sc.es;
+  sc.dbar = backward_dbar(gD, w, inner);
+  sc.E = sc.es * w * inner;
+  return sc;
+}
+
+// Query side of one pair in the double backward: gq += E g + dbar H e.
+template <typename T>
+NEUSDF_HD void add_double_backward_query_terms(const DoubleBackwardScalars<T>& sc, const T e[3],
+                                               const T s[3], const T R[9], const T g[3],
+                                               T gq[3]) {
+  T a[3], h[3];
+  hessian_times(s, R, e, a, h);
+#pragma unroll
+  for (int c = 0; c < 3; ++c) gq[c] += sc.E * g[c] + sc.dbar * h[c];
+}
+
+// Point side of one pair in the double backward (position, precisions, axes): the first-order
+// terms weighted by E plus the terms of differentiating g, weighted by dbar.
+template <typename T>
+NEUSDF_HD void add_double_backward_point_terms(const DoubleBackwardScalars<T>& sc, const T e[3],
+                                               const T s[3], const T R[9], const T d[3],
+                                               const T u[3], const T g[3], T gp[3], T gs[3],
+                                               T gR[9]) {
+  add_first_order_point_terms(sc.E, s, d, u, g, gp, gs, gR);
+  add_second_order_point_terms(sc.dbar, e, s, R, d, u, gp, gs, gR);
 }
 
 }  // namespace neusdf

@@ -10,10 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neusdf.ops import knn_aggregate_aniso, knn_aggregate_aniso_reference, knn_search_aniso
+from neusdf.ops import (
+    KnnAggregateResult,
+    knn_aggregate_aniso,
+    knn_aggregate_aniso_reference,
+    knn_search_aniso,
+)
 from neusdf.ops.knn import ensure_registered
 from neusdf.ops.reference import anisotropic_dists
-from neusdf.ops.testing import make_inputs
+from neusdf.ops.testing import SEARCH_CASES, make_inputs, make_search_case
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
@@ -40,10 +45,18 @@ def tol(dtype: torch.dtype) -> dict:
     return {"rtol": RTOL[dtype], "atol": RTOL[dtype]}
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_close_scaled(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = ""
+) -> None:
     """Elementwise closeness relative to the largest magnitude of the expected tensor."""
     scale = max(float(expected.abs().max()), 1.0)
-    torch.testing.assert_close(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=RTOL[dtype],
+        atol=RTOL[dtype] * scale,
+        msg=lambda m: f"{name}: {m}" if name else m,
+    )
 
 
 def assert_same_neighbours(idx, q, p, sigma, R) -> None:
@@ -121,7 +134,7 @@ def test_first_order_matches_reference(size, opts, dtype, device, uses):
     ours = _vjp(lambda *a: knn_aggregate_aniso(*a, idx=idx), inputs, K, upstream)
     ref = _vjp(lambda *a: knn_aggregate_aniso_reference(*a, idx=idx), inputs, K, upstream)
     for name, a, b in zip(("q", "p", "f", "sigma", "R"), ours, ref, strict=True):
-        assert_close_scaled(a, b, dtype), name
+        assert_close_scaled(a, b, dtype, name)
 
 
 def eikonal_grads(fn, inputs, K, features_only=False):
@@ -186,13 +199,17 @@ def test_gradcheck_float64_cuda():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     ensure_registered()
-    q, p, f, sigma, R = make_inputs(2, 7, 6, 3, dtype=torch.float64, device=device, seed=7)
+    B, Q, P, F, K = 2, 7, 6, 5, 3
+    q, p, f, sigma, R = make_inputs(B, Q, P, F, dtype=torch.float64, device=device, seed=7)
     ops = torch.ops.neusdf
-    idx = ops.knn_search(q, p, sigma, R, 3)
-    # Upstreams: grad_f (B, Q, F), grad_w and grad_d (B, Q, K), ggq (B, Q, 3).
-    gf, gw, gd = (torch.randn(shape, dtype=q.dtype, device=device) for shape in ((2, 7, 3),) * 3)
+    idx = ops.knn_search(q, p, sigma, R, K)
+    # Upstreams: gf (B, Q, F), gw and gd (B, Q, K), ggq (B, Q, 3).
+    gf, gw, gd = (
+        torch.randn(shape, dtype=q.dtype, device=device)
+        for shape in ((B, Q, F), (B, Q, K), (B, Q, K))
+    )
     ggq = torch.randn_like(q)
-    torch.library.opcheck(ops.knn_search, (q, p, sigma, R, 3))
+    torch.library.opcheck(ops.knn_search, (q, p, sigma, R, K))
     leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
     torch.library.opcheck(ops.knn_aggregate, (*leaves, idx))
     torch.library.opcheck(ops.knn_aggregate_backward, (gf, gw, gd, *leaves, idx))
@@ -200,6 +217,81 @@ def test_opcheck(device):
     for upstream in ((gf, gw, gd), (gf, None, None), (None, gw, None)):
         args = (ggq, *upstream, q, p, f, sigma, R, idx)
         torch.library.opcheck(ops.knn_aggregate_double_backward, args)
+
+
+def test_result_is_a_named_tuple():
+    q, p, f, sigma, R = make_inputs(1, 6, 8, 3, seed=20)
+    for fn in (knn_aggregate_aniso, knn_aggregate_aniso_reference):
+        res = fn(q, p, f, sigma, R, 3)
+        assert isinstance(res, KnnAggregateResult)
+        f_out, w, dists, idx = res
+        assert res.f_out is f_out and res.w is w and res.dists is dists and res.idx is idx
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_kernels_match_real_outputs(device):
+    """Shapes, dtypes and strides of every output: fake (meta) kernels against the real ones,
+    with non-contiguous inputs (the kernels return fresh contiguous tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ensure_registered()
+    B, Q, P, F, K = 2, 5, 7, 4, 3
+    q, p, f, sigma, R = make_inputs(B, Q, P, F, dtype=torch.float64, device=device, seed=21)
+    qn = q.transpose(1, 2).contiguous().transpose(1, 2)
+    Rn = R.transpose(2, 3).contiguous().transpose(2, 3)
+    fn = torch.stack([f, f], -1)[..., 0]
+    ops = torch.ops.neusdf
+    idx = ops.knn_search(qn, p, sigma, Rn, K)
+    shapes = ((B, Q, F), (B, Q, K), (B, Q, K))
+    gf, gw, gd = (torch.randn(s, dtype=q.dtype, device=device) for s in shapes)
+    calls = [
+        (ops.knn_search, (qn, p, sigma, Rn, K)),
+        (ops.knn_aggregate, (qn, p, fn, sigma, Rn, idx)),
+        (ops.knn_aggregate_backward, (gf, gw, gd, qn, p, fn, sigma, Rn, idx)),
+        (ops.knn_aggregate_double_backward, (qn, gf, None, gd, qn, p, fn, sigma, Rn, idx)),
+    ]
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = op(*fake_args)
+        real = real if isinstance(real, tuple) else (real,)
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        for r, x in zip(real, fake, strict=True):
+            assert (r.shape, r.dtype, r.stride()) == (x.shape, x.dtype, x.stride()), op
+
+
+def test_torch_compile_fullgraph_cpu():
+    """The op traces into one graph (fake kernels, no graph break) and the compiled function
+    gives the eager values and first-order gradients. (A double backward through a compiled
+    graph is a limitation of torch.compile's aot_autograd, not of the op.)"""
+    inputs = make_inputs(2, 9, 12, 4, dtype=torch.float64, seed=22, requires_grad=True)
+    K = 3
+
+    def step(q, p, f, sigma, R):
+        f_out, w, dists, idx = knn_aggregate_aniso(q, p, f, sigma, R, K)
+        return f_out.sum(-1) + w.sum(-1) - dists[..., 0], idx
+
+    def run(fn):
+        s, idx = fn(*inputs)
+        return s, idx, torch.autograd.grad(s.sum(), inputs)
+
+    expected = run(step)  # also loads the library before tracing
+    got = run(torch.compile(step, fullgraph=True))
+    torch.testing.assert_close(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+    for a, b in zip(got[2], expected[2], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_nonpositive_sigma_is_rejected(bad):
+    q, p, f, sigma, R = make_inputs(1, 5, 8, 3, seed=23)
+    sigma[0, 4, 1] = bad
+    with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
+        knn_aggregate_aniso(q, p, f, sigma, R, 3)
+    with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
+        knn_search_aniso(q, p, sigma, R, 3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,6 +321,65 @@ def test_ties_go_to_the_lower_index(device, dtype):
     idx = knn_search_aniso(q, p, sigma, R, 3)
     assert idx[0, 0].tolist() == [1, 3, 7]
     assert_same_neighbours(idx, q, p, sigma, R)
+
+
+# (B, Q, P, K): a grid of several cells per axis, K == P, K == 1.
+GRID_SIZES = [(2, 300, 3000, 16), (1, 64, 32, 32), (1, 150, 1500, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", SEARCH_CASES)
+def test_grid_search_equals_brute_force(kind, dtype, device):
+    """The grid search is exact: the same indices in the same order as brute force (ties to
+    the lower index), on inputs built to break a careless bound."""
+    for B, Q, P, K in GRID_SIZES:
+        q, p, sigma, R = make_search_case(kind, B, Q, P, dtype=dtype, device=device, seed=5)
+        brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
+        grid = knn_search_aniso(q, p, sigma, R, K, method="grid")
+        assert torch.equal(grid, brute), (kind, B, Q, P, K, int((grid != brute).sum()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_search_many_seeds(device):
+    for seed in range(12):
+        kind = SEARCH_CASES[seed % len(SEARCH_CASES)]
+        q, p, sigma, R = make_search_case(kind, 1, 100, 900, device=device, seed=100 + seed)
+        brute = knn_search_aniso(q, p, sigma, R, 6, method="brute")
+        assert torch.equal(knn_search_aniso(q, p, sigma, R, 6, method="grid"), brute), kind
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_search_brute_force_is_right(device):
+    """The brute force the grid is compared with agrees with float64 distances."""
+    q, p, sigma, R = make_search_case("clusters", 1, 200, 2000, device=device, seed=6)
+    idx = knn_search_aniso(q, p, sigma, R, 8, method="grid")
+    assert_same_neighbours(idx, q, p, sigma, R)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_search_non_finite_inputs(device):
+    """NaN queries and points with non-finite positions or axes: the same result as brute
+    force (such points sit in the bucket every query scans; NaN queries scan everything)."""
+    q, p, sigma, R = make_search_case("clusters", 1, 60, 1200, device=device, seed=7)
+    q[0, 3] = float("nan")
+    q[0, 4, 1] = float("inf")
+    p[0, 10] = float("nan")
+    p[0, 11, 2] = float("inf")
+    R[0, 12, 1, 1] = float("nan")
+    sigma[0, 13] = float("inf")
+    brute = knn_search_aniso(q, p, sigma, R, 5, method="brute")
+    assert torch.equal(knn_search_aniso(q, p, sigma, R, 5, method="grid"), brute)
+    assert brute[0, 3].tolist() == [0, 1, 2, 3, 4]  # all keys equal (NaN): lowest indices
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aggregate_search_argument(device):
+    inputs = make_inputs(1, 40, 2000, 4, device=device, seed=24)
+    a = knn_aggregate_aniso(*inputs, 8, search="grid")
+    b = knn_aggregate_aniso(*inputs, 8, search="brute")
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -290,6 +441,7 @@ BAD_INPUTS = [
         r"idx must hold point indices in \[0, P\) = \[0, 8\)",
     ),
     (dict(idx=torch.full((2, 5, 3), -1)), ValueError, r"idx must hold point indices"),
+    (dict(search="kd-tree"), ValueError, r"search method must be one of"),
 ]
 
 
@@ -317,6 +469,8 @@ def test_direct_op_call_checks_inputs():
         torch.ops.neusdf.knn_search(q, p, sigma, R, 9)
     with pytest.raises(RuntimeError, match=r"sigma must be \(B, P, 3\)"):
         torch.ops.neusdf.knn_search(q, p, sigma[:, :4], R, 2)
+    with pytest.raises(RuntimeError, match=r"method must be"):
+        torch.ops.neusdf.knn_search(q, p, sigma, R, 2, "kd-tree")
 
 
 @pytest.mark.cuda
@@ -347,3 +501,19 @@ def test_cuda_search_matches_reference_at_scale():
         idx = knn_search_aniso(q, p, sigma, R, K)
         sub = slice(0, 500)  # the float64 check builds a (B, Q, P) matrix on the CPU
         assert_same_neighbours(idx[:, sub], q[:, sub], p, sigma, R)
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_grid_search_at_scale(dtype):
+    """The CUDA grid search equals the CUDA brute force at a training-like size, and in float64
+    the CPU brute force too."""
+    q, p, f, sigma, R = make_inputs(2, 6000, 20000, 1, dtype=dtype, device="cuda", seed=18)
+    for K in (1, 8, 16, 32):
+        grid = knn_search_aniso(q, p, sigma, R, K, method="grid")
+        assert torch.equal(grid, knn_search_aniso(q, p, sigma, R, K, method="brute")), K
+        assert torch.equal(grid, knn_search_aniso(q, p, sigma, R, K)), K  # "auto": the grid
+        if dtype == torch.float64:
+            cpu = knn_search_aniso(*(t.cpu() for t in (q, p, sigma, R)), K, method="brute")
+            assert torch.equal(grid.cpu(), cpu), K

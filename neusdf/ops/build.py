@@ -15,8 +15,8 @@ Knobs (environment variables):
 - ``MAX_JOBS``: parallel compile jobs for ninja.
 - ``NEUSDF_CPU_ONLY=1``: build the CPU part only, even where CUDA is available.
 - ``NEUSDF_BUILD_VERBOSE=1``: print the compiler's output.
-- ``NEUSDF_SEARCH_WARPS`` (1..8, run time): warps per CUDA search block, for tuning (default:
-  chosen from the problem size, at most 4).
+- ``NEUSDF_SEARCH_WARPS`` (1..8, read at the first CUDA search): warps per CUDA brute-force
+  search block, for tuning (default: chosen from the problem size, at most 4).
 
 The CUDA part is built when PyTorch has CUDA, ``nvcc`` is found (``CUDA_HOME``) and either a GPU
 is visible or ``TORCH_CUDA_ARCH_LIST`` is set; otherwise only the CPU part is.
@@ -40,8 +40,13 @@ SOURCE_DIR = next(
     (d for d in (_PACKAGE_DIR / "csrc", _PACKAGE_DIR.parent / "csrc") if d.is_dir()),
     _PACKAGE_DIR.parent / "csrc",
 )
-_CPU_SOURCES = ("knn_aggregate.cpp", "knn_aggregate_autograd.cpp", "knn_aggregate_cpu.cpp")
-_CUDA_SOURCES = ("knn_aggregate_cuda.cu",)
+_CPU_SOURCES = (
+    "knn_aggregate.cpp",
+    "knn_aggregate_autograd.cpp",
+    "knn_aggregate_cpu.cpp",
+    "knn_search_cpu.cpp",
+)
+_CUDA_SOURCES = ("knn_aggregate_cuda.cu", "knn_search_cuda.cu")
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # set once the library is loaded; records whether CUDA is in it
@@ -103,7 +108,9 @@ def load_library(verbose: bool | None = None) -> bool:
             verbose = os.environ.get("NEUSDF_BUILD_VERBOSE", "0") == "1"
         sources = [str(SOURCE_DIR / s) for s in _CPU_SOURCES]
         # No -std flag: torch picks the standard its headers need (C++17 or C++20).
-        cflags = ["-O3", "-fopenmp"]
+        # -ffp-contract=off: no fused multiply-add behind our back, so the distance rounds the
+        # same in every kernel (the exact searches compare them bit for bit).
+        cflags = ["-O3", "-fopenmp", "-ffp-contract=off"]
         if with_cuda:
             sources += [str(SOURCE_DIR / s) for s in _CUDA_SOURCES]
         load(

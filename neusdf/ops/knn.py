@@ -6,31 +6,69 @@ autograd in C++ (``csrc/knn_aggregate_autograd.cpp``): the forward's backward is
 op, whose own backward is the double-backward op (exact for the upstream of the query gradient,
 which the Eikonal loss produces; upstreams of the other gradients, rare, are differentiated
 exactly through the formula on the gathered neighbours). A third derivative raises an error.
-This module loads the library on first use and registers a fake (meta) kernel for each
-operator, so that ``torch.compile`` and ``torch.library.opcheck`` can trace them.
+The search is exact either way: brute force or a uniform grid with a conservative distance
+bound (``method``; docs/op.md). This module loads the library on first use and registers a fake
+(meta) kernel for each operator, so that ``torch.compile`` and ``torch.library.opcheck`` can
+trace them.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["knn_aggregate_aniso", "knn_search_aniso", "ensure_registered"]
+__all__ = [
+    "KnnAggregateResult",
+    "SEARCH_METHODS",
+    "knn_aggregate_aniso",
+    "knn_search_aniso",
+    "ensure_registered",
+]
+
+
+class KnnAggregateResult(NamedTuple):
+    """What :func:`knn_aggregate_aniso` returns; unpacks like a plain 4-tuple."""
+
+    f_out: torch.Tensor
+    """(B, Q, F) summed features sum_k w_k f_k (not normalised)."""
+    w: torch.Tensor
+    """(B, Q, K) Gaussian weights exp(-D) of the neighbours."""
+    dists: torch.Tensor
+    """(B, Q, K) anisotropic squared distances D, ascending."""
+    idx: torch.Tensor
+    """(B, Q, K) int64 neighbour indices into P."""
+
 
 _lock = threading.Lock()
 _registered = False
 
 
+SEARCH_METHODS = ("auto", "grid", "brute")
+GRID_MAX_K_CUDA = 32  # the CUDA grid search keeps each query's list in registers
+
+
 def knn_search_aniso(
-    q: torch.Tensor, p: torch.Tensor, sigma: torch.Tensor, R: torch.Tensor, K: int
+    q: torch.Tensor,
+    p: torch.Tensor,
+    sigma: torch.Tensor,
+    R: torch.Tensor,
+    K: int,
+    *,
+    method: str = "auto",
 ) -> torch.Tensor:
     """The K nearest points of every query under the points' own anisotropic metrics.
 
     Args:
-        q: (B, Q, 3) queries. p: (B, P, 3) points. sigma: (B, P, 3) per-axis precisions.
+        q: (B, Q, 3) queries. p: (B, P, 3) points. sigma: (B, P, 3) per-axis precisions (> 0).
         R: (B, P, 3, 3) per-point axes (rows). All float32 or all float64, on one device.
         K: neighbours per query, 1 <= K <= P.
+        method: ``"brute"`` scans every point; ``"grid"`` sorts the points into a uniform grid
+            each call and visits cells in rings around the query, skipping cells with a
+            conservative lower bound on the distance (exact: identical results; on CUDA for
+            K <= 32); ``"auto"`` (default) takes the grid when P is large enough for it to pay
+            off and K is small against P (docs/op.md).
 
     Returns:
         idx (B, Q, K) int64, ascending in D = sum_j sigma_kj (R_k (q - p_k))_j^2, ties to the
@@ -38,14 +76,16 @@ def knn_search_aniso(
     """
     _check_points(q, p, sigma, R)
     _check_k(K, p.shape[1])
-    return _search(q, p, sigma, R, K)
+    _check_method(method, K, q)
+    _check_values(sigma, None, p.shape[1])
+    return _search(q, p, sigma, R, K, method)
 
 
-def _search(q, p, sigma, R, K: int) -> torch.Tensor:
+def _search(q, p, sigma, R, K: int, method: str) -> torch.Tensor:
     """The search op on checked inputs. Its Autograd key falls through (csrc): the selection
     is piecewise constant and idx is an integer tensor, so no graph is recorded."""
     ensure_registered()
-    return torch.ops.neusdf.knn_search(q, p, sigma, R, K)
+    return torch.ops.neusdf.knn_search(q, p, sigma, R, K, method)
 
 
 def knn_aggregate_aniso(
@@ -56,7 +96,9 @@ def knn_aggregate_aniso(
     R: torch.Tensor,
     K: int,
     idx: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    search: str = "auto",
+) -> KnnAggregateResult:
     """Sums the features of each query's K nearest points, weighted by anisotropic Gaussians.
 
     For query q and point k: d = q - p_k, u = R_k d, D_k = sum_j sigma_kj u_j^2, w_k = exp(-D_k),
@@ -66,15 +108,22 @@ def knn_aggregate_aniso(
         q: (B, Q, 3) query points.
         p: (B, P, 3) neural points.
         f: (B, P, F) point features.
-        sigma: (B, P, 3) per-axis precisions (inverse squared scales), expected > 0.
+        sigma: (B, P, 3) per-axis precisions (inverse squared scales), all > 0.
         R: (B, P, 3, 3) per-point axes, one per row; need not be orthonormal.
         K: neighbours per query, 1 <= K <= P.
         idx: optional (B, Q, K) int64 neighbours from an earlier call; skips the search and
             gives the same values and gradients as searching.
+        search: the search method, ``"auto"``, ``"grid"`` or ``"brute"`` (identical results;
+            see :func:`knn_search_aniso`); ignored when idx is given.
 
     All float tensors must share one dtype (float32 or float64) and one device (CPU or CUDA).
 
+    Raises:
+        TypeError, ValueError: for inputs that break the rules above, including sigma <= 0
+        (and NaN sigma) and idx values outside [0, P).
+
     Returns:
+        A :class:`KnnAggregateResult` (a NamedTuple, so ``f_out, w, dists, idx = ...`` works):
         f_out (B, Q, F), w (B, Q, K), dists (B, Q, K), idx (B, Q, K) int64, neighbours ascending
         in D with ties to the lower index. f_out, w and dists are differentiable w.r.t. q, p, f,
         sigma and R (gradients flow through the selected neighbours), and the gradient w.r.t. q
@@ -83,16 +132,29 @@ def knn_aggregate_aniso(
     _check_points(q, p, sigma, R)
     _check_features(f, q, p)
     _check_k(K, p.shape[1])
-    if idx is None:
-        idx = _search(q, p, sigma, R, K)
+    if idx is not None:
+        _check_idx(idx, q, K)
     else:
-        _check_idx(idx, q, p, K)
+        _check_method(search, K, q)
+    _check_values(sigma, idx, p.shape[1])
+    if idx is None:
+        idx = _search(q, p, sigma, R, K, search)
+    else:
         ensure_registered()
     f_out, w, dists = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx)
-    return f_out, w, dists, idx
+    return KnnAggregateResult(f_out, w, dists, idx)
 
 
 # ----------------------------------------------------------------------------- input checks
+#
+# The rules are written twice, on purpose: here for the public functions, and in C++
+# (csrc/knn_aggregate.cpp, the same rules as listed in csrc/knn_aggregate.h) for the raw
+# torch.ops.neusdf operators. The C++ checks keep the kernels memory-safe for any caller of
+# the raw ops. These Python checks (1) raise TypeError / ValueError with messages in the
+# caller's terms before anything is built or dispatched, (2) run when torch.compile traces the
+# op (the fake kernels below call them; a C++ check never runs on fake tensors), and (3) hold
+# the rules on values that need a reduction of device data (sigma > 0, idx in range), which the
+# C++ kernels do not check because on CUDA that costs a device synchronisation per call.
 
 
 def _check_tensor(t: object, name: str, rank: int, trailing: tuple[int, ...]) -> None:
@@ -148,7 +210,17 @@ def _check_k(K, P: int) -> None:
         raise ValueError(f"K must satisfy 1 <= K <= P = {P}, got K = {K}")
 
 
-def _check_idx(idx, q: torch.Tensor, p: torch.Tensor, K: int) -> None:
+def _check_method(method, K: int, q: torch.Tensor) -> None:
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
+    if method == "grid" and q.device.type == "cuda" and K > GRID_MAX_K_CUDA:
+        raise ValueError(
+            f"the grid search supports K <= {GRID_MAX_K_CUDA} on CUDA, got K = {K}; "
+            "use 'auto' or 'brute'"
+        )
+
+
+def _check_idx(idx, q: torch.Tensor, K: int) -> None:
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be a torch.Tensor or None, got {type(idx).__name__}")
     if idx.dtype != torch.int64:
@@ -158,13 +230,39 @@ def _check_idx(idx, q: torch.Tensor, p: torch.Tensor, K: int) -> None:
     expected = (q.shape[0], q.shape[1], K)
     if tuple(idx.shape) != expected:
         raise ValueError(f"idx must have shape (B, Q, K) = {expected}, got {tuple(idx.shape)}")
-    if idx.numel():
-        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one reduction, one device sync
-        if lo < 0 or hi >= p.shape[1]:
-            raise ValueError(
-                f"idx must hold point indices in [0, P) = [0, {p.shape[1]}), got values in "
-                f"[{lo}, {hi}]"
-            )
+
+
+def _check_values(sigma: torch.Tensor, idx: torch.Tensor | None, P: int) -> None:
+    """sigma > 0 everywhere and idx (if given) in [0, P): one reduction, one device sync.
+
+    Why sigma must be positive: sigma are precisions (inverse squared scales). Zero is an
+    infinitely wide axis and a negative one no Gaussian at all (D < 0, w = exp(-D) > 1 and
+    unbounded), and the grid search prunes cells with a lower bound on D that needs sigma > 0.
+    Skipped while torch.compile traces (data-dependent; the kernels never read out of bounds:
+    a bad index gives NaN outputs).
+    """
+    if torch.compiler.is_compiling() or sigma.numel() == 0:
+        return
+    ok = (sigma > 0).all().to(torch.int64)
+    if idx is None or idx.numel() == 0:
+        if not bool(ok):
+            raise ValueError(_bad_sigma(sigma))
+        return
+    lo, hi = torch.aminmax(idx)
+    sigma_ok, lo, hi = torch.stack([ok, lo, hi]).tolist()
+    if not sigma_ok:
+        raise ValueError(_bad_sigma(sigma))
+    if lo < 0 or hi >= P:
+        raise ValueError(
+            f"idx must hold point indices in [0, P) = [0, {P}), got values in [{lo}, {hi}]"
+        )
+
+
+def _bad_sigma(sigma: torch.Tensor) -> str:
+    return (
+        f"sigma must be > 0 everywhere (precisions, inverse squared scales), got minimum "
+        f"{sigma.min().item():.6g}" + (" and NaN values" if bool(torch.isnan(sigma).any()) else "")
+    )
 
 
 # ----------------------------------------------------------------- registration and autograd
@@ -187,22 +285,40 @@ def ensure_registered() -> None:
 
 
 def _register_fakes() -> None:
+    # Like the real kernels: the same checks (shape rules; values need data) and fresh
+    # contiguous outputs, whatever the inputs' strides.
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        return t.new_empty(t.shape)
+
     @torch.library.register_fake("neusdf::knn_search")
-    def _(q, p, sigma, R, K):
+    def _(q, p, sigma, R, K, method="auto"):
+        _check_points(q, p, sigma, R)
+        _check_k(K, p.shape[1])
+        _check_method(method, K, q)
         return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.int64)
 
     @torch.library.register_fake("neusdf::knn_aggregate")
     def _(q, p, f, sigma, R, idx):
+        _check_aggregate(q, p, f, sigma, R, idx)
         B, Q, K = idx.shape
         return q.new_empty((B, Q, f.shape[2])), q.new_empty((B, Q, K)), q.new_empty((B, Q, K))
 
     @torch.library.register_fake("neusdf::knn_aggregate_backward")
-    def _(grad_f, grad_w, grad_d, q, p, f, sigma, R, idx):
-        return tuple(torch.empty_like(t) for t in (q, p, f, sigma, R))
+    def _(gf, gw, gD, q, p, f, sigma, R, idx):
+        _check_aggregate(q, p, f, sigma, R, idx)
+        return tuple(fresh(t) for t in (q, p, f, sigma, R))
 
     @torch.library.register_fake("neusdf::knn_aggregate_double_backward")
-    def _(ggq, grad_f, grad_w, grad_d, q, p, f, sigma, R, idx):
-        upstream = tuple(
-            q.new_empty(0) if g is None else torch.empty_like(g) for g in (grad_f, grad_w, grad_d)
-        )
-        return (*upstream, *(torch.empty_like(t) for t in (q, p, f, sigma, R)))
+    def _(ggq, gf, gw, gD, q, p, f, sigma, R, idx):
+        _check_aggregate(q, p, f, sigma, R, idx)
+        upstream = tuple(q.new_empty(0) if g is None else fresh(g) for g in (gf, gw, gD))
+        return (*upstream, *(fresh(t) for t in (q, p, f, sigma, R)))
+
+
+def _check_aggregate(q, p, f, sigma, R, idx) -> None:
+    """The shape and dtype rules of the aggregation operators (for the fake kernels)."""
+    _check_points(q, p, sigma, R)
+    _check_features(f, q, p)
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 3:
+        raise ValueError(f"idx must have shape (B, Q, K), got {getattr(idx, 'shape', idx)}")
+    _check_idx(idx, q, idx.shape[2])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from neusdf.ops.knn import KnnAggregateResult
+
 __all__ = [
     "knn_aggregate_aniso_reference",
     "knn_search_aniso_reference",
@@ -88,7 +90,7 @@ def knn_aggregate_aniso_reference(
     idx: torch.Tensor | None = None,
     *,
     chunk: int = 4096,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> KnnAggregateResult:
     """Reference of :func:`neusdf.ops.knn_aggregate_aniso` (same signature and outputs).
 
     Args:
@@ -99,7 +101,8 @@ def knn_aggregate_aniso_reference(
         chunk: queries per distance-matrix chunk (bounds memory at B * chunk * P).
 
     Returns:
-        f_out (B, Q, F), w (B, Q, K), dists (B, Q, K), idx (B, Q, K) int64.
+        A :class:`~neusdf.ops.knn.KnnAggregateResult`: f_out (B, Q, F), w (B, Q, K),
+        dists (B, Q, K), idx (B, Q, K) int64.
     """
     if idx is None:
         idx = knn_search_aniso_reference(q, p, sigma, R, K, chunk=chunk)
@@ -112,4 +115,4 @@ def knn_aggregate_aniso_reference(
     dists = (sk * u * u).sum(-1)
     w = torch.exp(-dists)
     f_out = (w[..., None] * fk).sum(2)
-    return f_out, w, dists, idx
+    return KnnAggregateResult(f_out, w, dists, idx)

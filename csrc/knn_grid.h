@@ -1,0 +1,226 @@
+// The uniform grid of the exact sub-linear neighbour search, shared by the CPU and CUDA
+// kernels (knn_search_cpu.cpp, knn_search_cuda.cu).
+//
+// Per batch, the points are sorted by grid cell with a counting sort (bucket start offsets from
+// a cumulative sum; no trees). A query visits the cells in rings of growing Chebyshev distance
+// around its own cell and skips what a lower bound proves cannot hold a better neighbour:
+//
+//   D_k = sum_j sigma_kj (R_k (q - p_k))_j^2 >= lam_k |q - p_k|^2,
+//
+// lam_k a lower bound on the smallest eigenvalue of M_k = R_k^T diag(sigma_k) R_k (R need not
+// be orthonormal), reduced further so that it also bounds the distance *as computed* in the
+// kernels' precision (pair_distance, rounding included). A cell is skipped when
+// min(lam over its points) * gap(q, cell)^2 exceeds the current K-th best distance, and the
+// rings stop when min(lam over all grid points) * gap(q, unvisited cells)^2 does: the result
+// is exactly the brute-force one (same idx, same order, ties to the lower index).
+//
+// Points the bound cannot cover (a non-finite position, precision or axis, a precision <= 0,
+// or a lam below 1e-3 of the batch's median, which would stop the pruning for everyone) go to
+// one extra bucket that every query scans in full.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "knn_aggregate_math.h"
+
+namespace neusdf {
+
+template <typename T>
+struct Eps;
+template <>
+struct Eps<float> {
+  static constexpr double value = 1.1920928955078125e-07;
+};
+template <>
+struct Eps<double> {
+  static constexpr double value = 2.220446049250313e-16;
+};
+
+// Grid cells per axis for P points: about two points per cell, at most 128 cells per axis
+// (2^21 cells). The same for every batch and known on the host, so no device value is needed
+// to size the grid. (Counted on the CPU for uniform clouds of 16k to 262k points and K = 8 or
+// 16: cells visited + distances evaluated per query were lowest at two points per cell; at P =
+// 262144, K = 16 a query visits about 290 cells and evaluates about 180 distances.)
+inline int grid_cells_per_axis(int64_t P) {
+  int G = 1;
+  while (G < 128 && 2 * static_cast<int64_t>(G + 1) * (G + 1) * (G + 1) <= P) ++G;
+  return G;
+}
+
+// Points with lam below this fraction of the batch's median lam go to the scanned-by-all bucket.
+constexpr double kLamFloorOfMedian = 1e-3;
+
+template <typename T>
+NEUSDF_HD bool is_finite(T x) {
+  return x - x == T(0);  // false for NaN and +-inf
+}
+
+// Coefficient lam with D >= lam |q - p|^2 for the distance D that pair_distance computes in
+// precision T, for every q: a lower bound on the smallest eigenvalue of M = R^T diag(s) R
+// (cyclic Jacobi in double, then Weyl's bound for what is left off the diagonal), reduced by
+// the rounding error of pair_distance. With gamma = 16 eps(T), the computed u_i is within
+// gamma |R_i| |d| of the exact one, so D_computed >= (1 - gamma) (lam - 2 gamma sqrt(lam tr M))
+// |d|^2. Returns 0 when no positive bound survives, and -1 for a point that the grid cannot
+// bound at all (non-finite inputs, a precision <= 0, or a bound beyond T's range).
+template <typename T>
+NEUSDF_HD T point_lambda(const T p[3], const T s[3], const T R[9]) {
+  for (int i = 0; i < 3; ++i) {
+    if (!is_finite(p[i]) || !is_finite(s[i]) || !(s[i] > T(0))) return T(-1);
+  }
+  for (int i = 0; i < 9; ++i) {
+    if (!is_finite(R[i])) return T(-1);
+  }
+  double m[3][3];
+  for (int a = 0; a < 3; ++a) {
+    for (int b = 0; b < 3; ++b) {
+      double sum = 0;
+      for (int i = 0; i < 3; ++i) {
+        sum += static_cast<double>(s[i]) * static_cast<double>(R[3 * i + a]) *
+               static_cast<double>(R[3 * i + b]);
+      }
+      m[a][b] = sum;
+    }
+  }
+  const double tr = m[0][0] + m[1][1] + m[2][2];
+  if (!(tr < 1e300)) return T(-1);
+  for (int sweep = 0; sweep < 12; ++sweep) {
+    const double off = m[0][1] * m[0][1] + m[0][2] * m[0][2] + m[1][2] * m[1][2];
+    if (!(off > 1e-36 * tr * tr)) break;
+    for (int a = 0; a < 2; ++a) {
+      for (int b = a + 1; b < 3; ++b) {
+        const double apq = m[a][b];
+        if (apq == 0) continue;
+        const double theta = (m[b][b] - m[a][a]) / (2 * apq);
+        const double t = theta > 1e150 || theta < -1e150
+                             ? 0.5 / theta
+                             : (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1));
+        const double c = 1 / sqrt(t * t + 1), sn = t * c;
+        m[a][a] -= t * apq;
+        m[b][b] += t * apq;
+        m[a][b] = m[b][a] = 0;
+        for (int r = 0; r < 3; ++r) {
+          if (r == a || r == b) continue;
+          const double ra = m[r][a], rb = m[r][b];
+          m[r][a] = m[a][r] = c * ra - sn * rb;
+          m[r][b] = m[b][r] = sn * ra + c * rb;
+        }
+      }
+    }
+  }
+  const double off = m[0][1] * m[0][1] + m[0][2] * m[0][2] + m[1][2] * m[1][2];
+  double lam = fmin(m[0][0], fmin(m[1][1], m[2][2])) - sqrt(2 * off) - 1e-12 * tr;
+  if (!(lam > 0)) return T(0);
+  const double gamma = 16 * Eps<T>::value;
+  lam = (1 - gamma) * (lam - 2 * gamma * sqrt(lam * tr));
+  if (!(lam > 0)) return T(0);
+  lam *= 1 - 4 * Eps<T>::value;  // converting to T can then not round above the bound
+  if (!(lam < static_cast<double>(FiniteMax<T>::value))) return T(-1);
+  return static_cast<T>(lam);
+}
+
+// Geometry of one batch's grid: G^3 cells of size h over the box [lo, lo + G h]. slack covers
+// the rounding of cell assignment and cell boundaries (all in precision T).
+template <typename T>
+struct GridGeom {
+  T lo[3], h[3], inv_h[3], slack[3];
+  int G;
+};
+
+// The grid over the box [lo, hi] of the grid's points (lo > hi, or NaN, when there are none).
+// A flat axis gets at least 1e-3 of the largest extent.
+template <typename T>
+NEUSDF_HD GridGeom<T> make_grid_geom(const T lo[3], const T hi[3], int G) {
+  GridGeom<T> g;
+  g.G = G;
+  bool empty = false;
+  T emax = 0;
+  for (int j = 0; j < 3; ++j) {
+    if (!(lo[j] <= hi[j]) || !is_finite(lo[j]) || !is_finite(hi[j])) empty = true;
+  }
+  for (int j = 0; j < 3; ++j) {
+    if (!empty && hi[j] - lo[j] > emax) emax = hi[j] - lo[j];
+  }
+  const T min_extent = emax * T(1e-3) > T(1e-20) ? emax * T(1e-3) : T(1e-20);
+  for (int j = 0; j < 3; ++j) {
+    g.lo[j] = empty ? T(0) : lo[j];
+    const T e = empty ? T(1) : (hi[j] - lo[j] > min_extent ? hi[j] - lo[j] : min_extent);
+    g.h[j] = e / T(G);
+    g.inv_h[j] = T(G) / e;
+    const T mag = (g.lo[j] < 0 ? -g.lo[j] : g.lo[j]) + e;
+    g.slack[j] = T(64 * Eps<T>::value) * mag;
+  }
+  return g;
+}
+
+// Cell coordinate of x along axis j, clamped to [0, G - 1] (NaN gives 0).
+template <typename T>
+NEUSDF_HD int cell_coord(T x, const GridGeom<T>& g, int j) {
+  const T c = (x - g.lo[j]) * g.inv_h[j];
+  return c >= T(g.G - 1) ? g.G - 1 : (c > T(0) ? static_cast<int>(c) : 0);
+}
+
+NEUSDF_HD int64_t cell_linear(const int c[3], int G) {
+  return (static_cast<int64_t>(c[2]) * G + c[1]) * G + c[0];
+}
+
+// max(0, x - slack)^2 for a gap x along one axis (NaN gives 0).
+template <typename T>
+NEUSDF_HD T gap_squared(T x, T slack) {
+  const T y = x - slack;
+  return y > T(0) ? y * y : T(0);
+}
+
+// Lower bound on |q - p|^2 for every point p of cell c.
+template <typename T>
+NEUSDF_HD T cell_gap2(const T q[3], const GridGeom<T>& g, const int c[3]) {
+  T sum = 0;
+  for (int j = 0; j < 3; ++j) {
+    const T lo = g.lo[j] + T(c[j]) * g.h[j];
+    const T hi = lo + g.h[j];
+    sum += gap_squared(lo - q[j] > q[j] - hi ? lo - q[j] : q[j] - hi, g.slack[j]);
+  }
+  return sum;
+}
+
+// Lower bound on |q - p|^2 for every point p in a cell at Chebyshev distance >= r >= 1 from
+// the query's (clamped) cell cq; negative when there is no such cell. Such a cell lies, along
+// some axis j, at least r cells away from cq; every point is also at least the distance of q
+// to the grid box away along every axis.
+template <typename T>
+NEUSDF_HD T ring_gap2(const T q[3], const GridGeom<T>& g, const int cq[3], int r) {
+  T out2[3];
+  for (int j = 0; j < 3; ++j) {
+    const T lo = g.lo[j], hi = g.lo[j] + T(g.G) * g.h[j];
+    out2[j] = gap_squared(lo - q[j] > q[j] - hi ? lo - q[j] : q[j] - hi, g.slack[j]);
+  }
+  T best = 0;
+  bool any = false;
+  for (int j = 0; j < 3; ++j) {
+    const T others = out2[(j + 1) % 3] + out2[(j + 2) % 3];
+    if (cq[j] - r >= 0) {  // cells at c_j <= cq_j - r end at lo + (cq_j - r + 1) h
+      T g2 = gap_squared(q[j] - (g.lo[j] + T(cq[j] - r + 1) * g.h[j]), g.slack[j]);
+      g2 = (g2 > out2[j] ? g2 : out2[j]) + others;
+      best = any && best < g2 ? best : g2;
+      any = true;
+    }
+    if (cq[j] + r <= g.G - 1) {  // cells at c_j >= cq_j + r start at lo + (cq_j + r) h
+      T g2 = gap_squared(g.lo[j] + T(cq[j] + r) * g.h[j] - q[j], g.slack[j]);
+      g2 = (g2 > out2[j] ? g2 : out2[j]) + others;
+      best = any && best < g2 ? best : g2;
+      any = true;
+    }
+  }
+  return any ? best : T(-1);
+}
+
+// Search key of the lower bound lam * gap2 of D (0 when lam or gap2 is 0), shaved by a few
+// rounding errors. A cell or ring may be skipped only when this key is strictly above the
+// current K-th best key: on equality a point with a lower index could still come first.
+template <typename T>
+NEUSDF_HD T bound_key(T lam, T gap2) {
+  const T b = lam > T(0) && gap2 > T(0) ? lam * gap2 * T(1 - 16 * Eps<T>::value) : T(0);
+  return search_key(b);
+}
+
+}  // namespace neusdf

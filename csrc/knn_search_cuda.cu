@@ -1,0 +1,648 @@
+// CUDA kernels of the anisotropic kNN search (contract of knn_search in knn_aggregate.h).
+//
+// Brute force: a block takes 32 queries of one batch (one per lane) and W warps. The points
+// stream through shared memory in tiles; warp w scans points w, w + W, ... of each tile, so all
+// lanes of a warp read the same point (a broadcast, no bank conflicts) and each lane keeps the
+// N best (key, index) pairs it has seen in registers (N = K rounded up to a power of two, so
+// that the list is indexed by compile-time constants only). At the end the W lists of each
+// query are merged through shared memory. No (B, Q, P) tensor ever exists. K > 32 uses a
+// simple kernel that keeps the list in global memory (correct, not fast).
+//
+// Grid (knn_grid.h; K <= 32): built on the device each call without a host synchronisation
+// (the grid's size depends on P only): per-point lam, the batch's median lam and bounding box
+// (ATen reductions), a counting sort of the points by cell (atomic counts, cumulative sum,
+// atomic scatter of packed point records in cell order), each cell's minimum lam. Queries are
+// sorted by cell the same way, so that neighbouring threads walk neighbouring cells; each thread
+// then runs the ring search of one query with its list in registers.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "knn_aggregate.h"
+#include "knn_aggregate_math.h"
+#include "knn_cuda_helpers.cuh"
+#include "knn_grid.h"
+
+namespace neusdf {
+namespace {
+
+// One point as the search reads it from shared memory: position, precisions, axes.
+template <typename T>
+struct alignas(16) PointRec {
+  T p[3];
+  T s[3];
+  T R[9];
+  T pad;
+};
+
+// Inserts (k, j) into the sorted list (key, ind) of N entries, dropping the last one.
+// Precondition: (k, j) comes before the last entry. kLex = false is the fast path of the
+// scan, where j is larger than every index in the list, so "comes before" is key < key.
+template <typename T, int N, bool kLex>
+__device__ __forceinline__ void insert_sorted(T (&key)[N], int (&ind)[N], T k, int j) {
+  bool c_hi = true;
+#pragma unroll
+  for (int s = N - 1; s > 0; --s) {
+    const bool c_lo = kLex ? comes_before<T>(k, j, key[s - 1], ind[s - 1]) : k < key[s - 1];
+    key[s] = c_lo ? key[s - 1] : (c_hi ? k : key[s]);
+    ind[s] = c_lo ? ind[s - 1] : (c_hi ? j : ind[s]);
+    c_hi = c_lo;
+  }
+  if (c_hi) {
+    key[0] = k;
+    ind[0] = j;
+  }
+}
+
+template <typename T>
+__host__ __device__ constexpr int search_tile() {
+  return sizeof(T) == 4 ? 256 : 128;  // 16 KiB of shared memory either way
+}
+
+constexpr int kQueue = 8;   // candidates a lane may queue before its warp merges them
+constexpr int kUnroll = 4;  // points a lane scans per step (kUnroll <= kQueue)
+
+// Shared memory of the search: the point tile, reused for merging the warps' lists, followed
+// by the per-lane candidate queues.
+template <typename T, int N>
+__host__ __device__ constexpr size_t search_list_bytes() {
+  return sizeof(PointRec<T>) * search_tile<T>() > (sizeof(T) + sizeof(int)) * N * kWarp
+             ? sizeof(PointRec<T>) * search_tile<T>()
+             : (sizeof(T) + sizeof(int)) * N * kWarp;
+}
+
+template <typename T, int N>
+size_t search_smem_bytes(int warps) {
+  return search_list_bytes<T, N>() + (sizeof(T) + sizeof(int)) * kQueue * kWarp * warps;
+}
+
+// A lane's N best (key, index) pairs so far, ascending, in registers.
+template <typename T, int N>
+struct LaneList {
+  T key[N];
+  int ind[N];
+
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int s = 0; s < N; ++s) {
+      key[s] = INFINITY;  // above every search key, so the first N points always get in
+      ind[s] = INT_MAX;
+    }
+  }
+};
+
+// Candidates that pass the gate (the lane's N-th best key when the queue was last merged) wait
+// in a per-lane queue in shared memory; the list is updated only when some lane's queue is
+// nearly full, so the warp runs the (divergent) insertion code far less often than once a point.
+// Slot s of lane l is at [s * kWarp + l]: the lanes of a warp write consecutive words.
+template <typename T, int N>
+struct LaneQueue {
+  T* key;
+  int* ind;
+  int queued;
+  T gate;
+
+  __device__ __forceinline__ void push(T k, int j, int lane) {
+    key[queued * kWarp + lane] = k;
+    ind[queued * kWarp + lane] = j;
+    ++queued;
+  }
+
+  // Inserts the queued candidates into the list (their indices exceed every index in it, so
+  // "comes before" is "smaller key"), empties the queue and raises the gate.
+  __device__ __forceinline__ void merge_into(LaneList<T, N>& list, int lane) {
+#pragma unroll
+    for (int s = 0; s < kQueue; ++s) {
+      if (s < queued) {
+        const T k = key[s * kWarp + lane];
+        if (k < list.key[N - 1]) {
+          insert_sorted<T, N, false>(list.key, list.ind, k, ind[s * kWarp + lane]);
+        }
+      }
+    }
+    queued = 0;
+    gate = list.key[N - 1];
+  }
+};
+
+// Copies points [start, start + count) of one batch into the shared tile (whole block).
+template <typename T>
+__device__ __forceinline__ void stage_tile(PointRec<T>* tile, const T* __restrict__ pb,
+                                           const T* __restrict__ sb, const T* __restrict__ Rb,
+                                           int start, int count) {
+  for (int t = threadIdx.x; t < count; t += blockDim.x) {
+    const int64_t j = start + t;
+    PointRec<T> rec;
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      rec.p[c] = pb[3 * j + c];
+      rec.s[c] = sb[3 * j + c];
+    }
+#pragma unroll
+    for (int c = 0; c < 9; ++c) rec.R[c] = Rb[9 * j + c];
+    rec.pad = 0;
+    tile[t] = rec;
+  }
+}
+
+// Scans this warp's share of a staged tile (points warp, warp + warps, ...) for the lane's
+// query: kUnroll points per step (independent distance chains for ILP) and one warp vote per
+// step. The loop bounds are uniform across the warp, so the vote is safe.
+template <typename T, int N>
+__device__ __forceinline__ void scan_tile(const PointRec<T>* tile, int start, int count,
+                                          const T qv[3], bool active, int warp, int warps,
+                                          int lane, LaneList<T, N>& list,
+                                          LaneQueue<T, N>& queue) {
+  for (int t0 = warp; t0 < count; t0 += kUnroll * warps) {
+    T k[kUnroll];
+#pragma unroll
+    for (int x = 0; x < kUnroll; ++x) {
+      const int t = t0 + x * warps;
+      k[x] = INFINITY;  // never below the gate
+      if (t < count) {
+        const PointRec<T>& r = tile[t];
+        T d[3], u[3];
+        k[x] = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
+      }
+    }
+#pragma unroll
+    for (int x = 0; x < kUnroll; ++x) {
+      if (active && k[x] < queue.gate) queue.push(k[x], start + t0 + x * warps, lane);
+    }
+    if (__any_sync(kFullMask, queue.queued > kQueue - kUnroll)) queue.merge_into(list, lane);
+  }
+}
+
+// Merges the other warps' lists into warp 0's, one warp at a time, through shared memory
+// (buf: N * kWarp keys, then N * kWarp indices). Whole block.
+template <typename T, int N>
+__device__ __forceinline__ void merge_warp_lists(unsigned char* buf, int warp, int warps,
+                                                 int lane, bool active, LaneList<T, N>& list) {
+  T* buf_key = reinterpret_cast<T*>(buf);
+  int* buf_ind = reinterpret_cast<int*>(buf + sizeof(T) * N * kWarp);
+  for (int src = 1; src < warps; ++src) {
+    __syncthreads();
+    if (warp == src) {
+#pragma unroll
+      for (int s = 0; s < N; ++s) {
+        buf_key[s * kWarp + lane] = list.key[s];
+        buf_ind[s * kWarp + lane] = list.ind[s];
+      }
+    }
+    __syncthreads();
+    if (warp == 0 && active) {
+      for (int s = 0; s < N; ++s) {
+        const T k = buf_key[s * kWarp + lane];
+        const int j = buf_ind[s * kWarp + lane];
+        if (!comes_before<T>(k, j, list.key[N - 1], list.ind[N - 1])) break;  // the rest is worse
+        insert_sorted<T, N, true>(list.key, list.ind, k, j);
+      }
+    }
+  }
+}
+
+template <typename T, int N>
+__global__ void knn_search_kernel(const T* __restrict__ q, const T* __restrict__ p,
+                                  const T* __restrict__ sigma, const T* __restrict__ R, int Q,
+                                  int P, int K, int64_t* __restrict__ idx) {
+  constexpr int kTile = search_tile<T>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PointRec<T>* tile = reinterpret_cast<PointRec<T>*>(smem_raw);
+
+  const int warps = blockDim.x / kWarp;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int qblocks = (Q + kWarp - 1) / kWarp;
+  const int64_t b = blockIdx.x / qblocks;
+  const int query = (blockIdx.x % qblocks) * kWarp + lane;
+  const bool active = query < Q;
+  const int64_t bq = b * Q + query;
+
+  T qv[3] = {0, 0, 0};
+  if (active) {
+#pragma unroll
+    for (int c = 0; c < 3; ++c) qv[c] = q[3 * bq + c];
+  }
+  LaneList<T, N> list;
+  list.clear();
+  LaneQueue<T, N> queue;
+  queue.key = reinterpret_cast<T*>(smem_raw + search_list_bytes<T, N>()) + warp * kQueue * kWarp;
+  queue.ind = reinterpret_cast<int*>(smem_raw + search_list_bytes<T, N>() +
+                                     sizeof(T) * warps * kQueue * kWarp) +
+              warp * kQueue * kWarp;
+  queue.queued = 0;
+  queue.gate = list.key[N - 1];
+
+  const T* pb = p + b * P * 3;
+  const T* sb = sigma + b * P * 3;
+  const T* Rb = R + b * P * 9;
+  for (int start = 0; start < P; start += kTile) {
+    const int count = min(kTile, P - start);
+    __syncthreads();  // the previous tile is no longer read
+    stage_tile(tile, pb, sb, Rb, start, count);
+    __syncthreads();
+    scan_tile(tile, start, count, qv, active, warp, warps, lane, list, queue);
+  }
+  queue.merge_into(list, lane);
+  merge_warp_lists(smem_raw, warp, warps, lane, active, list);
+  if (warp == 0 && active) {
+#pragma unroll
+    for (int s = 0; s < N; ++s) {
+      if (s < K) idx[bq * K + s] = list.ind[s];
+    }
+  }
+}
+
+// K > 32: one thread per query, its sorted list kept in global memory (keys in a scratch
+// buffer, indices in the output). Insertion is O(K) with run-time indices; correct, not fast.
+template <typename T>
+__global__ void knn_search_large_k_kernel(const T* __restrict__ q, const T* __restrict__ p,
+                                          const T* __restrict__ sigma, const T* __restrict__ R,
+                                          int64_t BQ, int Q, int P, int K, T* __restrict__ keys,
+                                          int64_t* __restrict__ idx) {
+  const int64_t bq = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (bq >= BQ) return;
+  const int64_t b = bq / Q;
+  T* kl = keys + bq * K;
+  int64_t* il = idx + bq * K;
+  for (int s = 0; s < K; ++s) {
+    kl[s] = INFINITY;
+    il[s] = 0;
+  }
+  T qv[3] = {q[3 * bq], q[3 * bq + 1], q[3 * bq + 2]};
+  for (int j = 0; j < P; ++j) {
+    const int64_t pj = b * P + j;
+    T d[3], u[3];
+    const T k = search_key(pair_distance(qv, p + 3 * pj, sigma + 3 * pj, R + 9 * pj, d, u));
+    if (!(k < kl[K - 1])) continue;
+    int s = K - 1;
+    for (; s > 0 && k < kl[s - 1]; --s) {
+      kl[s] = kl[s - 1];
+      il[s] = il[s - 1];
+    }
+    kl[s] = k;
+    il[s] = j;
+  }
+}
+
+// Warps per search block: enough blocks x warps to fill the GPU, at most 4 (on an H100, 4 beat
+// 2, 6 and 8 at P = 4096 and P = 65536: benchmarks/RESULTS.md). NEUSDF_SEARCH_WARPS (1..8)
+// overrides the choice, for tuning; it is read once per process, and the SM counts of the
+// devices once per process too: no getenv and no CUDA call per search.
+int multiprocessor_count(c10::DeviceIndex device) {
+  static std::once_flag once;
+  static std::vector<int> sms;
+  std::call_once(once, [] {
+    std::vector<int> counts(c10::cuda::device_count());
+    for (size_t d = 0; d < counts.size(); ++d) {
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[d], cudaDevAttrMultiProcessorCount,
+                                            static_cast<int>(d)));
+    }
+    sms = std::move(counts);  // only after every query succeeded (a throw lets a later call retry)
+  });
+  return sms.at(device);
+}
+
+int search_warps(int64_t blocks, c10::DeviceIndex device) {
+  static const int forced = [] {
+    const char* env = std::getenv("NEUSDF_SEARCH_WARPS");
+    const int w = env ? std::atoi(env) : 0;
+    return w >= 1 && w <= 8 ? w : 0;
+  }();
+  if (forced) return forced;
+  const int sms = multiprocessor_count(device);
+  const int64_t target = static_cast<int64_t>(sms) * 32;  // resident warps to aim for
+  const int64_t warps = (target + blocks - 1) / blocks;
+  return static_cast<int>(std::min<int64_t>(4, std::max<int64_t>(1, warps)));
+}
+
+template <typename T, int N>
+void launch_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
+                   const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
+                   cudaStream_t stream) {
+  const int64_t blocks = n.B * ((n.Q + kWarp - 1) / kWarp);
+  const int warps = search_warps(blocks, q.get_device());
+  const size_t smem = search_smem_bytes<T, N>(warps);
+  knn_search_kernel<T, N><<<blocks, warps * kWarp, smem, stream>>>(
+      q.data_ptr<T>(), p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), n.Q, n.P, n.K,
+      idx.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_search_large_k(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
+                           const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
+                           cudaStream_t stream) {
+  at::Tensor keys = at::empty({n.B, n.Q, n.K}, q.options());
+  const int threads = 128;
+  const int64_t blocks = (n.B * n.Q + threads - 1) / threads;
+  knn_search_large_k_kernel<T><<<blocks, threads, 0, stream>>>(
+      q.data_ptr<T>(), p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), n.B * n.Q, n.Q,
+      n.P, n.K, keys.data_ptr<T>(), idx.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ------------------------------------------------------------------------------ grid search
+
+constexpr int kGridThreads = 128;
+
+int64_t grid_blocks(int64_t n) { return (n + kGridThreads - 1) / kGridThreads; }
+
+template <typename T>
+__global__ void point_lambda_kernel(const T* __restrict__ p, const T* __restrict__ sigma,
+                                    const T* __restrict__ R, int64_t BP, T* __restrict__ lam) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= BP) return;
+  lam[x] = point_lambda(p + 3 * x, sigma + 3 * x, R + 9 * x);
+}
+
+// Bucket of every point (in_cells given: its cell, else bucket G^3) or query (in_cells null:
+// its clamped cell when finite, else bucket G^3), counted into counts[b * buckets + bucket].
+template <typename T>
+__global__ void bucket_kernel(const T* __restrict__ xyz, const bool* __restrict__ in_cells,
+                              const T* __restrict__ lo, const T* __restrict__ hi, int64_t n,
+                              int64_t per_batch, int G, int* __restrict__ bucket,
+                              int* __restrict__ counts) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= n) return;
+  const int64_t b = x / per_batch;
+  const GridGeom<T> g = make_grid_geom(lo + 3 * b, hi + 3 * b, G);
+  const int cells = G * G * G;
+  const T* v = xyz + 3 * x;
+  const bool inside =
+      in_cells ? in_cells[x] : (is_finite(v[0]) && is_finite(v[1]) && is_finite(v[2]));
+  int bk = cells;
+  if (inside) {
+    const int c[3] = {cell_coord(v[0], g, 0), cell_coord(v[1], g, 1), cell_coord(v[2], g, 2)};
+    bk = static_cast<int>(cell_linear(c, G));
+  }
+  bucket[x] = bk;
+  atomicAdd(counts + b * (cells + 1) + bk, 1);
+}
+
+// Counting sort's scatter: slot of element x = the next free place of its bucket. With records
+// (points), also copies the point's record into its slot. order holds the index within the batch
+// (points) or the flat index (queries, flat = true).
+template <typename T>
+__global__ void scatter_kernel(const int* __restrict__ bucket, int64_t n, int64_t per_batch,
+                               int buckets, bool flat, int* __restrict__ cursor,
+                               int* __restrict__ order, const T* __restrict__ p,
+                               const T* __restrict__ sigma, const T* __restrict__ R,
+                               PointRec<T>* __restrict__ records) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= n) return;
+  const int64_t b = x / per_batch;
+  const int slot = atomicAdd(cursor + b * buckets + bucket[x], 1);
+  order[slot] = flat ? static_cast<int>(x) : static_cast<int>(x - b * per_batch);
+  if (records != nullptr) {
+    PointRec<T> rec;
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      rec.p[c] = p[3 * x + c];
+      rec.s[c] = sigma[3 * x + c];
+    }
+#pragma unroll
+    for (int c = 0; c < 9; ++c) rec.R[c] = R[9 * x + c];
+    rec.pad = 0;
+    records[slot] = rec;
+  }
+}
+
+// Minimum lam over each cell's points (+inf for an empty cell); cells of all batches.
+template <typename T>
+__global__ void cell_lambda_kernel(const int* __restrict__ start, const int* __restrict__ order,
+                                   const T* __restrict__ lam, int64_t B, int cells, int64_t P,
+                                   T* __restrict__ cell_lam) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= B * cells) return;
+  const int64_t b = x / cells, bucket = b * (cells + 1) + x % cells;
+  T m = INFINITY;
+  for (int s = start[bucket]; s < start[bucket + 1]; ++s) {
+    const T l = lam[b * P + order[s]];
+    m = l < m ? l : m;
+  }
+  cell_lam[x] = m;
+}
+
+// The device side of the grid of every batch.
+template <typename T>
+struct GridView {
+  const T* lo;            // (B, 3) bounding box of the points in cells
+  const T* hi;            // (B, 3)
+  const int* start;       // B * (G^3 + 1) + 1 bucket offsets into order / records
+  const int* order;       // point index within the batch, slot by slot
+  const PointRec<T>* records;  // point records, slot by slot
+  const T* cell_lam;      // (B, G^3) minimum lam of each cell
+  const T* lam_min;       // (B,) minimum lam over the batch's points in cells
+  int G;
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void scan_slots(const GridView<T>& grid, int begin, int end,
+                                           const T qv[3], LaneList<T, N>& list) {
+  for (int slot = begin; slot < end; ++slot) {
+    const PointRec<T>& r = grid.records[slot];
+    T d[3], u[3];
+    const T k = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
+    const int j = grid.order[slot];
+    if (comes_before<T>(k, j, list.key[N - 1], list.ind[N - 1])) {
+      insert_sorted<T, N, true>(list.key, list.ind, k, j);
+    }
+  }
+}
+
+// One thread per query, in cell order (qorder). The list holds N >= K entries; pruning
+// against its N-th key (>= the K-th) is conservative.
+template <typename T, int N>
+__global__ void knn_grid_search_kernel(const T* __restrict__ q, const int* __restrict__ qorder,
+                                       GridView<T> grid, int64_t BQ, int Q, int K,
+                                       int64_t* __restrict__ idx) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= BQ) return;
+  const int64_t bq = qorder[x];
+  const int64_t b = bq / Q;
+  const int G = grid.G, cells = G * G * G;
+  const int* start = grid.start + b * (cells + 1);
+  const T qv[3] = {q[3 * bq], q[3 * bq + 1], q[3 * bq + 2]};
+  LaneList<T, N> list;
+  list.clear();
+  scan_slots(grid, start[cells], start[cells + 1], qv, list);  // points outside the bound
+  if (!(is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2]))) {
+    scan_slots(grid, start[0], start[cells], qv, list);  // no bound holds: every cell
+  } else {
+    const GridGeom<T> g = make_grid_geom(grid.lo + 3 * b, grid.hi + 3 * b, G);
+    const T lam_min = grid.lam_min[b];
+    const T* cell_lam = grid.cell_lam + b * cells;
+    const int cq[3] = {cell_coord(qv[0], g, 0), cell_coord(qv[1], g, 1),
+                       cell_coord(qv[2], g, 2)};
+    int rmax = 0;
+    for (int a = 0; a < 3; ++a) rmax = max(rmax, max(cq[a], G - 1 - cq[a]));
+    for (int r = 0; r <= rmax; ++r) {
+      if (r > 0) {
+        const T gap2 = ring_gap2(qv, g, cq, r);
+        if (gap2 < T(0) || bound_key(lam_min, gap2) > list.key[N - 1]) break;
+      }
+      // The cells at Chebyshev distance exactly r from cq, clipped to the grid.
+      for (int z = max(0, cq[2] - r); z <= min(G - 1, cq[2] + r); ++z) {
+        for (int y = max(0, cq[1] - r); y <= min(G - 1, cq[1] + r); ++y) {
+          const bool shell = abs(z - cq[2]) == r || abs(y - cq[1]) == r;
+          const int step = shell || r == 0 ? 1 : 2 * r;
+          for (int xc = cq[0] - r; xc <= cq[0] + r; xc += step) {
+            if (xc < 0 || xc >= G) continue;
+            const int c[3] = {xc, y, z};
+            const int64_t cell = cell_linear(c, G);
+            if (start[cell] == start[cell + 1]) continue;
+            if (bound_key(cell_lam[cell], cell_gap2(qv, g, c)) > list.key[N - 1]) continue;
+            scan_slots(grid, start[cell], start[cell + 1], qv, list);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+    if (s < K) idx[bq * K + s] = list.ind[s];
+  }
+}
+
+// Counting sort of n elements (per_batch of them per batch) into B * buckets buckets: returns
+// (start: B * buckets + 1 offsets, order), bucket[x] given, counts accumulated by bucket_kernel.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> counting_sort(const at::Tensor& bucket, const at::Tensor& counts,
+                                                int64_t per_batch, int buckets, bool flat,
+                                                const T* p, const T* sigma, const T* R,
+                                                PointRec<T>* records, cudaStream_t stream) {
+  const int64_t n = bucket.numel();
+  at::Tensor start = at::zeros({counts.numel() + 1}, counts.options());
+  start.narrow(0, 1, counts.numel()).copy_(at::cumsum(counts, 0, at::kInt));
+  at::Tensor cursor = start.narrow(0, 0, counts.numel()).clone();
+  at::Tensor order = at::empty({n}, counts.options());
+  scatter_kernel<T><<<grid_blocks(n), kGridThreads, 0, stream>>>(
+      bucket.data_ptr<int>(), n, per_batch, buckets, flat, cursor.data_ptr<int>(),
+      order.data_ptr<int>(), p, sigma, R, records);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {start, order};
+}
+
+template <typename T, int N>
+void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
+                        const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
+                        cudaStream_t stream) {
+  const int G = grid_cells_per_axis(n.P);
+  const int cells = G * G * G, buckets = cells + 1;
+  TORCH_CHECK(n.B * n.P < INT_MAX && n.B * n.Q < INT_MAX && n.B * buckets < INT_MAX,
+              "neusdf: the CUDA grid search supports B * P, B * Q and B * cells < 2^31");
+  const auto opts = q.options();
+  const auto iopts = opts.dtype(at::kInt);
+  // Per-point bound; points below a fraction of the batch median (or without a bound) go to
+  // the bucket every query scans.
+  at::Tensor lam = at::empty({n.B, n.P}, opts);
+  point_lambda_kernel<T><<<grid_blocks(n.B * n.P), kGridThreads, 0, stream>>>(
+      p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), n.B * n.P, lam.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor median = std::get<0>(at::median(lam, 1));
+  const at::Tensor floor = median.clamp_min(0).mul(kLamFloorOfMedian).unsqueeze(1);
+  const at::Tensor in_cells = lam.gt(0).logical_and_(lam.ge(floor)).contiguous();
+  const at::Tensor out = in_cells.logical_not().unsqueeze(2);
+  const at::Tensor lo = p.masked_fill(out, INFINITY).amin(1).contiguous();
+  const at::Tensor hi = p.masked_fill(out, -INFINITY).amax(1).contiguous();
+  // Points: bucket, counting sort, packed records in slot order, per-cell minimum lam.
+  at::Tensor counts = at::zeros({n.B * buckets}, iopts);
+  at::Tensor bucket = at::empty({n.B * n.P}, iopts);
+  bucket_kernel<T><<<grid_blocks(n.B * n.P), kGridThreads, 0, stream>>>(
+      p.data_ptr<T>(), in_cells.data_ptr<bool>(), lo.data_ptr<T>(), hi.data_ptr<T>(),
+      n.B * n.P, n.P, G, bucket.data_ptr<int>(), counts.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor records =
+      at::empty({n.B * n.P * static_cast<int64_t>(sizeof(PointRec<T>))}, opts.dtype(at::kByte));
+  PointRec<T>* rec = reinterpret_cast<PointRec<T>*>(records.data_ptr());
+  const std::pair<at::Tensor, at::Tensor> sorted =
+      counting_sort<T>(bucket, counts, n.P, buckets, false, p.data_ptr<T>(),
+                       sigma.data_ptr<T>(), R.data_ptr<T>(), rec, stream);
+  const at::Tensor& start = sorted.first;  // B * buckets + 1 slot offsets
+  const at::Tensor& order = sorted.second;  // point index within the batch, per slot
+  at::Tensor cell_lam = at::empty({n.B, cells}, opts);
+  cell_lambda_kernel<T><<<grid_blocks(n.B * cells), kGridThreads, 0, stream>>>(
+      start.data_ptr<int>(), order.data_ptr<int>(), lam.data_ptr<T>(), n.B, cells, n.P,
+      cell_lam.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor lam_min = cell_lam.amin(1).contiguous();
+  // Queries: sorted by cell too, so that a warp's threads walk nearby cells.
+  at::Tensor qcounts = at::zeros({n.B * buckets}, iopts);
+  at::Tensor qbucket = at::empty({n.B * n.Q}, iopts);
+  bucket_kernel<T><<<grid_blocks(n.B * n.Q), kGridThreads, 0, stream>>>(
+      q.data_ptr<T>(), nullptr, lo.data_ptr<T>(), hi.data_ptr<T>(), n.B * n.Q, n.Q, G,
+      qbucket.data_ptr<int>(), qcounts.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor qorder = counting_sort<T>(qbucket, qcounts, n.Q, buckets, true, nullptr,
+                                             nullptr, nullptr, nullptr, stream)
+                                .second;
+  const GridView<T> view{lo.data_ptr<T>(),      hi.data_ptr<T>(),       start.data_ptr<int>(),
+                         order.data_ptr<int>(), rec,                    cell_lam.data_ptr<T>(),
+                         lam_min.data_ptr<T>(), G};
+  knn_grid_search_kernel<T, N><<<grid_blocks(n.B * n.Q), kGridThreads, 0, stream>>>(
+      q.data_ptr<T>(), qorder.data_ptr<int>(), view, n.B * n.Q, static_cast<int>(n.Q),
+      static_cast<int>(n.K), idx.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls launch<T, N>(...) with N = K rounded up to a power of two (K <= 32).
+#define NEUSDF_DISPATCH_LIST_SIZE(K, LAUNCH, ...) \
+  do {                                            \
+    if ((K) <= 1) {                               \
+      LAUNCH<T, 1>(__VA_ARGS__);                  \
+    } else if ((K) <= 2) {                        \
+      LAUNCH<T, 2>(__VA_ARGS__);                  \
+    } else if ((K) <= 4) {                        \
+      LAUNCH<T, 4>(__VA_ARGS__);                  \
+    } else if ((K) <= 8) {                        \
+      LAUNCH<T, 8>(__VA_ARGS__);                  \
+    } else if ((K) <= 16) {                       \
+      LAUNCH<T, 16>(__VA_ARGS__);                 \
+    } else {                                      \
+      LAUNCH<T, 32>(__VA_ARGS__);                 \
+    }                                             \
+  } while (0)
+
+at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
+                           const at::Tensor& sigma_in, const at::Tensor& R_in, int64_t K,
+                           c10::string_view method) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
+  const SearchMethod how = choose_search_method(method, n, /*cuda=*/true);
+  TORCH_CHECK(n.P < INT_MAX && n.Q < INT_MAX, "neusdf: knn_search supports P, Q < 2^31 on CUDA");
+  TORCH_CHECK(n.B * ((n.Q + kWarp - 1) / kWarp) < INT_MAX, "neusdf: B * Q too large");
+  at::Tensor idx = at::empty({n.B, n.Q, K}, q_in.options().dtype(at::kLong));
+  if (n.B * n.Q == 0) return idx;
+  const at::Tensor q = q_in.contiguous(), p = p_in.contiguous(), sigma = sigma_in.contiguous(),
+                   R = R_in.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_search_cuda", [&] {
+    using T = scalar_t;
+    if (how == SearchMethod::kGrid) {
+      NEUSDF_DISPATCH_LIST_SIZE(K, launch_grid_search, q, p, sigma, R, n, idx, stream);
+    } else if (K <= 32) {
+      NEUSDF_DISPATCH_LIST_SIZE(K, launch_search, q, p, sigma, R, n, idx, stream);
+    } else {
+      launch_search_large_k<T>(q, p, sigma, R, n, idx, stream);
+    }
+  });
+  return idx;
+}
+
+}  // namespace
+}  // namespace neusdf
+
+TORCH_LIBRARY_IMPL(neusdf, CUDA, m) {
+  m.impl("knn_search", &neusdf::knn_search_cuda);
+}
