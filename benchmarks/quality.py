@@ -159,8 +159,10 @@ def host_info() -> dict:
 def failed_bars(setting: str, r: dict, p: dict | None, max_seconds: float) -> list[str]:
     """Names of the bars the row misses (empty: all met); Poisson bars need Poisson's row."""
     fails = []
-    if p is None or "error" in p:
+    if p is None:
         fails.append("no Poisson row")
+    elif "error" in p:
+        fails.append(f"no Poisson result ({p['error'][:40]})")
     else:
         if r["chamfer_l1"] > p["chamfer_l1"]:
             fails.append("Chamfer")
@@ -267,7 +269,7 @@ def row_order(key: str) -> tuple:
 
 
 HEADER = (
-    "| shape | input | variant | rows | Chamfer-L1 x100 | Poisson | NC | Poisson | F@0.005 | "
+    "| shape | input | variant | role | Chamfer-L1 x100 | Poisson | NC | Poisson | F@0.005 | "
     "Poisson | F@0.01 | Hausdorff x100 | Poisson | steps | ms/step | s train | s extract | "
     "s train+extract | Poisson s | s score | bars failed |\n" + "|---" * 21 + "|"
 )
@@ -279,7 +281,8 @@ def fmt_row(key: str, r: dict, poisson: dict, tuned_on: set, max_seconds: float)
     role = "tuned" if shape in tuned_on else "confirm"
     lead = f"| {shape} | {setting} | {variant} | {role} |"
     if "error" in r:
-        return lead + f" FAILED: {r['error'][:100]} |" + " |" * 16
+        err = " ".join(r["error"].split())[:100].replace("|", "/")
+        return lead + f" FAILED: {err} |" + " |" * 16
     p = poisson.get(f"{shape}/{setting}")
     pv = p if p is not None and "error" not in p else None
 
