@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from neusdf.data import Normalization, sample_triangles  # noqa: E402
-from neusdf.mesh_io import atomic_write, check_writable, load_shape  # noqa: E402
+from neusdf.mesh_io import atomic_write, load_shape  # noqa: E402
 from neusdf.metrics import SurfaceSet, compute_metrics, save_json  # noqa: E402
 
 DEFAULT_MESHES = ROOT.parent / "shared" / "data" / "meshes"
@@ -395,9 +395,9 @@ def main() -> int:
                 f"{args.json} was made with {old}, this run is {config}: pass --overwrite "
                 "or write another file"
             )
-    check_writable(args.json, True)
-    if args.markdown:
-        check_writable(args.markdown, True)
+    for p in filter(None, (args.json, args.markdown)):
+        if not Path(p).resolve().parent.is_dir():
+            ap.error(f"{p}: its folder does not exist")
     poisson, poisson_line = load_poisson(args.poisson)
     torch.set_float32_matmul_precision("high")
 
