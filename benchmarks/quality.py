@@ -162,7 +162,7 @@ def failed_bars(setting: str, r: dict, p: dict | None, max_seconds: float) -> li
     if p is None:
         fails.append("no Poisson row")
     elif "error" in p:
-        fails.append(f"no Poisson result ({p['error'][:40]})")
+        fails.append(f"Poisson bars n/a (Poisson {p['error'][:40]})")
     else:
         if r["chamfer_l1"] > p["chamfer_l1"]:
             fails.append("Chamfer")
@@ -290,13 +290,16 @@ def fmt_row(key: str, r: dict, poisson: dict, tuned_on: set, max_seconds: float)
         return f"{scale * pv[k]:{f}}" if pv is not None else "-"
 
     fails = failed_bars(setting, r, p, max_seconds)
+    psec = pc("seconds", ".1f")
+    if p is not None and p.get("timeout"):
+        psec = f"> {p['seconds']:g}"
     return (
         f"{lead} {100 * r['chamfer_l1']:.3f} | {pc('chamfer_l1', '.3f', 100)} | "
         f"{r['normal_consistency']:.4f} | {pc('normal_consistency', '.4f')} | "
         f"{r['fscore_0.005']:.3f} | {pc('fscore_0.005', '.3f')} | {r['fscore_0.01']:.3f} | "
         f"{100 * r['hausdorff']:.2f} | {pc('hausdorff', '.2f', 100)} | {r['steps']} | "
         f"{r['ms_per_step']:.2f} | {r['train_seconds']:.1f} | {r['extract_seconds']:.1f} | "
-        f"{r['total_seconds']:.1f} | {pc('seconds', '.1f')} | {r['score_seconds']:.1f} | "
+        f"{r['total_seconds']:.1f} | {psec} | {r['score_seconds']:.1f} | "
         f"{', '.join(fails) or 'none'} |"
     )
 
