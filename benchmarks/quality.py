@@ -1,29 +1,49 @@
 """Reconstruction quality and speed on the EVAL.md protocol, next to screened Poisson.
 
-For each shape (bunny, fandisk, rocker-arm) and input setting (dense, sparse, noisy): normalise
-the ground truth (bbox centred at the origin, longest side 1), sample N points area-weighted
-with face normals (+ Gaussian noise for noisy), train ``train.py``'s default GPU config on that
-oriented point cloud, extract the mesh at resolution 256, and score it against the ground
-truth with 100k query / 1M reference samples. Prints a markdown table and writes JSON (updated
-after every run, so a crash or timeout keeps the finished rows).
+Seven shapes (bunny, fandisk, rocker-arm, armadillo, elephant, fertility, horse) x four input
+settings (dense: 100k oriented points; sparse: 10k; noisy: 100k with Gaussian position noise of
+std 0.005; raw: 100k points without normals). For each row: normalise the ground truth (bbox
+centred at the origin, longest side 1), draw the seeded input with :func:`make_input` (the same
+points, bit for bit, that ``benchmarks/poisson.py`` reconstructs), train ``train.py``'s default
+config on it (ONE config for every input: no per-setting preset), extract the mesh and score it
+against the ground truth with 100k query / 1M reference samples.
 
-    python benchmarks/quality.py results.json                    # the whole table (GPU)
-    python benchmarks/quality.py out.json --shapes bunny --settings noisy --steps 2000
-    python benchmarks/quality.py out.json --markdown benchmarks/RESULTS.md --overwrite
-    python benchmarks/quality.py /tmp/smoke.json --smoke         # tiny CPU check of the script
+Variants (``--variants``): ``neusdf`` is the default model; ``mlp`` adds the Hydra override
+``model=mlp`` (a plain-MLP SDF baseline).
 
-Seconds are the wall time of training plus extraction (data loading, neural point
-initialisation, the step loop and the 256^3 extraction; not the one-time op build, which a
-warm-up run absorbs, and not the metrics).
+The JSON accumulates: rows already in it are kept and skipped (so the table can be split over
+several calls with different ``--shapes``/``--settings``), unless ``--redo`` (re-run the selected
+rows, keep the others) or ``--overwrite`` (start a fresh file). Rows that failed are re-run.
+The file is written atomically after every row.
+
+    python benchmarks/quality.py results.json --markdown results.md          # the table (GPU)
+    python benchmarks/quality.py results.json --shapes bunny,fandisk --settings raw
+    python benchmarks/quality.py results.json --variants neusdf,mlp --tuned-on bunny,fandisk
+    python benchmarks/quality.py /tmp/smoke.json --smoke --shapes bunny --settings dense
+
+Timings per row: steps and ms per step (the step loop), train seconds (the step loop), extract
+seconds (the mesh extraction), train+extract seconds (the wall time of ``train()``: data loading,
+neural point initialisation, the step loop, extraction and writing the mesh; not the one-time op
+build, which a warm-up run absorbs), and score seconds (the metrics, not part of the bar).
+
+Bars, per row, all must hold (against the Poisson row of the same shape and input, from
+``--poisson``, written by ``benchmarks/poisson.py``): Chamfer-L1 <= Poisson's; F@0.005 >=
+Poisson's - 0.005; Hausdorff <= Poisson's; normal consistency > Poisson's on noisy input and
+>= Poisson's - 0.005 otherwise; train+extract <= ``--max-seconds`` (default 60).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sys
 import tempfile
 import time
 import traceback
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,81 +51,181 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neusdf.config import compose_train_config  # noqa: E402
 from neusdf.data import Normalization, sample_triangles  # noqa: E402
-from neusdf.mesh_io import atomic_write, check_writable, load_shape  # noqa: E402
+from neusdf.mesh_io import atomic_write, load_shape  # noqa: E402
 from neusdf.metrics import SurfaceSet, compute_metrics, save_json  # noqa: E402
 
-SHAPES = {"bunny": "stanford-bunny.obj", "fandisk": "fandisk.obj", "rocker-arm": "rocker-arm.obj"}
-SETTINGS = {"dense": (100_000, 0.0), "sparse": (10_000, 0.0), "noisy": (100_000, 0.005)}
-# Config per input setting: noisy input trains with configs/experiment/noisy.yaml (as a user
-# with a noisy scan would); dense and sparse with the defaults.
-SETTING_OVERRIDES = {"noisy": ["experiment=noisy"]}
-# Screened Poisson (Open3D 0.20, depth 8) from EVAL.md: Chamfer-L1 x100, NC, F@0.005, seconds.
-POISSON = {
-    ("bunny", "dense"): (0.081, 0.9956, 0.997, 2.8),
-    ("bunny", "sparse"): (0.135, 0.9868, 0.976, 0.8),
-    ("bunny", "noisy"): (0.145, 0.9325, 0.995, 3.4),
-    ("fandisk", "dense"): (0.082, 0.9922, 0.994, 2.2),
-    ("fandisk", "sparse"): (0.143, 0.9762, 0.958, 1.0),
-    ("fandisk", "noisy"): (0.147, 0.9261, 0.993, 4.2),
-    ("rocker-arm", "dense"): (0.064, 0.9955, 0.994, 2.7),
-    ("rocker-arm", "sparse"): (0.087, 0.9896, 0.990, 1.0),
-    ("rocker-arm", "noisy"): (0.125, 0.9418, 0.994, 2.4),
+DEFAULT_MESHES = ROOT.parent / "shared" / "data" / "meshes"
+DEFAULT_POISSON = ROOT / "benchmarks" / "poisson_cpu.json"
+SHAPES = {
+    "bunny": "stanford-bunny.obj",
+    "fandisk": "fandisk.obj",
+    "rocker-arm": "rocker-arm.obj",
+    "armadillo": "armadillo.obj",
+    "elephant": "elephant.obj",
+    "fertility": "fertility.off",
+    "horse": "horse.obj",
 }
 
 
-def targets_met(setting: str, chamfer100: float, nc: float, poisson: tuple) -> bool:
-    """The issue's bar: Chamfer <= 1.25x Poisson (dense) or <= Poisson (sparse, noisy), and
-    normal consistency above Poisson's on noisy input."""
-    ok = chamfer100 <= (1.25 if setting == "dense" else 1.0) * poisson[0]
-    return ok and (setting != "noisy" or nc > poisson[1])
+@dataclass(frozen=True)
+class Setting:
+    """An input setting: number of points, position noise std (unit box), normals given."""
+
+    num_points: int
+    noise: float
+    normals: bool
 
 
-def make_input(gt_unit: SurfaceSet, n: int, noise: float, seed: int) -> tuple:
-    """EVAL.md input: n area-weighted samples with face normals, plus N(0, noise) positions."""
-    rng = np.random.default_rng(seed)
-    pts, nrm = sample_triangles(gt_unit.points, gt_unit.faces, n, rng)
-    if noise > 0:
-        pts = pts + rng.normal(scale=noise, size=pts.shape)
-    return pts, nrm
+SETTINGS = {
+    "dense": Setting(100_000, 0.0, True),
+    "sparse": Setting(10_000, 0.0, True),
+    "noisy": Setting(100_000, 0.005, True),
+    "raw": Setting(100_000, 0.0, False),
+}
+# Extra Hydra overrides per variant (the model's own config group).
+VARIANTS = {"neusdf": [], "mlp": ["model=mlp"]}
+# Keys of the JSON's run config that must match to add rows to an existing file.
+RUN_KEYS = ("steps", "resolution", "backend", "num_query", "num_ref", "override", "smoke")
 
 
-def run_one(args, shape: str, setting: str, workdir: Path) -> dict:
-    """Trains and extracts one (shape, setting); returns metrics and timings."""
-    from train import train
+@dataclass
+class BenchInput:
+    """One row's input: the normalised ground truth and the points the method sees.
 
-    gt = load_shape(Path(args.meshes) / SHAPES[shape])
+    Attributes:
+        shape, setting: names (keys of SHAPES, SETTINGS). seed: the input and scoring seed.
+        gt: the ground-truth mesh in the unit box. points: (N, 3) float32.
+        normals: (N, 3) float32 unit face normals, or None (raw input).
+    """
+
+    shape: str
+    setting: str
+    seed: int
+    gt: SurfaceSet
+    points: np.ndarray
+    normals: np.ndarray | None
+
+
+def input_seed(shape: str, setting: str) -> int:
+    """The row's seed: fixed by the names only (not by which rows are selected)."""
+    return zlib.crc32(f"{shape}/{setting}".encode())
+
+
+def make_input(meshes: str | os.PathLike, shape: str, setting: str) -> BenchInput:
+    """EVAL.md input for (shape, setting): area-weighted samples of the normalised ground truth
+    with face normals, plus N(0, noise) positions; normals dropped for raw input.
+
+    Deterministic: the same arguments give the same float32 arrays on every machine (numpy's
+    PCG64 stream), so the GPU runs and the Poisson baseline see the same points.
+    """
+    gt = load_shape(Path(meshes) / SHAPES[shape])
     norm = Normalization.of(gt.points)
     gt_unit = SurfaceSet(norm.to_unit(gt.points), gt.faces)
-    n, noise = SETTINGS[setting]
-    seed = sorted(SHAPES).index(shape) * 10 + sorted(SETTINGS).index(setting)
-    pts, nrm = make_input(gt_unit, n, noise, seed)
-    path = workdir / f"{shape}_{setting}.npz"
-    np.savez(path, points=pts.astype(np.float32), normals=nrm.astype(np.float32))
-    out = workdir / f"{shape}_{setting}"
-    overrides = [f"data.path={path}", *SETTING_OVERRIDES.get(setting, []), *base_overrides(args)]
-    cfg = compose_train_config(overrides, out)
+    s = SETTINGS[setting]
+    seed = input_seed(shape, setting)
+    rng = np.random.default_rng(seed)
+    pts, nrm = sample_triangles(gt_unit.points, gt_unit.faces, s.num_points, rng)
+    if s.noise > 0:
+        pts = pts + rng.normal(scale=s.noise, size=pts.shape)
+    normals = nrm.astype(np.float32) if s.normals else None
+    return BenchInput(shape, setting, seed, gt_unit, pts.astype(np.float32), normals)
+
+
+def write_input(inp: BenchInput, path: str | os.PathLike) -> None:
+    """Writes the input as npz: ``points`` and, unless raw, ``normals``."""
+    arrays = {"points": inp.points}
+    if inp.normals is not None:
+        arrays["normals"] = inp.normals
+    np.savez(path, **arrays)
+
+
+def score(recon: SurfaceSet, inp: BenchInput, num_query: int, num_ref: int) -> dict:
+    """EVAL.md metrics of ``recon`` (unit-box coordinates) against the row's ground truth."""
+    return compute_metrics(recon, inp.gt, num_query=num_query, num_ref=num_ref, seed=inp.seed)
+
+
+def host_info() -> dict:
+    """The CPU machine: platform, processor, core count, threads allowed."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+    }
+
+
+def failed_bars(setting: str, r: dict, p: dict | None, max_seconds: float) -> list[str]:
+    """Names of the bars the row misses (empty: all met); Poisson bars need Poisson's row."""
+    fails = []
+    if p is None:
+        fails.append("no Poisson row")
+    elif "error" in p:
+        fails.append(f"Poisson bars n/a (Poisson {p['error'][:40]})")
+    else:
+        if r["chamfer_l1"] > p["chamfer_l1"]:
+            fails.append("Chamfer")
+        if r["fscore_0.005"] < p["fscore_0.005"] - 0.005:
+            fails.append("F@0.005")
+        if r["hausdorff"] > p["hausdorff"]:
+            fails.append("Hausdorff")
+        nc, pnc = r["normal_consistency"], p["normal_consistency"]
+        if not (nc > pnc if setting == "noisy" else nc >= pnc - 0.005):
+            fails.append("NC")
+    if r["total_seconds"] > max_seconds:
+        fails.append(f"time > {max_seconds:g} s")
+    return fails
+
+
+def run_one(args, inp: BenchInput, variant: str, workdir: Path) -> dict:
+    """Trains and extracts one row; returns metrics and timings."""
+    from train import train
+
+    name = f"{inp.shape}_{inp.setting}_{variant}"
+    path = workdir / f"{inp.shape}_{inp.setting}.npz"
+    write_input(inp, path)
+    out = workdir / name
+    overrides = [f"data.path={path}", *variant_overrides(args, variant)]
+    cfg = _compose(overrides, out)
     t0 = time.perf_counter()
     result = train(cfg)
-    seconds = time.perf_counter() - t0
+    total = time.perf_counter() - t0
     recon = load_shape(out / "mesh.ply")
     t1 = time.perf_counter()
-    m = compute_metrics(
-        SurfaceSet(recon.points, recon.faces), gt_unit,
-        num_query=args.num_query, num_ref=args.num_ref, seed=seed,
-    )  # fmt: skip
-    m["metrics_seconds"] = time.perf_counter() - t1
-    m["seconds"] = seconds
-    m["timing"] = result["timing"]
+    m = score(SurfaceSet(recon.points, recon.faces), inp, args.num_query, args.num_ref)
+    t = result["timing"]
+    steps = int(t["steps"])
+    m.update(
+        steps=steps,
+        ms_per_step=1000 * t["fit_seconds"] / steps if steps else float("nan"),
+        train_seconds=t["fit_seconds"],
+        extract_seconds=t["extract_seconds"],
+        total_seconds=total,
+        score_seconds=time.perf_counter() - t1,
+        device=args.device,
+        overrides=overrides[1:],
+        timing=t,
+        input_seed=inp.seed,
+        has_normals=inp.normals is not None,
+    )
     return m
 
 
-def base_overrides(args) -> list[str]:
-    """Hydra overrides shared by every run (GPU defaults unless --smoke)."""
-    o = [
-        f"trainer.accelerator={args.accelerator}",
-        f"model.backend={args.backend}",
+def _compose(overrides: list[str], out: Path):
+    from neusdf.config import compose_train_config
+
+    return compose_train_config(overrides, out)
+
+
+def variant_overrides(args, variant: str) -> list[str]:
+    """Hydra overrides of one variant: the variant's own, then those shared by every run."""
+    o = list(VARIANTS[variant])
+    if args.accelerator:
+        o.append(f"trainer.accelerator={args.accelerator}")
+    if args.backend and variant == "neusdf":
+        o.append(f"model.backend={args.backend}")
+    o += [
         # timing runs: no logging, checkpoints, validation or progress bar
         "~logger",
         "~callbacks",
@@ -113,132 +233,215 @@ def base_overrides(args) -> list[str]:
         "+trainer.limit_val_batches=0",
         "+trainer.enable_progress_bar=false",
         "extract.score=false",
-        f"extract.resolution={args.resolution}",
+        "overwrite=true",  # the row's own run directory (a re-run replaces it)
     ]
+    if args.resolution:
+        o.append(f"extract.resolution={args.resolution}")
     if args.steps:
         o.append(f"trainer.max_steps={args.steps}")
-    if args.overwrite:
-        o.append("overwrite=true")
     if args.smoke:
-        o += ["model.num_points=1024", "data.num_surface=1024", "data.num_near=768",
-              "data.num_space=256"]  # fmt: skip
+        o += ["data.num_surface=1024", "data.num_near=768", "data.num_space=256"]
+        if variant == "neusdf":
+            o.append("model.num_points=1024")
     return o + list(args.override)
 
 
-def fmt_row(shape: str, setting: str, r: dict) -> str:
-    """One markdown row: ours next to Poisson's."""
-    p = POISSON[(shape, setting)]
-    if "error" in r:
-        return f"| {shape} | {setting} | FAILED: {r['error'][:80]} |" + " |" * 10
-    c100 = 100 * r["chamfer_l1"]
-    t = r["timing"]
-    ok = "yes" if targets_met(setting, c100, r["normal_consistency"], p) else "no"
-    return (
-        f"| {shape} | {setting} | {c100:.3f} | {p[0]:.3f} | {r['normal_consistency']:.4f} | "
-        f"{p[1]:.4f} | {r['fscore_0.005']:.3f} | {p[2]:.3f} | {r['fscore_0.01']:.3f} | "
-        f"{r['hausdorff']:.4f} | {r['seconds']:.1f} | {t['steps_per_second']:.0f} | "
-        f"{t['extract_seconds']:.1f} | {ok} |"
-    )
-
-
-HEADER = (
-    "| shape | input | Chamfer-L1 x100 | Poisson | NC | Poisson | F@0.005 | Poisson | F@0.01 | "
-    "Hausdorff | s train+extract | steps/s | s extract | targets |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
-
-
-def warm_up(args, workdir: Path) -> None:
-    """Builds/loads the op and initialises CUDA outside the timed runs."""
+def warm_up(args, variant: str, workdir: Path) -> None:
+    """Builds/loads the op and initialises the device outside the timed runs."""
     from train import train
 
     d = np.random.default_rng(0).normal(size=(4000, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     np.savez(workdir / "warmup.npz", points=d, normals=d)
-    overrides = [f"data.path={workdir / 'warmup.npz'}", *base_overrides(args),
-                 "trainer.max_steps=20", "extract.resolution=32",
-                 "model.num_points=1024"]  # fmt: skip
-    train(compose_train_config(overrides, workdir / "warmup"))
+    overrides = [f"data.path={workdir / 'warmup.npz'}", *variant_overrides(args, variant),
+                 "trainer.max_steps=20", "extract.resolution=32"]  # fmt: skip
+    train(_compose(overrides, workdir / f"warmup_{variant}"))
+
+
+def row_order(key: str) -> tuple:
+    """Sort key of 'shape/setting/variant': the canonical order of the three lists."""
+    shape, setting, variant = key.split("/")
+    idx = [
+        list(d).index(k) if k in d else len(d)
+        for d, k in ((SHAPES, shape), (SETTINGS, setting), (VARIANTS, variant))
+    ]
+    return (*idx, key)
+
+
+HEADER = (
+    "| shape | input | variant | role | Chamfer-L1 x100 | Poisson | NC | Poisson | F@0.005 | "
+    "Poisson | F@0.01 | Hausdorff x100 | Poisson | steps | ms/step | s train | s extract | "
+    "s train+extract | Poisson s | s score | bars failed |\n" + "|---" * 21 + "|"
+)
+
+
+def fmt_row(key: str, r: dict, poisson: dict, tuned_on: set, max_seconds: float) -> str:
+    """One markdown row: ours next to Poisson's, and the bars it fails."""
+    shape, setting, variant = key.split("/")
+    role = "tuned" if shape in tuned_on else "confirm"
+    lead = f"| {shape} | {setting} | {variant} | {role} |"
+    if "error" in r:
+        err = " ".join(r["error"].split())[:100].replace("|", "/")
+        return lead + f" FAILED: {err} |" + " |" * 16
+    p = poisson.get(f"{shape}/{setting}")
+    pv = p if p is not None and "error" not in p else None
+
+    def pc(k, f, scale=1.0):
+        return f"{scale * pv[k]:{f}}" if pv is not None else "-"
+
+    fails = failed_bars(setting, r, p, max_seconds)
+    psec = pc("seconds", ".1f")
+    if p is not None and p.get("timeout"):
+        psec = f"> {p['seconds']:g}"
+    return (
+        f"{lead} {100 * r['chamfer_l1']:.3f} | {pc('chamfer_l1', '.3f', 100)} | "
+        f"{r['normal_consistency']:.4f} | {pc('normal_consistency', '.4f')} | "
+        f"{r['fscore_0.005']:.3f} | {pc('fscore_0.005', '.3f')} | {r['fscore_0.01']:.3f} | "
+        f"{100 * r['hausdorff']:.2f} | {pc('hausdorff', '.2f', 100)} | {r['steps']} | "
+        f"{r['ms_per_step']:.2f} | {r['train_seconds']:.1f} | {r['extract_seconds']:.1f} | "
+        f"{r['total_seconds']:.1f} | {psec} | {r['score_seconds']:.1f} | "
+        f"{', '.join(fails) or 'none'} |"
+    )
+
+
+def load_poisson(path: str | None) -> tuple[dict, str]:
+    """Poisson rows keyed 'shape/setting' and a line naming the machine that measured them."""
+    if path is None or not Path(path).exists():
+        return {}, f"Poisson: no rows ({path} not found; run benchmarks/poisson.py)"
+    with open(path) as f:
+        data = json.load(f)
+    h = data.get("host", {})
+    line = (
+        f"Poisson columns: CPU, {h.get('processor', '?')}, {h.get('cpu_count', '?')} cores, "
+        f"{h.get('threads', '?')} threads, {h.get('platform', '?')}, Open3D "
+        f"{h.get('open3d', '?')} (`{Path(path).name}`)"
+    )
+    return data.get("rows", {}), line
+
+
+def make_table(results: dict, poisson: dict, poisson_line: str, tuned_on: set, max_s: float):
+    """The markdown table of every row in ``results`` with its header lines."""
+    runs = results["runs"]
+    keys = sorted(runs, key=row_order)
+    devices = sorted({runs[k].get("device", "?") for k in keys if "error" not in runs[k]})
+    c = results["config"]
+    head = (
+        f"Our columns: {'; '.join(devices) or 'no finished rows'} (torch "
+        f"{results.get('torch', '?')}); steps {c.get('steps') or 'config default'}, "
+        f"resolution {c.get('resolution') or 'config default'}, reference samples "
+        f"{c.get('num_ref')}, extra overrides {c.get('override') or 'none'}.\n"
+        f"{poisson_line}.\nBars: Chamfer <= Poisson, F@0.005 >= Poisson - 0.005, Hausdorff <= "
+        f"Poisson, NC > Poisson (noisy) / >= Poisson - 0.005, train+extract <= {max_s:g} s.\n"
+    )
+    rows = [fmt_row(k, runs[k], poisson, tuned_on, max_s) for k in keys]
+    return head + "\n" + HEADER + "\n" + "\n".join(rows)
+
+
+def _split(ap, arg: str, text: str, known) -> list[str]:
+    items = [s for s in text.split(",") if s]
+    for s in items:
+        if s not in known:
+            ap.error(f"{arg}: unknown name '{s}', expected some of {list(known)}")
+    return items
 
 
 def main() -> int:
-    """CLI; returns the exit status (0 when every run finished, 1 otherwise)."""
+    """CLI; returns the exit status (0 when every selected row finished, 1 otherwise)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("json", help="output JSON path")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {','.join(SHAPES)}")
-    ap.add_argument(
-        "--settings", default=",".join(SETTINGS), help="comma list of dense,sparse,noisy"
-    )
+    ap.add_argument("json", help="output JSON (rows already in it are kept and skipped)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list (default: all)")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list (default: all)")
+    ap.add_argument("--variants", default="neusdf", help=f"comma list of {','.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: config)")
-    ap.add_argument("--resolution", type=int, default=256)
-    ap.add_argument("--meshes", default=str(ROOT.parent / "shared" / "data" / "meshes"))
-    ap.add_argument("--backend", default="compiled", choices=["compiled", "reference"])
+    ap.add_argument("--resolution", type=int, default=None, help="default: config")
+    ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
+    ap.add_argument("--poisson", default=str(DEFAULT_POISSON), help="benchmarks/poisson.py JSON")
+    ap.add_argument("--backend", default=None, choices=["compiled", "reference"])
     ap.add_argument("--accelerator", default=None, help="gpu or cpu (default: gpu if available)")
     ap.add_argument("--num-query", type=int, default=100_000)
-    ap.add_argument("--num-ref", type=int, default=1_000_000)
+    ap.add_argument("--num-ref", type=int, default=1_000_000, help="lower it for smoke runs")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="train+extract bar")
+    ap.add_argument("--tuned-on", default="", help="shapes the config was chosen on")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
     ap.add_argument("--workdir", default=None, help="keep inputs and meshes here (default: tmp)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--redo", action="store_true", help="re-run selected rows already present")
+    ap.add_argument("--overwrite", action="store_true", help="start a fresh JSON")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run to test the script")
     args = ap.parse_args()
 
+    shapes = _split(ap, "--shapes", args.shapes, SHAPES)
+    settings = _split(ap, "--settings", args.settings, SETTINGS)
+    variants = _split(ap, "--variants", args.variants, VARIANTS)
+    tuned_on = set(_split(ap, "--tuned-on", args.tuned_on, SHAPES))
+
     import torch
 
-    shapes, settings = args.shapes.split(","), args.settings.split(",")
-    for s in shapes:
-        if s not in SHAPES:
-            ap.error(f"--shapes: unknown shape '{s}', expected some of {list(SHAPES)}")
-    for s in settings:
-        if s not in SETTINGS:
-            ap.error(f"--settings: unknown setting '{s}', expected some of {list(SETTINGS)}")
     if args.accelerator is None:
         args.accelerator = "gpu" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
         args.steps = args.steps or 30
-        args.resolution = min(args.resolution, 64)
+        args.resolution = min(args.resolution or 64, 64)
         args.num_query, args.num_ref = min(args.num_query, 20_000), min(args.num_ref, 100_000)
+    if args.accelerator == "gpu":
+        args.device = torch.cuda.get_device_name()
+    else:
+        args.device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    config = {k: getattr(args, k) for k in RUN_KEYS}
+    results: dict = {"config": config, "torch": torch.__version__, "runs": {}}
+    if Path(args.json).exists() and not args.overwrite:
+        with open(args.json) as f:
+            results = json.load(f)
+        old = {k: results.get("config", {}).get(k) for k in RUN_KEYS}
+        if old != config:
+            ap.error(
+                f"{args.json} was made with {old}, this run is {config}: pass --overwrite "
+                "or write another file"
+            )
     for p in filter(None, (args.json, args.markdown)):
-        try:
-            check_writable(p, args.overwrite)
-        except FileExistsError as e:
-            ap.error(str(e))
+        if not Path(p).resolve().parent.is_dir():
+            ap.error(f"{p}: its folder does not exist")
+    poisson, poisson_line = load_poisson(args.poisson)
     torch.set_float32_matmul_precision("high")
 
-    results: dict = {"config": vars(args).copy(), "runs": {}}
-    rows = []
+    todo = [
+        f"{shape}/{setting}/{variant}"
+        for shape in shapes
+        for setting in settings
+        for variant in variants
+    ]
+    runs = results["runs"]
+    skip = [k for k in todo if k in runs and "error" not in runs[k] and not args.redo]
+    if skip:
+        print(f"kept from {args.json} (--redo to re-run): {', '.join(skip)}")
+    todo = [k for k in todo if k not in skip]
     with tempfile.TemporaryDirectory(prefix="neusdf-quality-") as tmp:
         # --workdir keeps the inputs and meshes for inspection; by default they are temporary
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        warm_up(args, workdir)
-        results["warmup_seconds"] = time.perf_counter() - t0
-        for shape in shapes:
-            for setting in settings:
-                key = f"{shape}/{setting}"
-                print(f"== {key}", flush=True)
-                try:
-                    r = run_one(args, shape, setting, workdir)
-                except Exception as e:  # keep the rest of the table; the JSON has the trace
-                    traceback.print_exc()
-                    r = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-                results["runs"][key] = r
-                rows.append(fmt_row(shape, setting, r))
-                print(HEADER.splitlines()[0] + "\n" + rows[-1], flush=True)
-                save_json(args.json, results, overwrite=True)
-    device = torch.cuda.get_device_name() if args.accelerator == "gpu" else "CPU"
-    table = f"Device: {device}; steps: {args.steps or 'config default'}; " \
-            f"resolution {args.resolution}\n\n{HEADER}\n" + "\n".join(rows)  # fmt: skip
+        warm = set()
+        for key in todo:
+            shape, setting, variant = key.split("/")
+            print(f"== {key}", flush=True)
+            try:
+                if variant not in warm:
+                    t0 = time.perf_counter()
+                    warm_up(args, variant, workdir)
+                    results.setdefault("warmup_seconds", {})[variant] = time.perf_counter() - t0
+                    warm.add(variant)
+                r = run_one(args, make_input(args.meshes, shape, setting), variant, workdir)
+            except Exception as e:  # keep the rest of the table; the JSON has the trace
+                traceback.print_exc()
+                r = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+            runs[key] = r
+            print(fmt_row(key, r, poisson, tuned_on, args.max_seconds), flush=True)
+            save_json(args.json, results, overwrite=True)
+    table = make_table(results, poisson, poisson_line, tuned_on, args.max_seconds)
     print(table)
     if args.markdown:
         atomic_write(args.markdown, (table + "\n").encode(), overwrite=True)
-    ok = all("error" not in r for r in results["runs"].values())
-    fin = [r for r in results["runs"].values() if "error" not in r]
-    if fin:
-        print(f"mean seconds per shape: {np.mean([r['seconds'] for r in fin]):.1f}; "
-              f"all finished: {ok}")  # fmt: skip
-    return 0 if ok else 1
+    selected = [runs[k] for k in todo]
+    return 0 if all("error" not in r for r in selected) else 1
 
 
 if __name__ == "__main__":
