@@ -48,12 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from neusdf.geometry import Normalization, sample_triangles
+from neusdf.mesh_io import atomic_write, load_shape, save_json
+from neusdf.metrics import SurfaceSet, compute_metrics
 
-from neusdf.data import Normalization, sample_triangles  # noqa: E402
-from neusdf.mesh_io import atomic_write, load_shape  # noqa: E402
-from neusdf.metrics import SurfaceSet, compute_metrics, save_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_MESHES = ROOT.parent / "shared" / "data" / "meshes"
 DEFAULT_POISSON = ROOT / "benchmarks" / "poisson_cpu.json"
@@ -180,7 +179,7 @@ def failed_bars(setting: str, r: dict, p: dict | None, max_seconds: float) -> li
 
 def run_one(args, inp: BenchInput, variant: str, workdir: Path) -> dict:
     """Trains and extracts one row; returns metrics and timings."""
-    from train import train
+    from neusdf.pipeline import train
 
     name = f"{inp.shape}_{inp.setting}_{variant}"
     path = workdir / f"{inp.shape}_{inp.setting}.npz"
@@ -248,7 +247,7 @@ def variant_overrides(args, variant: str) -> list[str]:
 
 def warm_up(args, variant: str, workdir: Path) -> None:
     """Builds/loads the op and initialises the device outside the timed runs."""
-    from train import train
+    from neusdf.pipeline import train
 
     d = np.random.default_rng(0).normal(size=(4000, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             cfg.chunk,
             band=cfg.band,
-            keep=loaded.net.near_data if cfg.trim else None,
+            keep=getattr(loaded.net, "near_data", None) if cfg.trim else None,
         )
     except (CheckpointError, ShapeError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -269,6 +269,20 @@ class NeuralPointSDF(nn.Module):
         """Number of neural points P."""
         return self.points.shape[0]
 
+    def param_groups(self, optim: dict) -> list[dict]:
+        """Optimiser groups with their learning rates (``optim``: ``lr_points``,
+        ``lr_features``, ``lr_gaussians``, ``lr`` for the decoder)."""
+        return [
+            {"params": [self.points], "lr": optim["lr_points"], "name": "points"},
+            {"params": [self.features], "lr": optim["lr_features"], "name": "features"},
+            {
+                "params": [self.log_scales, self.quats],
+                "lr": optim["lr_gaussians"],
+                "name": "gaussians",
+            },
+            {"params": list(self.mlp.parameters()), "lr": optim["lr"], "name": "decoder"},
+        ]
+
     def gaussians(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-point precisions sigma (P, 3) = scale^-2 and axes R (P, 3, 3) (rows)."""
         sigma = torch.exp(-2.0 * self.log_scales)

@@ -136,16 +136,7 @@ class SDFModule(L.LightningModule):
     def configure_optimizers(self):
         """Adam with per-group learning rates; linear warmup then cosine decay per step."""
         o = self.hparams.optim
-        groups = [
-            {"params": [self.net.points], "lr": o["lr_points"], "name": "points"},
-            {"params": [self.net.features], "lr": o["lr_features"], "name": "features"},
-            {
-                "params": [self.net.log_scales, self.net.quats],
-                "lr": o["lr_gaussians"],
-                "name": "gaussians",
-            },
-            {"params": list(self.net.mlp.parameters()), "lr": o["lr"], "name": "decoder"},
-        ]
+        groups = self.net.param_groups(o)
         # the fused kernel updates every parameter in one launch (CUDA only)
         opt = torch.optim.Adam(groups, fused=self.device.type == "cuda")
         total = max(int(self.trainer.max_steps), 1)
@@ -183,7 +174,7 @@ class SDFModule(L.LightningModule):
                     box,
                     self.device,
                     progress=False,
-                    keep=self.net.near_data,
+                    keep=getattr(self.net, "near_data", None),
                 )
                 gt = SurfaceSet(
                     self.bank_points.cpu().numpy(),

@@ -206,7 +206,7 @@ def _container(node: DictConfig) -> dict:
 def _check_surface(dm: ShapeDataModule, cfg: DictConfig) -> None:
     """Says when the point count is capped (too small an input is refused by ``dm.load``)."""
     n = len(dm.surface.points)
-    asked = cfg.model.num_points
+    asked = cfg.model.get("num_points")
     if isinstance(asked, int) and asked > n:
         log.warning(
             "model.num_points capped at %d (the surface sample's size), %d asked%s",
@@ -341,7 +341,7 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
         device,
         x.chunk,
         band=x.band,
-        keep=net.near_data if x.trim else None,
+        keep=getattr(net, "near_data", None) if x.trim else None,
     )
     verts = dm.normalization.from_unit(verts)
     save_mesh(mesh_path, verts, faces, overwrite=cfg.overwrite)
