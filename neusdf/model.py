@@ -215,13 +215,15 @@ class NeuralPointSDF(nn.Module):
         if init is not None:
             # the winding number of the neural points as placed: each stands for its share of
             # the surface's area
+            # O(resolution^3 x P) pairs: on a GPU where there is one (seconds on a CPU)
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             wind = winding_grid(
-                self.points.detach(),
-                self.frames0[:, 2],
-                torch.as_tensor(point_areas(pts), dtype=f32),
+                self.points.detach().to(dev),
+                self.frames0[:, 2].to(dev),
+                torch.as_tensor(point_areas(pts), dtype=f32, device=dev),
                 winding_resolution,
                 box,
-            )
+            ).cpu()
         else:
             wind = torch.zeros((winding_resolution,) * 3)
         self.register_buffer("winding", wind)

@@ -49,8 +49,9 @@ def test_overrides_reach_the_objects(tmp_path, sphere_points_path):
 def test_sizes_follow_the_accelerator(tmp_path):
     cpu = compose_train(["trainer.accelerator=cpu"], tmp_path)
     gpu = compose_train(["trainer.accelerator=gpu"], tmp_path)
-    # the GPU defaults are larger; both are the config's literal values for their device
-    assert gpu.model.num_points > cpu.model.num_points
+    # the GPU defaults are larger; the neural point count follows the input (auto) on both
+    assert gpu.model.num_points == cpu.model.num_points == "auto"
+    assert gpu.model.winding_resolution > cpu.model.winding_resolution
     assert gpu.trainer.max_steps > cpu.trainer.max_steps
     assert gpu.data.num_surface > cpu.data.num_surface
 
@@ -58,9 +59,10 @@ def test_sizes_follow_the_accelerator(tmp_path):
 def test_noisy_experiment_trusts_normals_over_positions(tmp_path):
     base = compose_train(["trainer.accelerator=gpu"], tmp_path)
     noisy = compose_train(["trainer.accelerator=gpu", "experiment=noisy"], tmp_path)
-    assert noisy.loss.surface < base.loss.surface
-    assert noisy.loss.eikonal > base.loss.eikonal
-    assert noisy.model.num_points < base.model.num_points
+    # the preset fixes what the default leaves to the input's measurement (neusdf.adapt)
+    assert base.loss.surface == base.loss.eikonal == base.model.num_points == "auto"
+    assert noisy.loss.surface < 10.0 and noisy.loss.eikonal > 0.1
+    assert noisy.model.num_points < 16384
     assert noisy.loss.normal == base.loss.normal  # the normals keep their full weight
     # the command line still wins over the experiment
     over = compose_train(
@@ -130,3 +132,17 @@ def test_cfg_job_resolve_shows_values():
     )
     assert proc.returncode == 0, proc.stderr
     assert "gpu_or_cpu" not in proc.stdout and "num_points: " in proc.stdout
+
+
+def test_auto_settings_follow_the_measured_noise():
+    from neusdf.adapt import auto_settings
+    from neusdf.geometry import InputStats
+
+    clean = auto_settings(InputStats(100_000, 0.002, 0.0002, True), gpu=True)
+    noisy = auto_settings(InputStats(100_000, 0.004, 0.003, True), gpu=True)
+    assert clean == {"model.num_points": 16384, "loss.surface": 10.0, "loss.eikonal": 0.1}
+    assert noisy == {"model.num_points": 8192, "loss.surface": 1.0, "loss.eikonal": 0.5}
+    assert (
+        auto_settings(InputStats(100_000, 0.004, 0.003, True), gpu=False)["model.num_points"]
+        == 2048
+    )

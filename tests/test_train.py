@@ -160,20 +160,20 @@ def test_existing_outputs_are_not_overwritten(run, sphere_mesh_path, backend):
         (out / "metrics.keep").rename(out / "metrics.json")
 
 
-def test_point_cloud_without_normals_trains_without_normal_loss(tmp_path, backend, caplog):
+def test_point_cloud_without_normals_trains_on_estimated_normals(tmp_path, backend, caplog):
     rng = np.random.default_rng(0)
     d = rng.normal(size=(3000, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     np.savetxt(tmp_path / "cloud.xyz", 2.0 * d)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         metrics = train(
             compose_train(tiny_overrides(tmp_path / "cloud.xyz", backend), tmp_path / "run")
         )
-    assert "no normals" in caplog.text and "without the normal loss" in caplog.text
+    assert "estimated and oriented 3000 normals" in caplog.text
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
-    assert "train/loss_normal" not in header and "train/loss_eikonal" in header
+    assert "train/loss_normal" in header and "train/loss_eikonal" in header
     assert metrics["input"]["has_normals"] is False
-    # PCA normals oriented outwards make a correctly signed sphere of radius 2 (input units)
+    # oriented estimated normals make a correctly signed sphere of radius 2 (input units)
     mesh = trimesh.load(tmp_path / "run" / "mesh.ply")
     assert mesh.volume == pytest.approx(4 / 3 * np.pi * 2.0**3, rel=0.1)
     assert np.abs(np.linalg.norm(mesh.vertices, axis=1) - 2.0).mean() < 0.02
