@@ -120,7 +120,8 @@ def main() -> int:
     import open3d as o3d
     from quality import DEFAULT_MESHES, SETTINGS, SHAPES, host_info, make_input, score
 
-    from neusdf.metrics import SurfaceSet, save_json
+    from neusdf.mesh_io import save_json
+    from neusdf.metrics import SurfaceSet
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("json", help="output JSON (rows already in it are kept and skipped)")

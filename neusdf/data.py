@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-# Normalization and sample_triangles are also imported from here by benchmarks/quality.py.
 from neusdf.geometry import (
     InputStats,
     Normalization,
@@ -31,13 +30,11 @@ from neusdf.geometry import (
 from neusdf.mesh_io import Shape, ShapeError, load_shape
 
 __all__ = [
-    "Normalization",
     "SamplingConfig",
     "SurfaceSamples",
     "ShapeDataModule",
     "draw_samples",
     "prepare_surface",
-    "sample_triangles",
 ]
 
 log = logging.getLogger(__name__)

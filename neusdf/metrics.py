@@ -25,11 +25,9 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from neusdf.geometry import Normalization, sample_triangles
+from neusdf.mesh_io import Shape
 
-# save_json is also imported from here by benchmarks/quality.py.
-from neusdf.mesh_io import Shape, save_json
-
-__all__ = ["SurfaceSet", "METRIC_KEYS", "compute_metrics", "evaluate", "format_table", "save_json"]
+__all__ = ["SurfaceSet", "METRIC_KEYS", "compute_metrics", "evaluate", "format_table"]
 
 METRIC_KEYS = (
     "chamfer_l1",
