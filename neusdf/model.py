@@ -57,7 +57,13 @@ from neusdf.ops import (
 )
 from neusdf.winding import point_areas, sample_grid, winding_grid
 
-__all__ = ["PointInit", "NeuralPointSDF", "quaternion_to_matrix", "frames_from_normals"]
+__all__ = [
+    "PointInit",
+    "NeuralPointSDF",
+    "coverage_sample",
+    "quaternion_to_matrix",
+    "frames_from_normals",
+]
 
 # Queries per op call by default: bounds the op's memory (neighbour lists, double backward).
 DEFAULT_CHUNK = 65_536
@@ -112,6 +118,35 @@ def frames_from_normals(normals: np.ndarray) -> np.ndarray:
     return np.stack([t1, t2, normals], axis=1)
 
 
+# Input points kept for the extraction's trim (a random subset of larger inputs).
+COVERAGE_POINTS = 131_072
+# A point's local spacing: the distance to its COVERAGE_NEIGHBOUR-th nearest other point.
+COVERAGE_NEIGHBOUR = 16
+
+
+def coverage_sample(points: np.ndarray, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to :data:`COVERAGE_POINTS` input points and each one's local spacing.
+
+    The spacing is the distance to the 16th-nearest other point of the sample: for uniform
+    random samples about 4.8 times the median nearest-neighbour distance, larger where the
+    sample is sparse, and steadier from point to point than a nearer neighbour's distance
+    (which would leave pinholes where a random gap meets a locally tight cluster).
+
+    Args:
+        points: (N, 3) float array, N >= 2.
+
+    Returns:
+        (M, 3) float32 points and (M,) float32 spacings, M = min(N, COVERAGE_POINTS).
+    """
+    n = len(points)
+    if n > COVERAGE_POINTS:
+        points = points[np.random.default_rng(seed).choice(n, COVERAGE_POINTS, replace=False)]
+    k = min(COVERAGE_NEIGHBOUR, len(points) - 1)
+    d, _ = cKDTree(points).query(points, k=k + 1, workers=-1)
+    spacing = np.maximum(d[:, k], 1e-6)
+    return torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(spacing).float()
+
+
 @dataclass
 class PointInit:
     """Where neural points start: a surface sample in unit-box coordinates.
@@ -139,6 +174,8 @@ class NeuralPointSDF(nn.Module):
         far_start / far_end: where the far field (winding-number sign times the distance to the
             nearest point) starts and takes over, in mean point spacings.
         winding_resolution: nodes per axis of the winding-number grid over the sampling box.
+        trim_reach: extraction keeps surface within ``trim_reach`` local input spacings of the
+            input (:meth:`near_data`).
         box: half-size of the domain [-box, box]^3 that the grid covers.
         softplus_beta: sharpness of the decoder's softplus (smooth, so the Eikonal loss has
             useful second derivatives).
@@ -163,6 +200,7 @@ class NeuralPointSDF(nn.Module):
         far_start: float = 2.0,
         far_end: float = 4.0,
         winding_resolution: int = 64,
+        trim_reach: float = 1.0,
         box: float = 0.55,
         softplus_beta: float = 100.0,
         eps: float = 1e-3,
@@ -187,11 +225,14 @@ class NeuralPointSDF(nn.Module):
             )
         if winding_resolution < 2:
             raise ValueError(f"model.winding_resolution must be >= 2, got {winding_resolution}")
+        if trim_reach <= 0:
+            raise ValueError(f"model.trim_reach must be > 0, got {trim_reach}")
         self.op, self.search = _ops(backend)
         self.backend = backend
         self.eps, self.chunk, self.frequencies = eps, chunk, frequencies
         self.plane_bandwidth = plane_bandwidth
         self.far_start, self.far_end, self.box = far_start, far_end, box
+        self.trim_reach = trim_reach
         if init is not None:
             pts, frames, spacing = self._init_points(init, num_points, seed)
         else:
@@ -227,6 +268,12 @@ class NeuralPointSDF(nn.Module):
         else:
             wind = torch.zeros((winding_resolution,) * 3)
         self.register_buffer("winding", wind)
+        # Where the input is: a sample of it with each point's local spacing, kept for the
+        # extraction's trim (sized by the data; a checkpoint brings its own, see
+        # _load_from_state_dict).
+        cover = None if init is None else coverage_sample(init.points, seed)
+        self.register_buffer("data_points", None if cover is None else cover[0])
+        self.register_buffer("data_spacing", None if cover is None else cover[1])
         # Constants of every forward, kept as (non-checkpointed) buffers so that a step does
         # not rebuild them: the Euclidean metric of the plane search and the encoding's
         # frequencies.
@@ -327,16 +374,36 @@ class NeuralPointSDF(nn.Module):
         return (4 * (1 - 2 * sample_grid(self.winding, q, self.box))).clamp(-1, 1)
 
     def near_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Whether (N, 3) unit-box positions lie within ``far_end`` spacings of a neural point.
+        """Whether (N, 3) unit-box positions lie near the input: within ``trim_reach`` local
+        spacings of the nearest input point (of the stored sample, :func:`coverage_sample`).
 
-        Surface beyond that is the far field's zero crossing where the winding number is 1/2
-        (a hole of an open scan), not data: extraction trims it.
+        Surface away from every input point is the far field's zero crossing where the winding
+        number is 1/2 (across a hole of an open scan), not data: extraction trims it. The reach
+        follows the local density, so sparse parts of a scan keep their surface between points.
+        A model without the sample (a checkpoint of an earlier version) falls back to
+        ``far_end`` spacings from the nearest neural point.
         """
-        idx = self.search(
-            x[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, 1
-        )[0, :, 0]
-        d = (x - self.points.detach()[idx]).norm(dim=-1)
-        return d <= self.far_end * self.spacing
+        x = x.detach()
+        if self.data_points is None:
+            ref, reach = self.points.detach(), None
+        else:
+            ref, reach = self.data_points, self.data_spacing
+        P = ref.shape[0]
+        sigma, R = self.iso_sigma[:, :1].expand(1, P, 3), self.iso_R[:, :1].expand(1, P, 3, 3)
+        idx = self.search(x[None], ref[None], sigma, R, 1)[0, :, 0]
+        d = (x - ref[idx]).norm(dim=-1)
+        if reach is None:
+            return d <= self.far_end * self.spacing
+        return d <= self.trim_reach * reach[idx]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The input sample's size depends on the data: a net built without data (init=None)
+        # takes the checkpoint's size.
+        for name in ("data_points", "data_spacing"):
+            value = state_dict.get(prefix + name)
+            if value is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(value, device=self.points.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Implicit-MLS tangent-plane distance (Q,) over the K Euclidean-nearest points, and the

@@ -21,6 +21,7 @@ from neusdf.losses import LossConfig, sdf_and_gradient, sdf_losses
 from neusdf.meshing import extract_mesh
 from neusdf.metrics import SurfaceSet, compute_metrics
 from neusdf.model import NeuralPointSDF
+from neusdf.step_graph import GraphedStep, graph_support
 
 __all__ = ["SDFModule", "VAL_METRIC_KEYS", "VAL_KEYS", "section_image"]
 
@@ -53,6 +54,8 @@ class SDFModule(L.LightningModule):
             ``section_resolution`` (image), ``log_mesh``.
         center / scale: the data normalisation (unit = (x - center) / scale).
         seed: base seed of the per-rank sample generator (rank r uses seed + r).
+        cuda_graph: on one CUDA device, replay the step as a CUDA graph after a few eager
+            steps (:mod:`neusdf.step_graph`); several devices (DDP) and the CPU run eagerly.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class SDFModule(L.LightningModule):
         center: tuple[float, float, float] = (0.0, 0.0, 0.0),
         scale: float = 1.0,
         seed: int = 0,
+        cuda_graph: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -87,6 +91,10 @@ class SDFModule(L.LightningModule):
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
         self._generator: torch.Generator | None = None
         self.surface: SurfaceSamples | None = None
+        self.cuda_graph = cuda_graph
+        self.automatic_optimization = False  # see training_step
+        self._graphed: GraphedStep | None = None
+        self._names: list[str] | None = None
 
     def set_surface(self, surface: SurfaceSamples) -> None:
         """Attaches the dense surface sample (kept out of checkpoints, moved with the module)."""
@@ -106,9 +114,20 @@ class SDFModule(L.LightningModule):
             raise RuntimeError("SDFModule.set_surface must be called before fitting")
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(int(self.hparams.seed) + self.global_rank)
+        self._graphed = None
+        if self.cuda_graph and self.device.type == "cuda":
+            reason = graph_support()
+            if self.trainer.world_size > 1:
+                reason = "several devices (the gradient all-reduce runs eagerly)"
+            if reason is None:
+                self._graphed = GraphedStep(
+                    self._loss_and_backward, self.parameters(), [self._generator]
+                )
+            else:
+                log.info("training step not captured in a CUDA graph: %s", reason)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """One step on freshly drawn samples; logs ``train/loss`` and ``train/loss_<term>``."""
+    def _loss_terms(self) -> dict[str, torch.Tensor]:
+        """Draws a step's samples and returns the loss terms (``loss``: the weighted total)."""
         s = self.sampling
         b = draw_samples(self.bank_points, self.bank_normals, s, self._generator)
         q = torch.cat([b["surface"], b["near"], b["space"]])
@@ -118,7 +137,7 @@ class SDFModule(L.LightningModule):
         sdfs = dict(zip(names, sdf.split(sizes), strict=True))
         grads = dict(zip(names, grad.split(sizes), strict=True))
         far_sign = getattr(self.net, "far_sign", None)  # models without a far field: no labels
-        terms = sdf_losses(
+        return sdf_losses(
             sdfs,
             grads,
             b["surface_normals"],
@@ -127,11 +146,39 @@ class SDFModule(L.LightningModule):
             self.losses.offsurface_alpha,
             space_sign=None if far_sign is None else far_sign(b["space"]),
         )
-        logs = {f"train/loss_{k}": v.detach() for k, v in terms.items() if k != "loss"}
-        logs["train/loss"] = terms["loss"].detach()
+
+    def _loss_and_backward(self) -> dict[str, torch.Tensor]:
+        """The captured part of a step: loss terms and the gradients of their total."""
+        terms = self._loss_terms()
+        terms["loss"].backward()
+        self._names = list(terms)  # the same every step (Python runs at capture, not replay)
+        return {"values": torch.stack([v.detach() for v in terms.values()])}
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        """One optimiser step on freshly drawn samples; logs ``train/loss`` and
+        ``train/loss_<term>``.
+
+        Optimisation is manual so that the sampling, forward and backward can be one CUDA
+        graph (:class:`neusdf.step_graph.GraphedStep`, one GPU); the optimiser and the
+        learning-rate schedule step eagerly after it, through Lightning.
+        """
+        opt = self.optimizers()
+        if self._graphed is not None:
+            values = self._graphed()["values"]
+        else:
+            opt.zero_grad(set_to_none=True)
+            terms = self._loss_terms()
+            self.manual_backward(terms["loss"])
+            self._names = list(terms)
+            values = torch.stack([v.detach() for v in terms.values()])
+        opt.step()
+        self.lr_schedulers().step()
+        names = self._names
+        # views of one tensor: logging costs no copies and no host synchronisation
+        logs = {f"train/loss_{k}": values[i] for i, k in enumerate(names) if k != "loss"}
+        logs["train/loss"] = values[names.index("loss")]
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
-        self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False, batch_size=1)
-        return terms["loss"]
+        self.log("loss", logs["train/loss"], prog_bar=True, logger=False, batch_size=1)
 
     def configure_optimizers(self):
         """Adam with per-group learning rates; linear warmup then cosine decay per step."""

@@ -282,6 +282,7 @@ def build(cfg: DictConfig) -> Run:
         center=tuple(float(x) for x in norm.center),
         scale=norm.scale,
         seed=cfg.seed,
+        cuda_graph=bool(cfg.get("cuda_graph", True)),
     )
     module.set_surface(surface)
     # a group entry set to null (debug=fdr: no model_checkpoint) is left out

@@ -136,7 +136,38 @@ def test_extraction_trims_surface_away_from_the_points():
     v_all, f_all, _ = extract_mesh(net, 64, 0.55, progress=False)
     v, f, _ = extract_mesh(net, 64, 0.55, progress=False, keep=net.near_data)
     d_all = cKDTree(p[cap]).query(v_all)[0]
-    d = cKDTree(p[cap]).query(v)[0]
+    d, nearest = cKDTree(net.data_points.numpy()).query(v)
     assert d_all.max() > 0.1  # the cap across the hole
-    assert d.max() <= float(net.far_end * net.spacing) + 1e-6
+    # kept: each vertex within trim_reach local spacings of its nearest input point
+    reach = net.trim_reach * net.data_spacing.numpy()[nearest]
+    assert (d <= reach + 1e-6).all()
     assert len(f) < len(f_all) and trimesh.Trimesh(v, f).area > 0.8 * 4 * np.pi * 0.4**2 * 0.8
+
+
+def test_trim_keeps_the_surface_between_sparse_samples():
+    """Every point of the true surface where there is data counts as near it, at any density."""
+    for n_input in (800, 20000):
+        p, n = sphere_points(n_input, seed=1)
+        # the compiled op's grid search: the reference one is brute force
+        net = NeuralPointSDF(num_points=400, init=PointInit(p, n), backend="compiled")
+        truth, _ = sphere_points(200_000, seed=2)  # the surface itself, densely
+        kept = net.near_data(torch.as_tensor(truth, dtype=torch.float32)).numpy()
+        assert kept.mean() > 0.99999, (n_input, kept.mean())
+        # and not much farther (the reach is about 4.8 median spacings, larger where the random
+        # sample is locally sparse): 8 median spacings off the sphere, hardly anything is kept,
+        # 12 off, nothing
+        spacing = np.median(cKDTree(p).query(p, k=2)[0][:, 1])
+        for off, most in ((8, 0.02), (12, 0.0)):
+            x = torch.as_tensor(truth * (1 + off * spacing / 0.4), dtype=torch.float32)
+            assert net.near_data(x).float().mean() <= most
+
+
+def test_trim_sample_survives_a_rebuild_without_data():
+    p, n = sphere_points(3000)
+    net = NeuralPointSDF(num_points=500, init=PointInit(p, n), backend="reference")
+    empty = NeuralPointSDF(num_points=500, init=None, backend="reference")
+    assert empty.data_points is None
+    empty.load_state_dict(net.state_dict())
+    torch.testing.assert_close(empty.data_points, net.data_points)
+    q = torch.rand(5000, 3) - 0.5
+    assert torch.equal(empty.near_data(q), net.near_data(q))

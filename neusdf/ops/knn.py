@@ -238,10 +238,14 @@ def _check_values(sigma: torch.Tensor, idx: torch.Tensor | None, P: int) -> None
     Why sigma must be positive: sigma are precisions (inverse squared scales). Zero is an
     infinitely wide axis and a negative one no Gaussian at all (D < 0, w = exp(-D) > 1 and
     unbounded), and the grid search prunes cells with a lower bound on D that needs sigma > 0.
-    Skipped while torch.compile traces (data-dependent; the kernels never read out of bounds:
-    a bad index gives NaN outputs).
+    Skipped while torch.compile traces (data-dependent) and while a CUDA graph is being
+    captured (a device-to-host read is not allowed there; a replay runs no Python at all, so
+    the eager calls before the capture are where the values get checked). The kernels never
+    read out of bounds: a bad index gives NaN outputs.
     """
     if torch.compiler.is_compiling() or sigma.numel() == 0:
+        return
+    if sigma.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     ok = (sigma > 0).all().to(torch.int64)
     if idx is None or idx.numel() == 0:
