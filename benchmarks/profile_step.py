@@ -100,6 +100,7 @@ class StepWindows(L.Callback):
 def profile_mode(mode: str, data: Path, workdir: Path, args) -> dict:
     """Trains ``args.steps`` steps in ``mode``; returns the windows' numbers."""
     overrides = [f"data.path={data}", f"trainer.max_steps={args.steps}", *QUIET, *MODES[mode]]
+    overrides += args.override
     cfg = compose_train_config(overrides, workdir / mode)
     run = build(cfg)
     warm, timed, profiled = args.warmup, args.timed, args.profiled
@@ -120,6 +121,7 @@ def main() -> int:
     ap.add_argument("--setting", default="dense", choices=list(SETTINGS))
     ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
     ap.add_argument("--modes", default="eager,graph", help="comma list of eager,graph")
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
     ap.add_argument("--warmup", type=int, default=100, help="steps before the timed window")
     ap.add_argument("--timed", type=int, default=200, help="steps in the timed window")
     ap.add_argument("--profiled", type=int, default=20, help="steps in the profiled window")
@@ -148,6 +150,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "input": f"{args.shape}/{args.setting}",
+        "overrides": args.override,
         "rows": rows,
     }
     save_json(args.json, result, overwrite=True)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from torch import nn
 
 from neusdf.geometry import estimate_normals
 from neusdf.ops import (
+    SEARCH_METHODS,
     knn_aggregate_aniso,
     knn_aggregate_aniso_reference,
     knn_search_aniso,
@@ -73,7 +75,7 @@ OpFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 def _ops(backend: str) -> tuple[OpFn, Callable[..., torch.Tensor]]:
     """The kNN aggregation and the search-only function for ``backend``."""
-    if backend == "reference":
+    if backend == "reference":  # brute force whatever the method: the same neighbours
         return knn_aggregate_aniso_reference, knn_search_aniso_reference
     if backend == "compiled":  # built on its first call, not on import
         return knn_aggregate_aniso, knn_search_aniso
@@ -181,6 +183,8 @@ class NeuralPointSDF(nn.Module):
             useful second derivatives).
         eps: floor of the weight sum in the feature normalisation and the gate.
         backend: 'compiled' (the op) or 'reference' (plain PyTorch).
+        search: the compiled op's neighbour search for the SDF's queries, 'auto', 'grid' or
+            'brute' (the same neighbours; only the speed differs, see docs/op.md).
         chunk: queries per op call (bounds the op's memory).
         init: the surface to start from; None builds placeholders of the right shapes for
             loading a checkpoint.
@@ -205,6 +209,7 @@ class NeuralPointSDF(nn.Module):
         softplus_beta: float = 100.0,
         eps: float = 1e-3,
         backend: str = "compiled",
+        search: str = "auto",
         chunk: int = DEFAULT_CHUNK,
         init: PointInit | None = None,
         seed: int = 0,
@@ -227,7 +232,12 @@ class NeuralPointSDF(nn.Module):
             raise ValueError(f"model.winding_resolution must be >= 2, got {winding_resolution}")
         if trim_reach <= 0:
             raise ValueError(f"model.trim_reach must be > 0, got {trim_reach}")
-        self.op, self.search = _ops(backend)
+        if search not in SEARCH_METHODS:
+            raise ValueError(f"model.search must be one of {list(SEARCH_METHODS)}, got '{search}'")
+        op, self.search = _ops(backend)
+        # the training queries' method; other searches (the trim's) keep the op's choice
+        self.op = op if backend == "reference" else partial(op, search=search)
+        self.search_method = search if backend == "compiled" else None
         self.backend = backend
         self.eps, self.chunk, self.frequencies = eps, chunk, frequencies
         self.plane_bandwidth = plane_bandwidth
@@ -408,8 +418,9 @@ class NeuralPointSDF(nn.Module):
     def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Implicit-MLS tangent-plane distance (Q,) over the K Euclidean-nearest points, and the
         distance (Q,) to the nearest point."""
+        kw = {} if self.search_method is None else {"method": self.search_method}
         idx = self.search(
-            q[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, self.K
+            q[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, self.K, **kw
         )[0]
         # one gather for positions and normals (each gather costs several kernels per order
         # of differentiation)

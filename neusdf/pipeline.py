@@ -92,6 +92,9 @@ class Run:
     data: ShapeDataModule
     module: SDFModule
     trainer: L.Trainer
+    # seconds of build's parts: "load" (read, normalise, measure, estimate normals) and
+    # "init" (op, neural points, winding-number grid, module and trainer)
+    timing: dict[str, float]
 
 
 def _build_op(backend: str) -> None:
@@ -255,11 +258,13 @@ def build(cfg: DictConfig) -> Run:
     Writes nothing: every refusal (bad data, model options, a checkpoint of other data)
     happens here or before.
     """
+    t0 = time.perf_counter()
     dm: ShapeDataModule = _instantiate(cfg.data, "data")
     try:
         dm.load()
     except ShapeError as e:
         raise ShapeError(f"data.path: {e}") from None
+    t1 = time.perf_counter()
     resolve_auto(cfg, dm.stats)
     _check_surface(dm, cfg)
     record = data_record(dm.path, dm.shape, dm.normalization)
@@ -301,7 +306,8 @@ def build(cfg: DictConfig) -> Run:
         "the file's" if dm.has_normals else "estimated",
         trainer.max_steps,
     )
-    return Run(dm, module, trainer)
+    timing = {"load_seconds": t1 - t0, "init_seconds": time.perf_counter() - t1}
+    return Run(dm, module, trainer, timing)
 
 
 def fit(run: Run, ckpt_path: str | None = None) -> float:
@@ -345,6 +351,7 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
         keep=getattr(net, "near_data", None) if x.trim else None,
     )
     verts = dm.normalization.from_unit(verts)
+    t0 = time.perf_counter()
     save_mesh(mesh_path, verts, faces, overwrite=cfg.overwrite)
     t1 = time.perf_counter()
     metrics: dict = {}
@@ -359,6 +366,7 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
     recorder = next((c for c in trainer.callbacks if isinstance(c, RunRecorder)), None)
     start = recorder.start_step if recorder is not None else 0
     metrics["timing"] = {
+        **run.timing,
         "fit_seconds": fit_seconds,
         # the model's step count (restored steps included); the speed counts this run's only
         "steps": steps,
@@ -367,6 +375,7 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
         "extract_seconds": stats.seconds_total,
         "extract_resolution": int(x.resolution),
         "extract_evaluated_fraction": stats.evaluated / stats.total,
+        "save_seconds": t1 - t0,
         "metrics_seconds": time.perf_counter() - t1,
     }
     metrics["input"] = {
@@ -379,9 +388,11 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
     scores = {k: v for k, v in metrics.items() if isinstance(v, float)}
     if scores:
         print(format_table({Path(dm.path).name: scores}))
+    t = metrics["timing"]
     print(
-        f"train {fit_seconds:.1f} s ({metrics['timing']['steps_per_second']:.1f} steps/s), "
-        f"extract {stats.seconds_total:.1f} s at {x.resolution}^3\n"
+        f"load {t['load_seconds']:.1f} s, init {t['init_seconds']:.1f} s, train "
+        f"{fit_seconds:.1f} s ({t['steps_per_second']:.1f} steps/s), extract "
+        f"{stats.seconds_total:.1f} s at {x.resolution}^3, score {t['metrics_seconds']:.1f} s\n"
         f"mesh: {mesh_path}\nmetrics: {metrics_path}"
     )
     return metrics

@@ -6,10 +6,16 @@
 See :func:`neusdf.ops.knn.knn_aggregate_aniso` for the contract.
 """
 
-from neusdf.ops.knn import KnnAggregateResult, knn_aggregate_aniso, knn_search_aniso
+from neusdf.ops.knn import (
+    SEARCH_METHODS,
+    KnnAggregateResult,
+    knn_aggregate_aniso,
+    knn_search_aniso,
+)
 from neusdf.ops.reference import knn_aggregate_aniso_reference, knn_search_aniso_reference
 
 __all__ = [
+    "SEARCH_METHODS",
     "KnnAggregateResult",
     "knn_aggregate_aniso",
     "knn_search_aniso",

@@ -1,0 +1,85 @@
+"""Wall time of the whole command a user types, from the command to the printed metrics.
+
+For each selected benchmark input (EVAL.md protocol, the points of ``benchmarks/quality.py``)
+runs ``python train.py data.path=<input>`` with the default config in a fresh process (Python
+and library start-up, data loading, training with its checkpoints, logs and final validation,
+the 256^3 extraction, scoring against the input and the printed table) and records the wall
+time next to the run's own timing breakdown from its ``metrics.json``. The op is built once
+before the first run, so the build is not counted.
+
+    python benchmarks/command_wall.py results.json --inputs bunny/dense,fandisk/raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import DEFAULT_MESHES, SETTINGS, SHAPES, make_input, write_input  # noqa: E402
+
+from neusdf.mesh_io import save_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = (
+    "load_seconds",
+    "init_seconds",
+    "fit_seconds",
+    "extract_seconds",
+    "save_seconds",
+    "metrics_seconds",
+)
+
+
+def run_command(data: Path, run_dir: Path, extra: list[str]) -> dict:
+    """Runs train.py on ``data``; returns the wall seconds and the run's timing."""
+    cmd = [sys.executable, str(ROOT / "train.py"), f"data.path={data}", f"hydra.run.dir={run_dir}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=run_dir.parent)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    timing = json.loads((run_dir / "metrics.json").read_text())["timing"]
+    parts = {k: timing[k] for k in TIMING_KEYS}
+    return {"command_seconds": wall, **parts, "steps": timing["steps"]}
+
+
+def main() -> int:
+    """Command line entry point; see the module docstring."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", help="output JSON")
+    ap.add_argument("--inputs", default="bunny/dense", help="comma list of shape/setting")
+    ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    args = ap.parse_args()
+    inputs = [s for s in args.inputs.split(",") if s]
+    for item in inputs:
+        shape, _, setting = item.partition("/")
+        if shape not in SHAPES or setting not in SETTINGS:
+            ap.error(f"--inputs: '{item}' is not shape/setting ({list(SHAPES)}, {list(SETTINGS)})")
+    subprocess.run([sys.executable, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="neusdf-command-") as tmp:
+        for item in inputs:
+            shape, _, setting = item.partition("/")
+            data = Path(tmp) / f"{shape}_{setting}.npz"
+            write_input(make_input(args.meshes, shape, setting), data)
+            r = run_command(data, Path(tmp) / f"run_{shape}_{setting}", args.override)
+            rows[item] = r
+            parts = ", ".join(f"{k.removesuffix('_seconds')} {r[k]:.1f}" for k in TIMING_KEYS)
+            print(f"{item}: command {r['command_seconds']:.1f} s ({parts})", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    result = {"device": device, "overrides": args.override, "rows": rows}
+    save_json(args.json, result, overwrite=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
