@@ -387,24 +387,27 @@ class NeuralPointSDF(nn.Module):
         """Whether (N, 3) unit-box positions lie near the input: within ``trim_reach`` local
         spacings of the nearest input point (of the stored sample, :func:`coverage_sample`).
 
-        Surface away from every input point is the far field's zero crossing where the winding
-        number is 1/2 (across a hole of an open scan), not data: extraction trims it. The reach
-        follows the local density, so sparse parts of a scan keep their surface between points.
-        A model without the sample (a checkpoint of an earlier version) falls back to
+        The local spacing is the median of the stored spacings of the position's 16 nearest
+        input points: at the rim of a hole every point's own spacing is inflated (its
+        neighbours lie on one side), the median over a neighbourhood that reaches inwards
+        less so. Surface away from every input point is the far field's zero crossing where
+        the winding number is 1/2 (across a hole of an open scan), not data: extraction trims
+        it. A model without the sample (a checkpoint of an earlier version) falls back to
         ``far_end`` spacings from the nearest neural point.
         """
         x = x.detach()
         if self.data_points is None:
-            ref, reach = self.points.detach(), None
+            ref, reach, k = self.points.detach(), None, 1
         else:
             ref, reach = self.data_points, self.data_spacing
+            k = min(COVERAGE_NEIGHBOUR, ref.shape[0])
         P = ref.shape[0]
         sigma, R = self.iso_sigma[:, :1].expand(1, P, 3), self.iso_R[:, :1].expand(1, P, 3, 3)
-        idx = self.search(x[None], ref[None], sigma, R, 1)[0, :, 0]
-        d = (x - ref[idx]).norm(dim=-1)
+        idx = self.search(x[None], ref[None], sigma, R, k)[0]
+        d = (x - ref[idx[:, 0]]).norm(dim=-1)
         if reach is None:
             return d <= self.far_end * self.spacing
-        return d <= self.trim_reach * reach[idx]
+        return d <= self.trim_reach * reach[idx].median(dim=1).values
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The input sample's size depends on the data: a net built without data (init=None)
