@@ -161,7 +161,7 @@ def estimate_normals(points: np.ndarray, k: int = 16, k_tree: int = 10) -> np.nd
         (N, 3) float64 consistently oriented unit normals.
     """
     k = max(3, min(k, len(points)))
-    _, nn = cKDTree(points).query(points, k=k)
+    _, nn = cKDTree(points).query(points, k=k, workers=-1)
     normals = pca_normals(points, nn)
     return orient_normals(points, normals, nn[:, : max(2, min(k_tree, k))])
 
@@ -206,7 +206,7 @@ def measure_points(points: np.ndarray, has_normals: bool, seed: int = 0) -> Inpu
         if len(points) <= _MEASURE_SAMPLE
         else points[rng.choice(len(points), _MEASURE_SAMPLE, replace=False)]
     )
-    d, nn = cKDTree(points).query(sub, k=min(17, len(points)))
+    d, nn = cKDTree(points).query(sub, k=min(17, len(points)), workers=-1)
     nb = points[nn[:, 1:]]
     nb = nb - nb.mean(1, keepdims=True)
     smallest = np.linalg.eigvalsh(np.einsum("nki,nkj->nij", nb, nb) / nb.shape[1])[:, 0]

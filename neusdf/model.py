@@ -309,7 +309,7 @@ class NeuralPointSDF(nn.Module):
         pts = init.points[sel]
         # Mean distance to the 3 nearest other points: the Gaussian's scale follows the local
         # density, so sparse regions get wide Gaussians and dense ones sharp ones.
-        d, _ = cKDTree(pts).query(pts, k=min(4, len(pts)))
+        d, _ = cKDTree(pts).query(pts, k=min(4, len(pts)), workers=-1)
         spacing = d[:, 1:].mean(1) if d.ndim == 2 and d.shape[1] > 1 else np.ones(len(pts))
         spacing = np.maximum(spacing, 1e-4)
         normals = estimate_normals(pts) if init.normals is None else init.normals[sel]
@@ -410,12 +410,18 @@ class NeuralPointSDF(nn.Module):
         return d <= self.trim_reach * reach[idx].median(dim=1).values
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # The input sample's size depends on the data: a net built without data (init=None)
-        # takes the checkpoint's size.
+        # The input sample describes the data: a net built without data (init=None, to
+        # extract from a checkpoint) takes the checkpoint's, of the checkpoint's size; a net
+        # built from this run's data keeps its own (the same values when resuming on the same
+        # data; this run's when resuming on other data with resume_other_data=true).
         for name in ("data_points", "data_spacing"):
-            value = state_dict.get(prefix + name)
-            if value is not None and getattr(self, name) is None:
-                setattr(self, name, torch.empty_like(value, device=self.points.device))
+            key, own = prefix + name, getattr(self, name)
+            if key not in state_dict:
+                continue
+            if own is None:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.points.device))
+            else:
+                state_dict[key] = own
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

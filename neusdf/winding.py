@@ -40,7 +40,7 @@ def point_areas(points: np.ndarray, k: int = 8) -> np.ndarray:
         (N,) float64 areas.
     """
     k = max(1, min(k, len(points) - 1))
-    d, _ = cKDTree(points).query(points, k=k + 1)
+    d, _ = cKDTree(points).query(points, k=k + 1, workers=-1)
     return math.pi * d[:, -1] ** 2 / k
 
 

@@ -175,3 +175,9 @@ def test_trim_sample_survives_a_rebuild_without_data():
     torch.testing.assert_close(empty.data_points, net.data_points)
     q = torch.rand(5000, 3) - 0.5
     assert torch.equal(empty.near_data(q), net.near_data(q))
+    # a net built from other data (resuming with resume_other_data=true) keeps its own sample
+    p2, n2 = sphere_points(1200, radius=0.3, seed=5)
+    other = NeuralPointSDF(num_points=500, init=PointInit(p2, n2), backend="reference")
+    mine = other.data_points.clone()
+    other.load_state_dict(net.state_dict())
+    assert torch.equal(other.data_points, mine) and other.data_spacing.shape == (1200,)
