@@ -63,6 +63,7 @@ __all__ = [
     "finalise",
     "fit",
     "main",
+    "multirun_device",
     "train",
 ]
 
@@ -245,6 +246,43 @@ def _deterministic_backend(cfg: DictConfig) -> None:
         )
         with open_dict(cfg):
             cfg.model.backend = "reference"
+
+
+def multirun_device(job_num: int, device_count: int) -> list[int]:
+    """The GPU of job ``job_num`` of a multirun: round robin over ``device_count`` GPUs.
+
+    With a parallel launcher running as many jobs at once as there are GPUs (e.g.
+    ``hydra/launcher=joblib hydra.launcher.n_jobs=<GPUs>``), jobs that run side by side get
+    different GPUs as long as they take about equally long (a job that starts while a slower
+    job of the same residue still runs shares that job's GPU: slower, still correct).
+
+    Returns:
+        ``[job_num % device_count]``, a ``trainer.devices`` value (a list of one index).
+    """
+    if device_count < 1:
+        raise ValueError(f"device_count must be >= 1, got {device_count}")
+    return [job_num % device_count]
+
+
+def _assign_multirun_device(cfg: DictConfig) -> None:
+    """In a Hydra multirun on a machine with several GPUs, gives each single-GPU job its GPU
+    (:func:`multirun_device`); a job that asks for several devices or names them keeps its
+    setting, and nothing changes outside a multirun or on the CPU."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if not on_gpu(str(cfg.trainer.accelerator)) or cfg.trainer.devices not in (1, "1"):
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    if count > 1:
+        job = int(HydraConfig.get().job.num)
+        with open_dict(cfg):
+            cfg.trainer.devices = multirun_device(job, count)
+        log.info("multirun job %d: GPU %d of %d", job, cfg.trainer.devices[0], count)
 
 
 def _resume_args(cfg: DictConfig) -> list[str]:
@@ -445,6 +483,7 @@ def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict 
         naming the option or file.
     """
     configure_runtime(deterministic=bool(cfg.get("deterministic", False)))
+    _assign_multirun_device(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_config(cfg)
     check_outputs(cfg)
