@@ -74,12 +74,19 @@ class GraphedStep:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         self.step = step
         self.params = [p for p in params if p.requires_grad]
+        if not self.params or self.params[0].device.type != "cuda":
+            raise ValueError("GraphedStep needs parameters on a CUDA device")
+        # The stream, the capture and every replay on the parameters' device, whatever the
+        # current device is (a process that trained on another GPU before, as a multirun
+        # worker does, may still have that one current).
+        self.device = self.params[0].device
         self.generators = list(generators)
         self.warmup = warmup
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
-        self._side = torch.cuda.Stream()
+        with torch.cuda.device(self.device):
+            self._side = torch.cuda.Stream()
 
     @property
     def captured(self) -> bool:
@@ -88,13 +95,12 @@ class GraphedStep:
 
     def __call__(self) -> dict[str, torch.Tensor]:
         self.calls += 1
-        if self.graph is not None:
+        with torch.cuda.device(self.device):
+            if self.graph is None:
+                if self.calls <= self.warmup:
+                    return self._eager()
+                self._capture()  # records the work without running it: replayed below
             self.graph.replay()
-            return self.outputs
-        if self.calls <= self.warmup:
-            return self._eager()
-        self._capture()
-        self.graph.replay()  # the capture recorded the work without running it
         return self.outputs
 
     def _eager(self) -> dict[str, torch.Tensor]:
