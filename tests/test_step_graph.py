@@ -112,3 +112,15 @@ def test_graphed_training_follows_the_eager_training():
     rel = np.abs(np.array(graphed) - np.array(eager)) / np.abs(np.array(eager))
     assert rel.max() < 1e-3, rel
     assert graphed[-1] < graphed[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_capture_follows_the_parameters_device_not_the_current_one():
+    # a multirun worker that trained on GPU 1 before keeps it current while a job runs on GPU 0
+    w = torch.nn.Parameter(torch.randn(3, 1, device="cuda:1"))
+    gen = torch.Generator(device="cuda:1").manual_seed(5)
+    with torch.cuda.device(0):
+        step = GraphedStep(toy_step(w, gen), [w], [gen], warmup=1)
+        xs = [step()["x"].clone() for _ in range(4)]
+    assert step.captured and all(x.device == w.device for x in xs)
+    assert not torch.equal(xs[2], xs[3])
