@@ -87,6 +87,9 @@ class GraphedStep:
         self.outputs: dict[str, torch.Tensor] = {}
         with torch.cuda.device(self.device):
             self._side = torch.cuda.Stream()
+            # its own capture stream: torch.cuda.graph's default one is created once per
+            # process, on whichever device was current then
+            self._capture_stream = torch.cuda.Stream()
 
     @property
     def captured(self) -> bool:
@@ -119,7 +122,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         for gen in self.generators:
             graph.register_generator_state(gen)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self._capture_stream):
             self.outputs = self.step()
         self.graph = graph
         log.info("training step captured in a CUDA graph after %d eager steps", self.warmup)
