@@ -325,7 +325,8 @@ def build(cfg: DictConfig) -> Run:
         center=tuple(float(x) for x in norm.center),
         scale=norm.scale,
         seed=cfg.seed,
-        cuda_graph=bool(cfg.get("cuda_graph", True)),
+        # deterministic runs keep the eager step they were checked with
+        cuda_graph=bool(cfg.get("cuda_graph", True)) and not cfg.get("deterministic", False),
     )
     module.set_surface(surface)
     # a group entry set to null (debug=fdr: no model_checkpoint) is left out
