@@ -26,7 +26,14 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DEFAULT_MESHES, SETTINGS, SHAPES, make_input, write_input  # noqa: E402
+from quality import (  # noqa: E402
+    DEFAULT_MESHES,
+    SETTINGS,
+    SHAPES,
+    TIMING_OVERRIDES,
+    make_input,
+    write_input,
+)
 
 from neusdf.config import compose_train_config  # noqa: E402
 from neusdf.mesh_io import save_json  # noqa: E402
@@ -35,16 +42,6 @@ from neusdf.pipeline import build, fit  # noqa: E402
 # Kernels listed by GPU time per step in the JSON.
 TOP_KERNELS = 15
 MODES = {"eager": ["cuda_graph=false"], "graph": ["cuda_graph=true"]}
-# Timing runs: nothing but the step loop (no logger, checkpoints, validation or progress bar).
-QUIET = [
-    "~logger",
-    "~callbacks",
-    "+trainer.enable_checkpointing=false",
-    "+trainer.limit_val_batches=0",
-    "+trainer.enable_progress_bar=false",
-    "extract.score=false",
-    "overwrite=true",
-]
 
 
 class StepWindows(L.Callback):
@@ -99,8 +96,8 @@ class StepWindows(L.Callback):
 
 def profile_mode(mode: str, data: Path, workdir: Path, args) -> dict:
     """Trains ``args.steps`` steps in ``mode``; returns the windows' numbers."""
-    overrides = [f"data.path={data}", f"trainer.max_steps={args.steps}", *QUIET, *MODES[mode]]
-    overrides += args.override
+    overrides = [f"data.path={data}", f"trainer.max_steps={args.steps}", *TIMING_OVERRIDES]
+    overrides += MODES[mode] + args.override
     cfg = compose_train_config(overrides, workdir / mode)
     run = build(cfg)
     warm, timed, profiled = args.warmup, args.timed, args.profiled

@@ -84,6 +84,18 @@ SETTINGS = {
 }
 # Extra Hydra overrides per variant (the model's own config group).
 VARIANTS = {"neusdf": [], "mlp": ["model=mlp"]}
+# Timing runs: nothing but the run itself (no logging, checkpoints, validation or progress
+# bar, no scoring inside the timed part); overwrite: a row's own run directory, replaced on a
+# re-run.
+TIMING_OVERRIDES = [
+    "~logger",
+    "~callbacks",
+    "+trainer.enable_checkpointing=false",
+    "+trainer.limit_val_batches=0",
+    "+trainer.enable_progress_bar=false",
+    "extract.score=false",
+    "overwrite=true",
+]
 # Keys of the JSON's run config that must match to add rows to an existing file.
 RUN_KEYS = ("steps", "resolution", "backend", "num_query", "num_ref", "override", "smoke")
 
@@ -224,16 +236,7 @@ def variant_overrides(args, variant: str) -> list[str]:
         o.append(f"trainer.accelerator={args.accelerator}")
     if args.backend and variant == "neusdf":
         o.append(f"model.backend={args.backend}")
-    o += [
-        # timing runs: no logging, checkpoints, validation or progress bar
-        "~logger",
-        "~callbacks",
-        "+trainer.enable_checkpointing=false",
-        "+trainer.limit_val_batches=0",
-        "+trainer.enable_progress_bar=false",
-        "extract.score=false",
-        "overwrite=true",  # the row's own run directory (a re-run replaces it)
-    ]
+    o += TIMING_OVERRIDES
     if args.resolution:
         o.append(f"extract.resolution={args.resolution}")
     if args.steps:

@@ -74,8 +74,6 @@ def on_gpu(accelerator: str) -> bool:
 
 
 def _gpu_count() -> int:
-    import torch
-
     return max(1, torch.cuda.device_count())
 
 

@@ -235,9 +235,12 @@ class NeuralPointSDF(nn.Module):
         if search not in SEARCH_METHODS:
             raise ValueError(f"model.search must be one of {list(SEARCH_METHODS)}, got '{search}'")
         op, self.search = _ops(backend)
-        # the training queries' method; other searches (the trim's) keep the op's choice
-        self.op = op if backend == "reference" else partial(op, search=search)
-        self.search_method = search if backend == "compiled" else None
+        # the SDF's queries search with ``search``; other searches (the trim's) keep the op's
+        # own choice
+        self.op, self._query_search = op, self.search
+        if backend == "compiled":
+            self.op = partial(op, search=search)
+            self._query_search = partial(self.search, method=search)
         self.backend = backend
         self.eps, self.chunk, self.frequencies = eps, chunk, frequencies
         self.plane_bandwidth = plane_bandwidth
@@ -427,9 +430,8 @@ class NeuralPointSDF(nn.Module):
     def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Implicit-MLS tangent-plane distance (Q,) over the K Euclidean-nearest points, and the
         distance (Q,) to the nearest point."""
-        kw = {} if self.search_method is None else {"method": self.search_method}
-        idx = self.search(
-            q[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, self.K, **kw
+        idx = self._query_search(
+            q[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, self.K
         )[0]
         # one gather for positions and normals (each gather costs several kernels per order
         # of differentiation)

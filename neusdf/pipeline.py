@@ -37,6 +37,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -275,8 +276,6 @@ def _assign_multirun_device(cfg: DictConfig) -> None:
         return
     if not on_gpu(str(cfg.trainer.accelerator)) or cfg.trainer.devices not in (1, "1"):
         return
-    import torch
-
     count = torch.cuda.device_count()
     if count > 1:
         job = int(HydraConfig.get().job.num)
