@@ -151,8 +151,13 @@ class SDFModule(L.LightningModule):
         """The captured part of a step: loss terms and the gradients of their total."""
         terms = self._loss_terms()
         terms["loss"].backward()
-        self._names = list(terms)  # the same every step (Python runs at capture, not replay)
-        return {"values": torch.stack([v.detach() for v in terms.values()])}
+        return {"values": self._stack_terms(terms)}
+
+    def _stack_terms(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The terms' values in one tensor; remembers their names (the same every step: in a
+        graph, Python runs at the capture, not at the replays)."""
+        self._names = list(terms)
+        return torch.stack([v.detach() for v in terms.values()])
 
     def training_step(self, batch, batch_idx: int) -> None:
         """One optimiser step on freshly drawn samples; logs ``train/loss`` and
@@ -169,8 +174,7 @@ class SDFModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             terms = self._loss_terms()
             self.manual_backward(terms["loss"])
-            self._names = list(terms)
-            values = torch.stack([v.detach() for v in terms.values()])
+            values = self._stack_terms(terms)
         opt.step()
         self.lr_schedulers().step()
         # Lightning writes step metrics every log_every_n_steps steps; handing it the values at
