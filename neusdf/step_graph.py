@@ -53,9 +53,9 @@ class GraphedStep:
         step: computes the step's loss terms and calls ``backward`` on the total; returns
             dict name -> scalar tensor. Must not synchronise with the host.
         params: the parameters whose gradients ``step`` produces (reset to None before the
-            capture; afterwards their ``.grad`` are the graph's buffers: never set them to
-            None, and do not zero them, a replay overwrites them). A parameter the step
-            gives no gradient keeps None, as it would in eager steps.
+            capture; afterwards their ``.grad`` are the graph's buffers, which every replay
+            overwrites: no need to zero them). A parameter the step gives no gradient keeps
+            None, as it would in eager steps.
         generators: CUDA generators that ``step`` draws from.
         warmup: eager calls before the capture (>= 1).
 
@@ -85,6 +85,8 @@ class GraphedStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
+        # the gradient buffers the capture wrote (None where the step gives no gradient)
+        self._grads: list[torch.Tensor | None] = []
         with torch.cuda.device(self.device):
             self._side = torch.cuda.Stream()
             # its own capture stream: torch.cuda.graph's default one is created once per
@@ -103,6 +105,12 @@ class GraphedStep:
                 if self.calls <= self.warmup:
                     return self._eager()
                 self._capture()  # records the work without running it: replayed below
+            # Someone may have reset a .grad since (Lightning sets every gradient to None
+            # before validating, to free memory): the replay writes into the captured
+            # buffers, so hand those back, or the optimiser would see no gradient at all.
+            for p, g in zip(self.params, self._grads, strict=True):
+                if p.grad is not g:
+                    p.grad = g
             self.graph.replay()
         return self.outputs
 
@@ -124,5 +132,6 @@ class GraphedStep:
             graph.register_generator_state(gen)
         with torch.cuda.graph(graph, stream=self._capture_stream):
             self.outputs = self.step()
+        self._grads = [p.grad for p in self.params]
         self.graph = graph
         log.info("training step captured in a CUDA graph after %d eager steps", self.warmup)

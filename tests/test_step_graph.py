@@ -49,6 +49,25 @@ def test_replays_draw_new_samples_and_write_the_gradients():
         torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_gradient_reset_to_none_between_replays_is_handed_back():
+    # Lightning sets every .grad to None before validating; the replays after it must
+    # still give the optimiser the step's gradients (they write into the captured buffers)
+    w = torch.nn.Parameter(torch.randn(3, 1, device="cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    step = GraphedStep(toy_step(w, gen), [w], [gen], warmup=1)
+    opt = torch.optim.SGD([w], lr=0.1)
+    for i in range(6):
+        if i in (2, 4):  # after the capture (call 2) and between replays
+            opt.zero_grad(set_to_none=True)
+        x = step()["x"].clone()
+        assert w.grad is not None, i
+        expected = 2 * x.T @ (x @ w.detach()) / x.shape[0]
+        torch.testing.assert_close(w.grad, expected, rtol=1e-5, atol=1e-6)
+        before = w.detach().clone()
+        opt.step()
+        assert not torch.equal(w.detach(), before), i
+
+
 def test_replays_draw_the_eager_random_stream():
     w = torch.nn.Parameter(torch.randn(3, 1, device="cuda"))
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -61,14 +80,22 @@ def test_replays_draw_the_eager_random_stream():
 
 
 class LossTrace(L.Callback):
-    def __init__(self) -> None:
+    """Records the loss of every step; at step ``reset_at`` sets every gradient to None, as
+    Lightning does before it validates."""
+
+    def __init__(self, reset_at: int | None = None) -> None:
         self.losses: list[float] = []
+        self.reset_at = reset_at
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        if trainer.global_step == self.reset_at:
+            pl_module.zero_grad(set_to_none=True)
 
 
-def train_losses(cuda_graph: bool, steps: int = 30) -> tuple[list[float], SDFModule]:
+def train_losses(
+    cuda_graph: bool, steps: int = 30, reset_at: int | None = None
+) -> tuple[list[float], SDFModule]:
     torch.manual_seed(0)
     d = np.random.default_rng(0).normal(size=(4000, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)
@@ -84,7 +111,7 @@ def train_losses(cuda_graph: bool, steps: int = 30) -> tuple[list[float], SDFMod
     )
     pts = torch.as_tensor(0.4 * d, dtype=torch.float32)
     module.set_surface(SurfaceSamples(pts, torch.as_tensor(d, dtype=torch.float32)))
-    trace = LossTrace()
+    trace = LossTrace(reset_at)
     trainer = L.Trainer(
         accelerator="gpu",
         devices=1,
@@ -101,9 +128,11 @@ def train_losses(cuda_graph: bool, steps: int = 30) -> tuple[list[float], SDFMod
     return trace.losses, module
 
 
-def test_graphed_training_follows_the_eager_training():
-    eager, _ = train_losses(cuda_graph=False)
-    graphed, module = train_losses(cuda_graph=True)
+@pytest.mark.parametrize("reset_at", [None, 10])
+def test_graphed_training_follows_the_eager_training(reset_at):
+    # reset_at: gradients set to None mid-run (a validation) must not stall the replays
+    eager, _ = train_losses(cuda_graph=False, reset_at=reset_at)
+    graphed, module = train_losses(cuda_graph=True, reset_at=reset_at)
     assert module._graphed is not None and module._graphed.captured
     assert len(eager) == len(graphed) == 30
     # the same samples and the same math: the two runs differ only by the op's atomic
