@@ -410,6 +410,10 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
         "steps": steps,
         "resumed_from_step": start,
         "steps_per_second": (steps - start) / fit_seconds if fit_seconds > 0 else float("nan"),
+        # the training loop alone (fit_seconds also counts Lightning's set-up and, under DDP,
+        # the launch of the other ranks) and the samples it drew per step over all ranks
+        "loop_seconds": run.module.loop_seconds,
+        "samples_per_step": dm.sampling.total * trainer.world_size,
         "extract_seconds": stats.seconds_total,
         "extract_resolution": int(x.resolution),
         "extract_evaluated_fraction": stats.evaluated / stats.total,

@@ -11,7 +11,8 @@ from neusdf.data import draw_samples
 
 
 class DumpRankState(L.Callback):
-    """Saves, per rank, the first samples the rank will draw and its final parameters."""
+    """Saves, per rank, the first samples the rank will draw, its final parameters and how
+    many steps were graph replays."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
@@ -25,6 +26,7 @@ class DumpRankState(L.Callback):
         self.first_samples = b["space"].cpu()
 
     def on_train_end(self, trainer, pl_module) -> None:
+        g = pl_module._graphed
         params = {k: v.detach().cpu() for k, v in pl_module.net.named_parameters()}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
@@ -33,6 +35,8 @@ class DumpRankState(L.Callback):
                 "samples": self.first_samples,
                 "step": trainer.global_step,
                 "world_size": trainer.world_size,
+                # steps replayed from a CUDA graph (0: every step ran eagerly)
+                "graph_replays": g.calls - g.warmup - 1 if g is not None and g.captured else 0,
             },
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )

@@ -1,4 +1,8 @@
-"""Two-process DDP on the CPU (gloo): ranks sample differently, end with equal parameters."""
+"""Two-process DDP: ranks sample differently and end with equal parameters.
+
+On the CPU (gloo, every CI run) with eager steps; on two GPUs (NCCL, the GPU machine) with
+the step replayed as a CUDA graph on each rank, the gradients averaged after each replay.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +10,66 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, compose_train, tiny_overrides
 
 from neusdf.checkpoint import load_checkpoint
 from neusdf.pipeline import train
+from neusdf.step_graph import graph_support
 
 
-def test_two_ranks_end_identical_and_checkpoint_loads_on_one(tmp_path, sphere_mesh_path):
-    run_dir, dump = tmp_path / "run", tmp_path / "dump"
+def run_two_ranks(shape, run_dir, dump, accelerator: str, backend: str, steps: int) -> None:
+    """train.py with trainer=ddp on two devices; each rank dumps its state (ddp_helpers)."""
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
-        *tiny_overrides(sphere_mesh_path, "reference"),
+        *tiny_overrides(shape, backend),
         "trainer=ddp",
-        "trainer.accelerator=cpu",
+        f"trainer.accelerator={accelerator}",
         "trainer.devices=2",
-        "trainer.max_steps=5",
+        f"trainer.max_steps={steps}",
         f"hydra.run.dir={run_dir}",
         "+callbacks.dump._target_=ddp_helpers.DumpRankState",
         f"+callbacks.dump.out_dir={dump}",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    # prepended: packages found through an existing PYTHONPATH stay importable in the ranks
+    path = [str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+
+def load_ranks(dump, steps: int) -> tuple[dict, dict]:
+    """Both ranks' dumps, after checking that they sampled differently and end identical."""
     r0, r1 = (torch.load(dump / f"rank{r}.pt") for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
-    assert r0["step"] == r1["step"] == 5
+    assert r0["step"] == r1["step"] == steps
     # each rank draws its own samples (seed + rank) ...
     assert not torch.equal(r0["samples"], r1["samples"])
-    # ... and the all-reduced gradients keep the replicas bit-identical
+    # ... and the averaged gradients keep the replicas bit-identical
     assert r0["params"].keys() == r1["params"].keys()
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
+    return r0, r1
+
+
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2 or graph_support() is not None, reason="needs 2 CUDA devices"
+)
+def test_two_gpu_ranks_replay_the_graph_and_end_identical(tmp_path, sphere_mesh_path):
+    run_dir, dump, steps = tmp_path / "run", tmp_path / "dump", 10
+    run_two_ranks(sphere_mesh_path, run_dir, dump, "gpu", "compiled", steps)
+    r0, r1 = load_ranks(dump, steps)
+    assert r0["graph_replays"] == r1["graph_replays"] > 0
+    assert (run_dir / "mesh.ply").is_file()
+
+
+def test_two_ranks_end_identical_and_checkpoint_loads_on_one(tmp_path, sphere_mesh_path):
+    run_dir, dump = tmp_path / "run", tmp_path / "dump"
+    run_two_ranks(sphere_mesh_path, run_dir, dump, "cpu", "reference", 5)
+    r0, r1 = load_ranks(dump, 5)
+    assert r0["graph_replays"] == 0  # the CPU steps eagerly
     # only rank 0 extracts and scores
     assert (run_dir / "mesh.ply").is_file() and (run_dir / "metrics.json").is_file()
 
