@@ -38,9 +38,9 @@ TIMING_KEYS = (
 )
 
 
-def run_command(data: Path, run_dir: Path, extra: list[str]) -> dict:
-    """Runs train.py on ``data``; returns the wall seconds and the run's timing."""
-    cmd = [sys.executable, str(ROOT / "train.py"), f"data.path={data}", f"hydra.run.dir={run_dir}"]
+def run_command(data: Path, run_dir: Path, extra: list[str], python: str) -> dict:
+    """Runs train.py on ``data`` with ``python``; returns the wall seconds and the timing."""
+    cmd = [python, str(ROOT / "train.py"), f"data.path={data}", f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=run_dir.parent)
     wall = time.perf_counter() - t0
@@ -58,25 +58,30 @@ def main() -> int:
     ap.add_argument("--inputs", default="bunny/dense", help="comma list of shape/setting")
     ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    ap.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter that runs train.py (e.g. a venv of benchmarks/lean_env.py)",
+    )
     args = ap.parse_args()
     inputs = [s for s in args.inputs.split(",") if s]
     for item in inputs:
         shape, _, setting = item.partition("/")
         if shape not in SHAPES or setting not in SETTINGS:
             ap.error(f"--inputs: '{item}' is not shape/setting ({list(SHAPES)}, {list(SETTINGS)})")
-    subprocess.run([sys.executable, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
+    subprocess.run([args.python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="neusdf-command-") as tmp:
         for item in inputs:
             shape, _, setting = item.partition("/")
             data = Path(tmp) / f"{shape}_{setting}.npz"
             write_input(make_input(args.meshes, shape, setting), data)
-            r = run_command(data, Path(tmp) / f"run_{shape}_{setting}", args.override)
+            r = run_command(data, Path(tmp) / f"run_{shape}_{setting}", args.override, args.python)
             rows[item] = r
             parts = ", ".join(f"{k.removesuffix('_seconds')} {r[k]:.1f}" for k in TIMING_KEYS)
             print(f"{item}: command {r['command_seconds']:.1f} s ({parts})", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    result = {"device": device, "overrides": args.override, "rows": rows}
+    result = {"device": device, "python": args.python, "overrides": args.override, "rows": rows}
     save_json(args.json, result, overwrite=True)
     return 0
 

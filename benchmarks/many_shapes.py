@@ -1,0 +1,116 @@
+"""Many shapes through a Hydra multirun: shapes per hour on 1 GPU and on N GPUs.
+
+Runs, for each GPU count G, the one command a user types for many shapes,
+
+    CUDA_VISIBLE_DEVICES=0..G-1 python train.py -m hydra/launcher=local data.path=a,b,...
+
+(the joblib launcher runs as many jobs at once as there are GPUs, job k on GPU k mod G), with
+the default config otherwise, and records the wall time from the command to its end. Inputs
+are EVAL.md benchmark inputs (the points of ``benchmarks/quality.py``).
+
+    python benchmarks/many_shapes.py results.json --gpus 1,2 --python /tmp/lean/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import DEFAULT_MESHES, SETTINGS, SHAPES, make_input, write_input  # noqa: E402
+
+from neusdf.mesh_io import save_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMING_KEYS = (
+    "load_seconds",
+    "init_seconds",
+    "fit_seconds",
+    "loop_seconds",
+    "extract_seconds",
+    "metrics_seconds",
+)
+DEFAULT_INPUTS = ",".join(f"{s}/{t}" for t in ("dense", "sparse") for s in SHAPES)
+
+
+def main() -> int:
+    """Command line entry point; see the module docstring."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", help="output JSON")
+    ap.add_argument("--inputs", default=DEFAULT_INPUTS, help="comma list of shape/setting")
+    ap.add_argument("--gpus", default="1,2", help="comma list of GPU counts")
+    ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
+    args = ap.parse_args()
+    inputs = [s for s in args.inputs.split(",") if s]
+    for item in inputs:
+        shape, _, setting = item.partition("/")
+        if shape not in SHAPES or setting not in SETTINGS:
+            ap.error(f"--inputs: '{item}' is not shape/setting")
+    gpus = [int(g) for g in args.gpus.split(",") if g]
+    if not gpus or min(gpus) < 1 or max(gpus) > torch.cuda.device_count():
+        ap.error(f"--gpus: counts from 1 to {torch.cuda.device_count()} (the CUDA devices)")
+    subprocess.run([args.python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="neusdf-many-") as tmp:
+        paths = []
+        for item in inputs:
+            shape, _, setting = item.partition("/")
+            paths.append(Path(tmp) / f"{shape}_{setting}.npz")
+            write_input(make_input(args.meshes, shape, setting), paths[-1])
+        for g in gpus:
+            out = Path(tmp) / f"multirun_{g}"
+            cmd = [
+                args.python,
+                str(ROOT / "train.py"),
+                "-m",
+                "hydra/launcher=local",
+                f"hydra.sweep.dir={out}",
+                "data.path=" + ",".join(str(p) for p in paths),
+            ]
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(g)))}
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"multirun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            done = sorted(out.glob("*/metrics.json"))
+            if len(done) != len(paths):
+                raise RuntimeError(f"{len(done)} of {len(paths)} jobs wrote metrics.json")
+            # where a job's time went, summed over the jobs (their own clocks)
+            jobs = [json.loads(p.read_text())["timing"] for p in done]
+            parts = {k: sum(t[k] for t in jobs) for k in JOB_TIMING_KEYS}
+            rows.append(
+                {
+                    "gpus": g,
+                    "shapes": len(paths),
+                    "wall_seconds": wall,
+                    "shapes_per_hour": 3600 * len(paths) / wall,
+                    "job_seconds_summed": parts,
+                }
+            )
+            summed = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in parts.items())
+            print(f"{g} GPU(s): {len(paths)} shapes in {wall:.1f} s (jobs summed: {summed})")
+    base = rows[0]["shapes_per_hour"]
+    for r in rows:
+        r["speedup_vs_first"] = r["shapes_per_hour"] / base
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "python": args.python,
+        "inputs": inputs,
+        "rows": rows,
+    }
+    save_json(args.json, result, overwrite=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""One shape on several GPUs (DDP) against one GPU: samples per second and time to quality.
+
+For one benchmark input (EVAL.md protocol, the points of ``benchmarks/quality.py``) runs
+``python train.py`` in a fresh process for each configuration and step count:
+
+- ``1 GPU``: the default (the step replayed as a CUDA graph);
+- ``DDP eager``: ``trainer=ddp trainer.devices=N cuda_graph=false`` (every step launched from
+  Python);
+- ``DDP graph``: ``trainer=ddp trainer.devices=N`` (each rank replays its step as a graph; the
+  gradients are averaged after each replay);
+- ``DDP graph, 1/N steps``: the same number of samples in total as the one-GPU run, the time
+  to the one-GPU run's quality.
+
+Each rank draws its own samples, so N ranks draw N times the samples of one per step. Recorded
+per run: the training loop's seconds (first step to last, all ranks started; ``loop_seconds``
+in the run's metrics.json), samples per second over all ranks, the command's wall time (which
+also counts Python start-up and, under DDP, the launch of the other ranks), and the mesh
+scored against the ground truth (Chamfer-L1, Hausdorff, watertight).
+
+    python benchmarks/scale_out.py results.json --input horse/dense --steps 250,2000
+    python benchmarks/scale_out.py /tmp/smoke.json --smoke --steps 4 --num-ref 20000  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import trimesh
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import (  # noqa: E402
+    DEFAULT_MESHES,
+    SETTINGS,
+    SHAPES,
+    TIMING_OVERRIDES,
+    make_input,
+    score,
+    write_input,
+)
+
+from neusdf.mesh_io import save_json  # noqa: E402
+from neusdf.metrics import SurfaceSet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny CPU runs (two gloo ranks) that check the script itself.
+SMOKE_OVERRIDES = ["debug=default", "trainer.accelerator=cpu", "model.backend=reference"]
+
+
+def configurations(devices: int, steps: int) -> list[tuple[str, int, list[str]]]:
+    """(name, steps, overrides) of the runs for one step count."""
+    ddp = ["trainer=ddp", f"trainer.devices={devices}"]
+    return [
+        ("1 device", steps, ["trainer.devices=1"]),
+        ("DDP eager", steps, [*ddp, "cuda_graph=false"]),
+        ("DDP graph", steps, ddp),
+        (f"DDP graph, 1/{devices} steps", max(steps // devices, 1), ddp),
+    ]
+
+
+def run(python: str, data: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
+    """Runs train.py (scored here afterwards, against the ground truth, not by the run);
+    returns its timing (metrics.json) and the command's wall seconds."""
+    cmd = [
+        python,
+        str(ROOT / "train.py"),
+        f"data.path={data}",
+        f"hydra.run.dir={run_dir}",
+        f"trainer.max_steps={steps}",
+        *TIMING_OVERRIDES,
+        *overrides,
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    timing = json.loads((run_dir / "metrics.json").read_text())["timing"]
+    return {"command_seconds": wall, **timing}
+
+
+def main() -> int:
+    """Command line entry point; see the module docstring."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", help="output JSON")
+    ap.add_argument("--input", default="horse/dense", help="shape/setting")
+    ap.add_argument("--steps", default="250,2000", help="comma list of step counts")
+    ap.add_argument("--devices", type=int, default=2, help="GPUs for the DDP runs")
+    ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
+    ap.add_argument("--num-ref", type=int, default=1_000_000, help="scoring samples")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU runs to test the script")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
+    args = ap.parse_args()
+    shape, _, setting = args.input.partition("/")
+    if shape not in SHAPES or setting not in SETTINGS:
+        ap.error(f"--input: '{args.input}' is not shape/setting")
+    steps_list = [int(s) for s in args.steps.split(",") if s]
+    if not steps_list or min(steps_list) < 1:
+        ap.error("--steps: expected positive step counts, e.g. 250,2000")
+    if not args.smoke and torch.cuda.device_count() < args.devices:
+        ap.error(f"--devices {args.devices}: only {torch.cuda.device_count()} CUDA devices")
+    extra = SMOKE_OVERRIDES if args.smoke else []
+    if not args.smoke:
+        subprocess.run([args.python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
+    inp = make_input(args.meshes, shape, setting)
+    rows: list[dict] = []
+    result = {
+        "device": "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(),
+        "devices": args.devices,
+        "input": args.input,
+        "python": args.python,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    with tempfile.TemporaryDirectory(prefix="neusdf-scale-") as tmp:
+        data = Path(tmp) / "input.npz"
+        write_input(inp, data)
+        for steps in steps_list:
+            for i, (name, n, overrides) in enumerate(configurations(args.devices, steps)):
+                run_dir = Path(tmp) / f"run_{steps}_{i}"
+                r = run(args.python, data, run_dir, n, [*extra, *overrides])
+                mesh = trimesh.load(run_dir / "mesh.ply", process=False)
+                m = score(SurfaceSet(mesh.vertices, mesh.faces), inp, 100_000, args.num_ref)
+                row = {
+                    "config": name,
+                    "base_steps": steps,
+                    "overrides": overrides,
+                    **r,
+                    "samples_per_second": r["steps"] * r["samples_per_step"] / r["loop_seconds"],
+                    "chamfer_l1": m["chamfer_l1"],
+                    "hausdorff": m["hausdorff"],
+                    "fscore_0.005": m["fscore_0.005"],
+                    "watertight": bool(mesh.is_watertight),
+                }
+                rows.append(row)
+                save_json(args.json, result, overwrite=True)  # a row at a time
+                print(
+                    f"{steps:5d} {name:22s} steps {r['steps']:5d}  loop {r['loop_seconds']:6.2f} s"
+                    f"  {row['samples_per_second'] / 1e6:6.2f} M samples/s  command "
+                    f"{r['command_seconds']:5.1f} s  Chamfer x100 {100 * m['chamfer_l1']:.4f}  "
+                    f"Hausdorff x100 {100 * m['hausdorff']:.2f}  watertight {row['watertight']}",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
