@@ -108,13 +108,24 @@ def _build_op(backend: str) -> None:
     log.info("compiled op ready (%.1f s)", time.perf_counter() - t0)
 
 
+# trainer.precision values that train in float32 (Lightning's spellings of it).
+FLOAT32_PRECISIONS = ("32-true", "32", 32)
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Refuses (ValueError) settings that would not end: ``trainer.max_steps`` below 1."""
+    """Refuses (ValueError) settings that would not end (``trainer.max_steps`` below 1) or
+    that the model cannot train with (``trainer.precision`` other than float32)."""
     steps = cfg.trainer.max_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(
             f"trainer.max_steps must be an integer >= 1 (training runs until it), got {steps!r}"
         )
+    # Mixed or half precision would reach the op in 16-bit floats (it computes in float32 or
+    # float64) and bypass the loss scaling that manual_backward applies: the step calls
+    # backward itself so that it can be one CUDA graph.
+    precision = cfg.trainer.get("precision", "32-true")
+    if precision not in FLOAT32_PRECISIONS:
+        raise ValueError(f"trainer.precision must be 32-true (float32), got {precision!r}")
 
 
 def _unknown_option(e: TypeError, target: str, group: str) -> ValueError | None:

@@ -99,6 +99,16 @@ def test_max_steps_below_one_is_refused(tmp_path, sphere_mesh_path, steps):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "64-true"])
+def test_precision_other_than_float32_is_refused(tmp_path, sphere_mesh_path, precision):
+    cfg = compose_train(
+        [*tiny_overrides(sphere_mesh_path), f"trainer.precision={precision}"], tmp_path
+    )
+    with pytest.raises(ValueError, match=f"trainer.precision must be 32-true.*got '{precision}'"):
+        train(cfg)
+    assert not any(tmp_path.iterdir())
+
+
 def test_ctrl_c_saves_last_and_says_how_to_resume(tmp_path, sphere_mesh_path, capsys):
     overrides = [
         *tiny_overrides(sphere_mesh_path),
