@@ -179,19 +179,17 @@ class SDFModule(L.LightningModule):
 
         Optimisation is manual so that the sampling, forward and backward can be one CUDA
         graph (:class:`neusdf.step_graph.GraphedStep`); the gradient all-reduce (several
-        ranks), the optimiser and the learning-rate schedule step eagerly after it.
+        ranks), the optimiser and the learning-rate schedule step eagerly after it. The step
+        calls ``backward`` itself, graphed or eager alike (float32 only, see
+        :func:`neusdf.pipeline.check_config`), so Lightning's ``on_before_backward`` and
+        ``on_after_backward`` hooks do not run.
         """
         opt = self.optimizers()
         if self._graphed is not None:
             values = self._graphed()["values"]
-        elif self.trainer.world_size > 1:
-            opt.zero_grad(set_to_none=True)
-            values = self._loss_and_backward()["values"]
         else:
             opt.zero_grad(set_to_none=True)
-            terms = self._loss_terms()
-            self.manual_backward(terms["loss"])
-            values = self._stack_terms(terms)
+            values = self._loss_and_backward()["values"]
         if self.trainer.world_size > 1:
             self._average_gradients()
         opt.step()
