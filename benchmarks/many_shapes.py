@@ -9,6 +9,7 @@ the default config otherwise, and records the wall time from the command to its 
 are EVAL.md benchmark inputs (the points of ``benchmarks/quality.py``).
 
     python benchmarks/many_shapes.py results.json --gpus 1,2 --python /tmp/lean/bin/python
+    python benchmarks/many_shapes.py /tmp/smoke.json --smoke --inputs horse/sparse,bunny/sparse
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ JOB_TIMING_KEYS = (
     "extract_seconds",
     "metrics_seconds",
 )
+# Tiny CPU jobs that check the script itself.
+SMOKE_OVERRIDES = ["debug=default", "trainer.accelerator=cpu", "model.backend=reference"]
 DEFAULT_INPUTS = ",".join(f"{s}/{t}" for t in ("dense", "sparse") for s in SHAPES)
 
 
@@ -49,6 +52,9 @@ def main() -> int:
     ap.add_argument("--gpus", default="1,2", help="comma list of GPU counts")
     ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny CPU jobs (G side by side) to test the script"
+    )
     args = ap.parse_args()
     inputs = [s for s in args.inputs.split(",") if s]
     for item in inputs:
@@ -56,9 +62,11 @@ def main() -> int:
         if shape not in SHAPES or setting not in SETTINGS:
             ap.error(f"--inputs: '{item}' is not shape/setting")
     gpus = [int(g) for g in args.gpus.split(",") if g]
-    if not gpus or min(gpus) < 1 or max(gpus) > torch.cuda.device_count():
-        ap.error(f"--gpus: counts from 1 to {torch.cuda.device_count()} (the CUDA devices)")
-    subprocess.run([args.python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
+    most = 8 if args.smoke else torch.cuda.device_count()
+    if not gpus or min(gpus) < 1 or max(gpus) > most:
+        ap.error(f"--gpus: counts from 1 to {most} (the CUDA devices)")
+    if not args.smoke:
+        subprocess.run([args.python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
     rows = []
     with tempfile.TemporaryDirectory(prefix="neusdf-many-") as tmp:
         paths = []
@@ -76,8 +84,10 @@ def main() -> int:
                 f"hydra.sweep.dir={out}",
                 "data.path=" + ",".join(str(p) for p in paths),
             ]
+            if args.smoke:
+                cmd += SMOKE_OVERRIDES + [f"hydra.launcher.n_jobs={g}"]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(g)))}
-            t0 = time.perf_counter()
+            t0, epoch0 = time.perf_counter(), time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
@@ -88,6 +98,11 @@ def main() -> int:
             # where a job's time went, summed over the jobs (their own clocks)
             jobs = [json.loads(p.read_text())["timing"] for p in done]
             parts = {k: sum(t[k] for t in jobs) for k in JOB_TIMING_KEYS}
+            # how well the jobs filled the GPUs' slots: the jobs' own wall time (from entering
+            # train() to writing metrics.json) over G slots from the first start to the last end
+            spans = [(t["started_at"], t["finished_at"]) for t in jobs]
+            first, last = min(a for a, _ in spans), max(b for _, b in spans)
+            occupancy = sum(b - a for a, b in spans) / (g * (last - first))
             rows.append(
                 {
                     "gpus": g,
@@ -95,15 +110,23 @@ def main() -> int:
                     "wall_seconds": wall,
                     "shapes_per_hour": 3600 * len(paths) / wall,
                     "job_seconds_summed": parts,
+                    "job_wall_seconds_summed": sum(b - a for a, b in spans),
+                    "first_job_start_seconds": first - epoch0,
+                    "slot_occupancy": occupancy,
                 }
             )
             summed = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in parts.items())
-            print(f"{g} GPU(s): {len(paths)} shapes in {wall:.1f} s (jobs summed: {summed})")
+            print(
+                f"{g} GPU(s): {len(paths)} shapes in {wall:.1f} s (first job started after "
+                f"{first - epoch0:.1f} s; jobs filled {100 * occupancy:.0f}% of the GPU slots; "
+                f"jobs summed: {summed})",
+                flush=True,
+            )
     base = rows[0]["shapes_per_hour"]
     for r in rows:
         r["speedup_vs_first"] = r["shapes_per_hour"] / base
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(),
         "python": args.python,
         "inputs": inputs,
         "rows": rows,

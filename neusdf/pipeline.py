@@ -437,6 +437,7 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
         "spacing": dm.stats.spacing,
         "noise": dm.stats.noise,
     }
+    metrics["timing"]["finished_at"] = time.time()
     save_json(metrics_path, metrics, overwrite=cfg.overwrite)
     scores = {k: v for k, v in metrics.items() if isinstance(v, float)}
     if scores:
@@ -497,6 +498,7 @@ def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict 
         ShapeError, CheckpointError, FileExistsError, ValueError: bad input, with a message
         naming the option or file.
     """
+    started = time.time()
     configure_runtime(deterministic=bool(cfg.get("deterministic", False)))
     _assign_multirun_device(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -507,6 +509,8 @@ def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict 
         _clear_previous_run(cfg)
     if on_accept is not None:
         on_accept()
+    # wall-clock start and end (UNIX seconds): how jobs of a multirun overlapped
+    run.timing["started_at"] = started
     fit_seconds = fit(run, cfg.ckpt_path)
     if run.trainer.global_rank != 0:
         return None

@@ -45,6 +45,8 @@ def test_run_writes_checkpoints_mesh_and_metrics(run):
     assert t["steps"] == 6 and t["steps_per_second"] > 0
     # the loop's own clock runs inside fit's; debug=default draws 256 + 128 + 128 per step
     assert 0 < t["loop_seconds"] < t["fit_seconds"] and t["samples_per_step"] == 512
+    # wall-clock start and end of the run (UNIX seconds), at least its parts apart
+    assert t["finished_at"] - t["started_at"] >= t["fit_seconds"] + t["extract_seconds"]
     # the mesh is in the input's coordinates: a sphere of radius 0.3 around (1, 2, 3)
     mesh = trimesh.load(out / "mesh.ply")
     r = np.linalg.norm(mesh.vertices - [1.0, 2.0, 3.0], axis=1)
