@@ -23,19 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DEFAULT_MESHES, SETTINGS, SHAPES, make_input, write_input  # noqa: E402
+from quality import (  # noqa: E402
+    DEFAULT_MESHES,
+    ROOT,
+    RUN_TIMING_KEYS,
+    build_op,
+    make_input,
+    parse_inputs,
+    write_input,
+)
 
 from neusdf.mesh_io import save_json  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = (
-    "load_seconds",
-    "init_seconds",
-    "fit_seconds",
-    "extract_seconds",
-    "save_seconds",
-    "metrics_seconds",
-)
 
 
 def run_command(data: Path, run_dir: Path, extra: list[str], python: str) -> dict:
@@ -47,7 +45,7 @@ def run_command(data: Path, run_dir: Path, extra: list[str], python: str) -> dic
     if proc.returncode != 0:
         raise RuntimeError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     timing = json.loads((run_dir / "metrics.json").read_text())["timing"]
-    parts = {k: timing[k] for k in TIMING_KEYS}
+    parts = {k: timing[k] for k in RUN_TIMING_KEYS}
     return {"command_seconds": wall, **parts, "steps": timing["steps"]}
 
 
@@ -64,21 +62,17 @@ def main() -> int:
         help="interpreter that runs train.py (e.g. a venv of benchmarks/lean_env.py)",
     )
     args = ap.parse_args()
-    inputs = [s for s in args.inputs.split(",") if s]
-    for item in inputs:
-        shape, _, setting = item.partition("/")
-        if shape not in SHAPES or setting not in SETTINGS:
-            ap.error(f"--inputs: '{item}' is not shape/setting ({list(SHAPES)}, {list(SETTINGS)})")
-    subprocess.run([args.python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
+    inputs = parse_inputs(ap, "--inputs", args.inputs)
+    build_op(args.python)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="neusdf-command-") as tmp:
-        for item in inputs:
-            shape, _, setting = item.partition("/")
+        for shape, setting in inputs:
+            item = f"{shape}/{setting}"
             data = Path(tmp) / f"{shape}_{setting}.npz"
             write_input(make_input(args.meshes, shape, setting), data)
             r = run_command(data, Path(tmp) / f"run_{shape}_{setting}", args.override, args.python)
             rows[item] = r
-            parts = ", ".join(f"{k.removesuffix('_seconds')} {r[k]:.1f}" for k in TIMING_KEYS)
+            parts = ", ".join(f"{k.removesuffix('_seconds')} {r[k]:.1f}" for k in RUN_TIMING_KEYS)
             print(f"{item}: command {r['command_seconds']:.1f} s ({parts})", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     result = {"device": device, "python": args.python, "overrides": args.override, "rows": rows}

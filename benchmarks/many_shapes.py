@@ -26,21 +26,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DEFAULT_MESHES, SETTINGS, SHAPES, make_input, write_input  # noqa: E402
+from quality import (  # noqa: E402
+    DEFAULT_MESHES,
+    ROOT,
+    RUN_TIMING_KEYS,
+    SHAPES,
+    SMOKE_OVERRIDES,
+    build_op,
+    make_input,
+    parse_inputs,
+    write_input,
+)
 
 from neusdf.mesh_io import save_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-JOB_TIMING_KEYS = (
-    "load_seconds",
-    "init_seconds",
-    "fit_seconds",
-    "loop_seconds",
-    "extract_seconds",
-    "metrics_seconds",
-)
-# Tiny CPU jobs that check the script itself.
-SMOKE_OVERRIDES = ["debug=default", "trainer.accelerator=cpu", "model.backend=reference"]
 DEFAULT_INPUTS = ",".join(f"{s}/{t}" for t in ("dense", "sparse") for s in SHAPES)
 
 
@@ -56,22 +55,17 @@ def main() -> int:
         "--smoke", action="store_true", help="tiny CPU jobs (G side by side) to test the script"
     )
     args = ap.parse_args()
-    inputs = [s for s in args.inputs.split(",") if s]
-    for item in inputs:
-        shape, _, setting = item.partition("/")
-        if shape not in SHAPES or setting not in SETTINGS:
-            ap.error(f"--inputs: '{item}' is not shape/setting")
+    inputs = parse_inputs(ap, "--inputs", args.inputs)
     gpus = [int(g) for g in args.gpus.split(",") if g]
     most = 8 if args.smoke else torch.cuda.device_count()
     if not gpus or min(gpus) < 1 or max(gpus) > most:
         ap.error(f"--gpus: counts from 1 to {most} (the CUDA devices)")
     if not args.smoke:
-        subprocess.run([args.python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
+        build_op(args.python)
     rows = []
     with tempfile.TemporaryDirectory(prefix="neusdf-many-") as tmp:
         paths = []
-        for item in inputs:
-            shape, _, setting = item.partition("/")
+        for shape, setting in inputs:
             paths.append(Path(tmp) / f"{shape}_{setting}.npz")
             write_input(make_input(args.meshes, shape, setting), paths[-1])
         for g in gpus:
@@ -97,7 +91,7 @@ def main() -> int:
                 raise RuntimeError(f"{len(done)} of {len(paths)} jobs wrote metrics.json")
             # where a job's time went, summed over the jobs (their own clocks)
             jobs = [json.loads(p.read_text())["timing"] for p in done]
-            parts = {k: sum(t[k] for t in jobs) for k in JOB_TIMING_KEYS}
+            parts = {k: sum(t[k] for t in jobs) for k in RUN_TIMING_KEYS}
             # how well the jobs filled the GPUs' slots: the jobs' own wall time (from entering
             # train() to writing metrics.json) over G slots from the first start to the last end
             spans = [(t["started_at"], t["finished_at"]) for t in jobs]
@@ -128,7 +122,7 @@ def main() -> int:
     result = {
         "device": "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(),
         "python": args.python,
-        "inputs": inputs,
+        "inputs": [f"{shape}/{setting}" for shape, setting in inputs],
         "rows": rows,
     }
     save_json(args.json, result, overwrite=True)

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +97,18 @@ TIMING_OVERRIDES = [
     "extract.score=false",
     "overwrite=true",
 ]
+# Tiny CPU runs of train.py in a subprocess, for the scripts' --smoke checks.
+SMOKE_OVERRIDES = ["debug=default", "trainer.accelerator=cpu", "model.backend=reference"]
+# A run's own clock (metrics.json "timing"), part by part, as the command scripts report it.
+RUN_TIMING_KEYS = (
+    "load_seconds",
+    "init_seconds",
+    "fit_seconds",
+    "loop_seconds",
+    "extract_seconds",
+    "save_seconds",
+    "metrics_seconds",
+)
 # Keys of the JSON's run config that must match to add rows to an existing file.
 RUN_KEYS = ("steps", "resolution", "backend", "num_query", "num_ref", "override", "smoke")
 
@@ -337,6 +350,25 @@ def make_table(results: dict, poisson: dict, poisson_line: str, tuned_on: set, m
     )
     rows = [fmt_row(k, runs[k], poisson, tuned_on, max_s) for k in keys]
     return head + "\n" + HEADER + "\n" + "\n".join(rows)
+
+
+def parse_inputs(ap: argparse.ArgumentParser, arg: str, text: str) -> list[tuple[str, str]]:
+    """``shape/setting`` items of a comma list as (shape, setting); ``ap.error`` names a bad
+    one."""
+    inputs = []
+    for item in filter(None, text.split(",")):
+        shape, _, setting = item.partition("/")
+        if shape not in SHAPES or setting not in SETTINGS:
+            ap.error(f"{arg}: '{item}' is not shape/setting ({list(SHAPES)}, {list(SETTINGS)})")
+        inputs.append((shape, setting))
+    if not inputs:
+        ap.error(f"{arg}: expected shape/setting items, e.g. bunny/dense")
+    return inputs
+
+
+def build_op(python: str) -> None:
+    """Builds the op with ``python`` before timed runs (so that no run counts the build)."""
+    subprocess.run([python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
 
 
 def _split(ap, arg: str, text: str, known) -> list[str]:

@@ -37,20 +37,18 @@ import trimesh
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import (  # noqa: E402
     DEFAULT_MESHES,
-    SETTINGS,
-    SHAPES,
+    ROOT,
+    SMOKE_OVERRIDES,
     TIMING_OVERRIDES,
+    build_op,
     make_input,
+    parse_inputs,
     score,
     write_input,
 )
 
 from neusdf.mesh_io import save_json  # noqa: E402
 from neusdf.metrics import SurfaceSet  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-# Tiny CPU runs (two gloo ranks) that check the script itself.
-SMOKE_OVERRIDES = ["debug=default", "trainer.accelerator=cpu", "model.backend=reference"]
 
 
 def configurations(devices: int, steps: int) -> list[tuple[str, int, list[str]]]:
@@ -97,9 +95,10 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU runs to test the script")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
     args = ap.parse_args()
-    shape, _, setting = args.input.partition("/")
-    if shape not in SHAPES or setting not in SETTINGS:
-        ap.error(f"--input: '{args.input}' is not shape/setting")
+    inputs = parse_inputs(ap, "--input", args.input)
+    if len(inputs) != 1:
+        ap.error(f"--input: one shape/setting, got '{args.input}'")
+    [(shape, setting)] = inputs
     steps_list = [int(s) for s in args.steps.split(",") if s]
     if not steps_list or min(steps_list) < 1:
         ap.error("--steps: expected positive step counts, e.g. 250,2000")
@@ -107,7 +106,7 @@ def main() -> int:
         ap.error(f"--devices {args.devices}: only {torch.cuda.device_count()} CUDA devices")
     extra = SMOKE_OVERRIDES if args.smoke else []
     if not args.smoke:
-        subprocess.run([args.python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
+        build_op(args.python)
     inp = make_input(args.meshes, shape, setting)
     rows: list[dict] = []
     result = {
