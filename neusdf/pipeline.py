@@ -109,7 +109,7 @@ def _build_op(backend: str) -> None:
 
 
 # trainer.precision values that train in float32 (Lightning's spellings of it).
-FLOAT32_PRECISIONS = ("32-true", "32", 32)
+_FLOAT32_PRECISIONS = ("32-true", "32", 32)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -124,7 +124,7 @@ def check_config(cfg: DictConfig) -> None:
     # float64) and bypass the loss scaling that manual_backward applies: the step calls
     # backward itself so that it can be one CUDA graph.
     precision = cfg.trainer.get("precision", "32-true")
-    if precision not in FLOAT32_PRECISIONS:
+    if precision not in _FLOAT32_PRECISIONS:
         raise ValueError(f"trainer.precision must be 32-true (float32), got {precision!r}")
 
 
