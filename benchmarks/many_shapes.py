@@ -5,10 +5,16 @@ Runs, for each GPU count G, the one command a user types for many shapes,
     CUDA_VISIBLE_DEVICES=0..G-1 python train.py -m hydra/launcher=local data.path=a,b,...
 
 (the joblib launcher runs as many jobs at once as there are GPUs, job k on GPU k mod G), with
-the default config otherwise, and records the wall time from the command to its end. Inputs
-are EVAL.md benchmark inputs (the points of ``benchmarks/quality.py``).
+the default config otherwise, and records the wall time from the command to its end and the
+rate from the first job's start to the last job's end (what many more shapes would get, the
+start-up paid once). Inputs are EVAL.md benchmark inputs (the points of
+``benchmarks/quality.py``). A job is mostly host work (start-up, data, extraction, scoring)
+around a short GPU phase, so ``--jobs-per-gpu`` runs several jobs per GPU side by side and
+``--threads`` sets each job's OpenMP threads (jobs side by side otherwise each start one
+thread per core).
 
     python benchmarks/many_shapes.py results.json --gpus 1,2 --python /tmp/lean/bin/python
+    python benchmarks/many_shapes.py results.json --gpus 1,2 --jobs-per-gpu 2 --threads 4
     python benchmarks/many_shapes.py /tmp/smoke.json --smoke --inputs horse/sparse,bunny/sparse
 """
 
@@ -52,6 +58,18 @@ def main() -> int:
     ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
     ap.add_argument(
+        "--jobs-per-gpu",
+        type=int,
+        default=1,
+        help="jobs side by side per GPU (hydra.launcher.n_jobs = GPUs x this; default 1)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of each job (default: the environment's)",
+    )
+    ap.add_argument(
         "--smoke", action="store_true", help="tiny CPU jobs (G side by side) to test the script"
     )
     args = ap.parse_args()
@@ -60,6 +78,10 @@ def main() -> int:
     most = 8 if args.smoke else torch.cuda.device_count()
     if not gpus or min(gpus) < 1 or max(gpus) > most:
         ap.error(f"--gpus: counts from 1 to {most} (the CUDA devices)")
+    if args.jobs_per_gpu < 1:
+        ap.error("--jobs-per-gpu: at least 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads: at least 1")
     if not args.smoke:
         build_op(args.python)
     rows = []
@@ -78,9 +100,14 @@ def main() -> int:
                 f"hydra.sweep.dir={out}",
                 "data.path=" + ",".join(str(p) for p in paths),
             ]
+            # the launcher's default is one job per GPU; the smoke run has no GPU to count
+            if args.smoke or args.jobs_per_gpu > 1:
+                cmd.append(f"hydra.launcher.n_jobs={g * args.jobs_per_gpu}")
             if args.smoke:
-                cmd += SMOKE_OVERRIDES + [f"hydra.launcher.n_jobs={g}"]
+                cmd += SMOKE_OVERRIDES
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(g)))}
+            if args.threads is not None:
+                env["OMP_NUM_THREADS"] = str(args.threads)
             t0, epoch0 = time.perf_counter(), time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             wall = time.perf_counter() - t0
@@ -92,33 +119,47 @@ def main() -> int:
             # where a job's time went, summed over the jobs (their own clocks)
             jobs = [json.loads(p.read_text())["timing"] for p in done]
             parts = {k: sum(t[k] for t in jobs) for k in RUN_TIMING_KEYS}
-            # how well the jobs filled the GPUs' slots: the jobs' own wall time (from entering
-            # train() to writing metrics.json) over G slots from the first start to the last end
+            # how well the jobs filled the launcher's n_jobs slots: the jobs' own wall time (from
+            # entering train() to writing metrics.json) over the slots from the first start to
+            # the last end
             spans = [(t["started_at"], t["finished_at"]) for t in jobs]
             first, last = min(a for a, _ in spans), max(b for _, b in spans)
-            occupancy = sum(b - a for a, b in spans) / (g * (last - first))
+            occupancy = sum(b - a for a, b in spans) / (g * args.jobs_per_gpu * (last - first))
             rows.append(
                 {
                     "gpus": g,
+                    "jobs_side_by_side": g * args.jobs_per_gpu,
+                    "omp_threads": args.threads,
                     "shapes": len(paths),
                     "wall_seconds": wall,
                     "shapes_per_hour": 3600 * len(paths) / wall,
                     "job_seconds_summed": parts,
                     "job_wall_seconds_summed": sum(b - a for a, b in spans),
                     "first_job_start_seconds": first - epoch0,
+                    # the rate once the launcher runs: a user with many more shapes pays the
+                    # start-up (Python, imports, workers) once and then gets this rate
+                    "steady_shapes_per_hour": 3600 * len(paths) / (last - first),
                     "slot_occupancy": occupancy,
                 }
             )
             summed = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in parts.items())
             print(
-                f"{g} GPU(s): {len(paths)} shapes in {wall:.1f} s (first job started after "
-                f"{first - epoch0:.1f} s; jobs filled {100 * occupancy:.0f}% of the GPU slots; "
+                f"{g} GPU(s), {g * args.jobs_per_gpu} jobs side by side: {len(paths)} shapes in "
+                f"{wall:.1f} s (first job started after {first - epoch0:.1f} s; jobs filled "
+                f"{100 * occupancy:.0f}% of the launcher's slots; "
                 f"jobs summed: {summed})",
                 flush=True,
             )
-    base = rows[0]["shapes_per_hour"]
+    base, steady = rows[0]["shapes_per_hour"], rows[0]["steady_shapes_per_hour"]
     for r in rows:
         r["speedup_vs_first"] = r["shapes_per_hour"] / base
+        r["steady_speedup_vs_first"] = r["steady_shapes_per_hour"] / steady
+        print(
+            f"{r['gpus']} GPU(s): {r['speedup_vs_first']:.2f}x the shapes per hour of the first "
+            f"row over the whole command, {r['steady_speedup_vs_first']:.2f}x from the first "
+            "job's start to the last job's end",
+            flush=True,
+        )
     result = {
         "device": "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(),
         "python": args.python,

@@ -18,6 +18,7 @@ also counts Python start-up and, under DDP, the launch of the other ranks), and 
 scored against the ground truth (Chamfer-L1, Hausdorff, watertight).
 
     python benchmarks/scale_out.py results.json --input horse/dense --steps 250,2000
+    python benchmarks/scale_out.py results.json --steps 2000 --no-eager   # the graph rows only
     python benchmarks/scale_out.py /tmp/smoke.json --smoke --steps 4 --num-ref 20000  # CPU
 """
 
@@ -51,12 +52,12 @@ from neusdf.mesh_io import save_json  # noqa: E402
 from neusdf.metrics import SurfaceSet  # noqa: E402
 
 
-def configurations(devices: int, steps: int) -> list[tuple[str, int, list[str]]]:
-    """(name, steps, overrides) of the runs for one step count."""
+def configurations(devices: int, steps: int, eager: bool) -> list[tuple[str, int, list[str]]]:
+    """(name, steps, overrides) of the runs for one step count (``eager``: with DDP eager)."""
     ddp = ["trainer=ddp", f"trainer.devices={devices}"]
     return [
         ("1 device", steps, ["trainer.devices=1"]),
-        ("DDP eager", steps, [*ddp, "cuda_graph=false"]),
+        *([("DDP eager", steps, [*ddp, "cuda_graph=false"])] if eager else []),
         ("DDP graph", steps, ddp),
         (f"DDP graph, 1/{devices} steps", max(steps // devices, 1), ddp),
     ]
@@ -93,6 +94,7 @@ def main() -> int:
     ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
     ap.add_argument("--num-ref", type=int, default=1_000_000, help="scoring samples")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU runs to test the script")
+    ap.add_argument("--no-eager", action="store_true", help="skip the DDP eager runs")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
     args = ap.parse_args()
     inputs = parse_inputs(ap, "--input", args.input)
@@ -121,7 +123,9 @@ def main() -> int:
         data = Path(tmp) / "input.npz"
         write_input(inp, data)
         for steps in steps_list:
-            for i, (name, n, overrides) in enumerate(configurations(args.devices, steps)):
+            for i, (name, n, overrides) in enumerate(
+                configurations(args.devices, steps, eager=not args.no_eager)
+            ):
                 run_dir = Path(tmp) / f"run_{steps}_{i}"
                 r = run(args.python, data, run_dir, n, [*extra, *overrides])
                 mesh = trimesh.load(run_dir / "mesh.ply", process=False)
