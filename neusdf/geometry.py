@@ -68,7 +68,9 @@ def sample_triangles(
         drawn, so every normal is defined).
     """
     tri = vertices[faces]  # (F, 3, 3)
-    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    origin = tri[:, 0]
+    edge1, edge2 = tri[:, 1] - origin, tri[:, 2] - origin
+    cross = np.cross(edge1, edge2)
     area2 = np.linalg.norm(cross, axis=1)
     if area2.sum() <= 0:
         raise ShapeError("mesh has zero surface area; cannot sample its surface")
@@ -76,11 +78,16 @@ def sample_triangles(
     # Uniform barycentrics by reflecting the unit square's upper triangle.
     u, v = rng.random(n), rng.random(n)
     flip = u + v > 1
-    u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
-    t = tri[face]
-    pts = t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
-    normals = cross[face] / area2[face, None]
-    return pts, normals
+    np.subtract(1, u, out=u, where=flip)
+    np.subtract(1, v, out=v, where=flip)
+    # Per-face edges and normals gathered row-wise (np.take) rather than whole triangles
+    # indexed and differenced per sample: the same values and operations (bit-identical
+    # samples for the same rng), about half the time at the 1M samples of the metrics.
+    pts = np.take(origin, face, axis=0) + u[:, None] * np.take(edge1, face, axis=0)
+    pts += v[:, None] * np.take(edge2, face, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero-area faces are never drawn
+        unit = cross / area2[:, None]
+    return pts, np.take(unit, face, axis=0)
 
 
 # Normals of a bare point cloud. Orientation propagates along a minimum spanning tree of the kNN

@@ -67,9 +67,14 @@ class SurfaceSet:
         """The same surface in ``norm``'s unit box."""
         return SurfaceSet(norm.to_unit(self.points), self.faces, self.normals)
 
+    @property
+    def is_mesh(self) -> bool:
+        """True when :meth:`sample` draws on triangles (faces given), False for a point set."""
+        return self.faces is not None and len(self.faces) > 0
+
     def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         """n area-weighted samples with face normals (mesh), or <= n of the points (point set)."""
-        if self.faces is not None and len(self.faces):
+        if self.is_mesh:
             return sample_triangles(self.points, self.faces, n, rng)
         if len(self.points) <= n:
             return self.points, self.normals
@@ -77,11 +82,30 @@ class SurfaceSet:
         return self.points[sel], None if self.normals is None else self.normals[sel]
 
 
+def _tree(ref: np.ndarray, sampled: bool) -> cKDTree:
+    """The k-d tree of reference points; ``sampled``: random samples of a mesh.
+
+    Samples of a mesh get a tree without the median split and node shrinking: its build takes
+    about half the time at 1M points and its queries find the same exact nearest neighbours.
+    Only the choice between reference points at exactly the same distance from a query can
+    depend on the tree; random samples of a surface never tie, but a point set may hold
+    duplicate points (with different normals), so it keeps the default tree.
+    """
+    if sampled:
+        return cKDTree(ref, balanced_tree=False, compact_nodes=False)
+    return cKDTree(ref)
+
+
 def _directed(
-    q: np.ndarray, qn: np.ndarray | None, ref: np.ndarray, refn: np.ndarray | None
+    q: np.ndarray,
+    qn: np.ndarray | None,
+    ref: np.ndarray,
+    refn: np.ndarray | None,
+    sampled: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Nearest-neighbour distances q -> ref and |n . n'| of the matched pairs (or None)."""
-    d, i = cKDTree(ref).query(q, k=1, workers=-1)
+    """Nearest-neighbour distances q -> ref and |n . n'| of the matched pairs (or None);
+    ``sampled``: ``ref`` holds random samples of a mesh (see :func:`_tree`)."""
+    d, i = _tree(ref, sampled).query(q, k=1, workers=-1)
     if qn is None or refn is None:
         return d, None
     return d, np.abs(np.einsum("ij,ij->i", qn, refn[i]))
@@ -110,8 +134,8 @@ def compute_metrics(
     rr, rrn = recon.sample(num_ref, rng)
     gq, gqn = gt.sample(num_query, rng)
     gr, grn = gt.sample(num_ref, rng)
-    d_acc, nc_acc = _directed(rq, rqn, gr, grn)
-    d_comp, nc_comp = _directed(gq, gqn, rr, rrn)
+    d_acc, nc_acc = _directed(rq, rqn, gr, grn, gt.is_mesh)
+    d_comp, nc_comp = _directed(gq, gqn, rr, rrn, recon.is_mesh)
     out = {
         "chamfer_l1": float((d_acc.mean() + d_comp.mean()) / 2),
         "accuracy": float(d_acc.mean()),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import subprocess
 import sys
 
@@ -99,6 +101,17 @@ def test_unknown_key_on_the_command_line_gives_a_short_message():
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_importing_train_py_leaves_the_garbage_collector_alone():
+    # the command line holds collection off while it imports and then freezes the imported
+    # objects (train.py); importing the file as a module does neither
+    frozen = gc.get_freeze_count()
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.train is not None
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
 
 
 def test_wheel_lists_every_config_group():

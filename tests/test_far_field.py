@@ -14,6 +14,7 @@ import trimesh
 from scipy.spatial import cKDTree
 from shapes_thin import sample_animal, union_sdf
 
+from neusdf import winding
 from neusdf.geometry import (
     Normalization,
     estimate_normals,
@@ -47,6 +48,24 @@ def test_winding_number_is_one_inside_and_zero_outside():
     # flipped normals flip the sign: the indicator follows the orientation
     w_flipped = winding_number(q, t(p), -t(n), t(point_areas(p)))
     np.testing.assert_allclose(w_flipped.numpy(), -w.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_winding_number_equals_the_plain_formula_bit_for_bit(dtype, monkeypatch):
+    # The summation writes three reused blocks in place (a speed-up on the CPU); the values
+    # must be those of the plain expression, over several chunks and a short last one.
+    monkeypatch.setattr(winding, "_BLOCK_ELEMENTS", 1000 * 37)
+    p, n = sphere_points(1000)
+    t = lambda x: torch.as_tensor(x, dtype=dtype)  # noqa: E731
+    q = t(np.random.default_rng(1).uniform(-0.6, 0.6, size=(500, 3)))
+    pts, nrm, a = t(p), t(n), t(point_areas(p))
+    an = nrm * (a / (4 * np.pi))[:, None]
+    c, p2 = (pts * an).sum(-1), (pts * pts).sum(-1)
+    want = []
+    for qq in q.split(37):
+        r2 = ((qq * qq).sum(-1, keepdim=True) + p2 - 2 * qq @ pts.T).clamp_min(1e-12)
+        want.append(((c - qq @ an.T) * r2.rsqrt() / r2).sum(-1))
+    assert torch.equal(winding_number(q, pts, nrm, a), torch.cat(want))
 
 
 def test_winding_grid_sampling_matches_direct_evaluation():

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import trimesh
 
+from neusdf import metrics
+from neusdf.geometry import sample_triangles
 from neusdf.metrics import METRIC_KEYS, SurfaceSet, compute_metrics, evaluate, format_table
 
 
@@ -96,3 +98,41 @@ def test_identical_shapes_and_missing_normals():
 def test_format_table_lists_every_metric():
     table = format_table({"a": {"chamfer_l1": 0.5, "hausdorff": 1.0}})
     assert "chamfer_l1" in table and "| a | 0.5 | 1 |" in table
+
+
+def _sample_triangles_plain(vertices, faces, n, rng):
+    """The textbook form of sample_triangles (whole triangles indexed per sample)."""
+    tri = vertices[faces]
+    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    area2 = np.linalg.norm(cross, axis=1)
+    face = rng.choice(len(faces), size=n, p=area2 / area2.sum())
+    u, v = rng.random(n), rng.random(n)
+    flip = u + v > 1
+    u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
+    t = tri[face]
+    pts = t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
+    return pts, cross[face] / area2[face, None]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_triangle_samples_are_those_of_the_plain_formula(dtype):
+    # The gathered per-face form must draw bit-identical samples for the same generator (the
+    # metrics' numbers must not move with it), in the vertices' precision, a degenerate face
+    # included (never drawn).
+    mesh = trimesh.creation.icosphere(subdivisions=3, radius=0.3)
+    verts = np.asarray(mesh.vertices, dtype=dtype)
+    faces = np.vstack([mesh.faces, [[0, 0, 1]]])
+    got = sample_triangles(verts, faces, 50_000, np.random.default_rng(7))
+    want = _sample_triangles_plain(verts, faces, 50_000, np.random.default_rng(7))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and np.array_equal(g, w)
+
+
+def test_the_fast_tree_of_mesh_samples_changes_no_number(monkeypatch):
+    # Mesh samples are matched in a tree built without median splits or node shrinking; the
+    # nearest neighbours, hence every metric, must equal those of scipy's default tree.
+    a = SurfaceSet.from_mesh(trimesh.creation.icosphere(subdivisions=4, radius=0.4))
+    b = SurfaceSet.from_mesh(trimesh.creation.torus(0.3, 0.1))
+    fast = compute_metrics(a, b, num_query=20_000, num_ref=200_000)
+    monkeypatch.setattr(metrics, "_tree", lambda ref, sampled: metrics.cKDTree(ref))
+    assert compute_metrics(a, b, num_query=20_000, num_ref=200_000) == fast
