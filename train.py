@@ -1,6 +1,7 @@
 """Fits a neural SDF to one shape, extracts its mesh and scores it (Hydra entry point).
 
-A thin entry over :mod:`neusdf.pipeline` (see there, and ``docs/training.md``)::
+A thin entry over :mod:`neusdf.command` and :mod:`neusdf.pipeline` (see there, and
+``docs/training.md``)::
 
     python train.py data.path=scan.ply trainer.max_steps=3000
 
@@ -11,19 +12,24 @@ import gc
 
 _COMMAND = __name__ == "__main__"
 if _COMMAND:
-    # Importing torch, Lightning (which brings torchmetrics, scipy.signal and torch._dynamo),
-    # Hydra and trimesh leaves ~400k objects that live as long as the process, and while they
-    # pile up every full collection of the cyclic garbage collector walks them all again:
-    # ~1.1 s of the ~3.9 s import on a 2-core CPU machine. Importing makes no garbage worth
-    # that, so collection waits until the imports are done; gc.freeze then puts the imported
-    # objects out of its reach: later collections walk only what the run itself creates, and
-    # the interpreter's exit after the printed metrics takes ~0.2 s instead of ~1.2 s (its
-    # collections walked them all again).
+    # The command's own imports (Hydra, the config, torch) with the cyclic garbage collector
+    # held off, as neusdf.command does for the pipeline's: see _import_pipeline there.
     gc.disable()
 
-from neusdf.pipeline import main, train  # noqa: E402
+from neusdf.command import main  # noqa: E402
 
-__all__ = ["main", "train"]
+__all__ = ["main", "train"]  # noqa: F822 (train: the module __getattr__ below)
+
+
+def __getattr__(name: str):
+    # the pipeline (torch's training stack, Lightning) is imported on first use, not by the
+    # command line itself: see neusdf.command
+    if name == "train":
+        from neusdf.pipeline import train
+
+        return train
+    raise AttributeError(f"module 'train' has no attribute {name!r}")
+
 
 if _COMMAND:
     gc.freeze()

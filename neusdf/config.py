@@ -21,6 +21,7 @@ __all__ = [
     "compose_config",
     "compose_train_config",
     "configure_runtime",
+    "is_main_process",
     "on_gpu",
     "project_root",
     "register_resolvers",
@@ -122,3 +123,10 @@ def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictCo
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def is_main_process() -> bool:
+    """True except in the extra ranks Lightning starts for DDP (they share rank 0's run)."""
+    return (
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    )

@@ -2,8 +2,9 @@
 
 :func:`train` is the whole run, in three steps that can also be called on their own:
 :func:`build` (data, network, Lightning module and trainer), :func:`fit` and :func:`finalise`
-(mesh, metrics and ``metrics.json`` on rank 0). :func:`main` is the Hydra command-line entry
-(``train.py`` at the checkout's root and the ``neusdf-train`` command)::
+(mesh, metrics and ``metrics.json`` on rank 0). The Hydra command line that runs it
+(``train.py`` at the checkout's root and the ``neusdf-train`` command) is
+:mod:`neusdf.command`::
 
     python train.py                                   # the default shape, sized for the device
     python train.py data.path=scan.ply model.num_points=16384 model.K=8 trainer.max_steps=3000
@@ -26,16 +27,13 @@ import difflib
 import inspect
 import logging
 import logging.handlers
-import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
@@ -44,8 +42,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from neusdf.adapt import resolve_auto
 from neusdf.callbacks import RunRecorder, last_checkpoint_path
-from neusdf.checkpoint import CheckpointError, check_same_data, data_record, read_checkpoint
-from neusdf.config import CONFIG_DIR, configure_runtime, on_gpu, register_resolvers
+from neusdf.checkpoint import check_same_data, data_record, read_checkpoint
+from neusdf.config import (
+    configure_runtime,
+    is_main_process,
+    on_gpu,
+    register_resolvers,
+)
 from neusdf.data import MIN_SURFACE_POINTS, ShapeDataModule
 from neusdf.mesh_io import ShapeError, check_writable, save_json, save_mesh
 from neusdf.meshing import extract_mesh
@@ -63,7 +66,6 @@ __all__ = [
     "check_outputs",
     "finalise",
     "fit",
-    "main",
     "multirun_device",
     "train",
 ]
@@ -471,13 +473,6 @@ def _clear_previous_run(cfg: DictConfig) -> None:
             p.unlink()
 
 
-def _is_main_process() -> bool:
-    """True except in the extra ranks Lightning starts for DDP (they share rank 0's run)."""
-    return (
-        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-    )
-
-
 def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict | None:
     """Trains, then (on rank 0) extracts the mesh and computes metrics.
 
@@ -505,7 +500,7 @@ def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict 
     check_config(cfg)
     check_outputs(cfg)
     run = build(cfg)
-    if _is_main_process():
+    if is_main_process():
         _clear_previous_run(cfg)
     if on_accept is not None:
         on_accept()
@@ -515,130 +510,3 @@ def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict 
     if run.trainer.global_rank != 0:
         return None
     return finalise(run, cfg, fit_seconds)
-
-
-# When this process started: a run directory created after it (by Hydra) and left empty by a
-# refusal is removed again.
-_STARTED = time.time()
-
-
-class _RunFiles:
-    """The command line's files in the run directory, written only once the run is accepted.
-
-    Hydra is configured (``configs/hydra/default.yaml``) to write nothing itself: no
-    ``.hydra/`` output subdirectory and no log file handler. Records logged before acceptance
-    are held in memory; :meth:`accept` writes ``.hydra/{config,hydra,overrides}.yaml`` (as
-    Hydra would have) and ``<job name>.log`` with the held records. :meth:`refuse` drops them
-    and leaves the directory as it was (one Hydra created for this run and left empty is
-    removed).
-    """
-
-    FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-
-    def __init__(self, cfg: DictConfig) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        self.cfg = cfg
-        self.hydra = HydraConfig.get()
-        self.out_dir = Path(self.hydra.runtime.output_dir)
-        self.held = logging.handlers.MemoryHandler(
-            capacity=1 << 20, flushLevel=logging.CRITICAL + 1
-        )
-        logging.getLogger().addHandler(self.held)
-
-    def accept(self) -> None:
-        root = logging.getLogger()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        log_file = logging.FileHandler(self.out_dir / f"{self.hydra.job.name}.log")
-        log_file.setFormatter(logging.Formatter(self.FORMAT))
-        self.held.setTarget(log_file)
-        self.held.flush()
-        root.removeHandler(self.held)
-        root.addHandler(log_file)
-        if _is_main_process():
-            sub = self.out_dir / ".hydra"
-            sub.mkdir(exist_ok=True)
-            OmegaConf.save(self.cfg, sub / "config.yaml")
-            OmegaConf.save(
-                OmegaConf.create({"hydra": OmegaConf.to_container(self.hydra)}), sub / "hydra.yaml"
-            )
-            OmegaConf.save(
-                OmegaConf.create(list(self.hydra.overrides.task)), sub / "overrides.yaml"
-            )
-
-    def refuse(self) -> None:
-        logging.getLogger().removeHandler(self.held)
-        self.held.setTarget(None)
-        self.held.buffer.clear()
-        try:
-            if self.out_dir.stat().st_ctime >= _STARTED - 1 and not any(self.out_dir.iterdir()):
-                self.out_dir.rmdir()
-        except OSError:
-            pass
-
-
-def _unknown_key(overrides: list[str]) -> str | None:
-    """The one-line error for an override of a key the config does not have, naming the
-    nearest key that exists; None when the overrides compose (or fail for another reason,
-    which Hydra then reports itself)."""
-    from hydra.errors import ConfigCompositionException
-
-    from neusdf.config import compose_config
-
-    try:
-        compose_config("train", overrides)
-        return None
-    except ConfigCompositionException as e:
-        m = re.search(r"Could not override '([\w.]+)'", str(e))
-        if m is None or "To append to your config" not in str(e):
-            return None
-        key = m.group(1)
-    except Exception:  # anything else: Hydra's own report
-        return None
-    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
-    try:
-        cfg = compose_config("train", rest)
-    except Exception:
-        return None
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-    close = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.5)
-    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
-    return f"{key} is not a config key{hint} (+{key}=... adds a new key)"
-
-
-def main() -> None:
-    """Command-line entry: an unknown config key is one line naming the nearest valid one
-    (checked before Hydra starts); then :func:`_hydra_main`."""
-    args = sys.argv[1:]
-    plain = [a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
-    if args and not any(a.startswith("-") for a in args):
-        msg = _unknown_key(plain)
-        if msg is not None:
-            print(f"error: {msg}", file=sys.stderr)
-            sys.exit(1)
-    _hydra_main()
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
-    """Hydra entry point: runs :func:`train`, turning bad input into a one-line error."""
-    files = _RunFiles(cfg)
-    accepted = False
-
-    def accept() -> None:
-        nonlocal accepted
-        accepted = True
-        files.accept()
-
-    try:
-        train(cfg, on_accept=accept)
-    except (ShapeError, CheckpointError, FileExistsError, ValueError) as e:
-        if os.environ.get("NEUSDF_DEBUG") == "1":
-            raise
-        log.error("error: %s", e)
-        sys.exit(1)
-    finally:
-        if not accepted:
-            files.refuse()

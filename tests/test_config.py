@@ -104,14 +104,29 @@ def test_unknown_key_on_the_command_line_gives_a_short_message():
 
 
 def test_importing_train_py_leaves_the_garbage_collector_alone():
-    # the command line holds collection off while it imports and then freezes the imported
-    # objects (train.py); importing the file as a module does neither
+    # a job of the command line holds collection off while it imports the pipeline and then
+    # freezes the imported objects (neusdf.command); importing train.py as a module does neither
     frozen = gc.get_freeze_count()
     spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.train is not None
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_command_line_imports_the_pipeline_only_when_a_job_runs():
+    # a multirun's own process composes configs and starts the launcher's workers: it must
+    # not pay for torch's training stack and Lightning, or the workers' imports queue behind
+    # its own (neusdf.command)
+    code = (
+        "import sys, neusdf.command; "
+        "heavy = [m for m in ('lightning', 'neusdf.pipeline', 'trimesh') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 def test_wheel_lists_every_config_group():

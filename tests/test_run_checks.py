@@ -158,11 +158,11 @@ def test_model_errors_are_the_models_own(tmp_path, sphere_mesh_path):
     ],
 )
 def test_unknown_keys_name_the_nearest(monkeypatch, capsys, tmp_path, override, expected):
-    from neusdf import pipeline
+    from neusdf import command
 
     monkeypatch.setattr(sys, "argv", ["train.py", override, f"hydra.run.dir={tmp_path / 'r'}"])
     with pytest.raises(SystemExit) as e:
-        pipeline.main()
+        command.main()
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith(expected) and len(err.strip().splitlines()) == 1
