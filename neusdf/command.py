@@ -4,7 +4,7 @@
     python train.py -m hydra/launcher=local data.path=a.ply,b.ply    # many shapes at once
 
 This module is light on purpose: it imports Hydra and the config, and the training pipeline
-(:mod:`neusdf.pipeline`: torch's training stack, Lightning, trimesh) only when a job runs.
+(:mod:`neusdf.pipeline`: torch, Lightning, trimesh) only when a job runs.
 A multirun whose launcher starts worker processes (``hydra/launcher=local`` with several
 jobs side by side) then never imports the pipeline in the command's own process, so the
 workers' imports, several seconds each, start at once instead of after the command's.
@@ -30,7 +30,7 @@ from types import ModuleType
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from neusdf.config import CONFIG_DIR, is_main_process, register_resolvers
+from neusdf.config import CONFIG_DIR, compose_config, is_main_process, register_resolvers
 
 __all__ = ["main"]
 
@@ -48,6 +48,7 @@ def _import_pipeline() -> ModuleType:
     """Imports :mod:`neusdf.pipeline` (once per process) with the cyclic garbage collector
     held off, and returns it.
 
+    The command's one hold: nothing before it imports torch (see :mod:`neusdf.config`).
     Importing torch and Lightning leaves ~400k objects that live as long as the process;
     while they pile up, every full collection walks them all again (~1.1 s of a ~3.9 s import
     on a 2-core CPU machine), and so does the collection at exit (~1 s). Importing makes no
@@ -128,8 +129,6 @@ def _unknown_key(overrides: list[str]) -> str | None:
     nearest key that exists; None when the overrides compose (or fail for another reason,
     which Hydra then reports itself)."""
     from hydra.errors import ConfigCompositionException
-
-    from neusdf.config import compose_config
 
     try:
         compose_config("train", overrides)

@@ -3,6 +3,9 @@
 From a source checkout the configs and the default shape are the checkout's ``configs/`` and
 ``data/``; an installed wheel carries them inside the package (``neusdf/configs``,
 ``neusdf/assets``).
+
+torch is imported inside the functions that need it: the command line (:mod:`neusdf.command`)
+imports this module before a job runs and must stay light (torch comes with the pipeline).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -60,6 +62,8 @@ def configure_runtime(deterministic: bool = False) -> None:
       process group starts (DDP ranks inherit the environment);
     - Lightning's tips (an advertisement for its cloud logger) are dropped from its log.
     """
+    import torch
+
     torch.set_float32_matmul_precision("highest" if deterministic else "high")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -71,10 +75,14 @@ def on_gpu(accelerator: str) -> bool:
     """Whether a Lightning ``accelerator`` setting ends up on a CUDA GPU on this machine."""
     if accelerator in ("gpu", "cuda"):
         return True
+    import torch
+
     return accelerator == "auto" and torch.cuda.is_available()
 
 
 def _gpu_count() -> int:
+    import torch
+
     return max(1, torch.cuda.device_count())
 
 

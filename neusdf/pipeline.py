@@ -26,7 +26,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
-import logging.handlers
 import re
 import shutil
 import time

@@ -98,6 +98,11 @@ class GraphedStep:
         """Whether the step has been captured (later calls replay it)."""
         return self.graph is not None
 
+    @property
+    def replays(self) -> int:
+        """Calls that replayed the graph (the capturing call replays too; 0 before it)."""
+        return self.calls - self.warmup if self.captured else 0
+
     def __call__(self) -> dict[str, torch.Tensor]:
         self.calls += 1
         with torch.cuda.device(self.device):

@@ -36,7 +36,7 @@ class DumpRankState(L.Callback):
                 "step": trainer.global_step,
                 "world_size": trainer.world_size,
                 # steps replayed from a CUDA graph (0: every step ran eagerly)
-                "graph_replays": g.calls - g.warmup - 1 if g is not None and g.captured else 0,
+                "graph_replays": g.replays if g is not None else 0,
             },
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )

@@ -116,12 +116,12 @@ def test_importing_train_py_leaves_the_garbage_collector_alone():
 
 def test_command_line_imports_the_pipeline_only_when_a_job_runs():
     # a multirun's own process composes configs and starts the launcher's workers: it must
-    # not pay for torch's training stack and Lightning, or the workers' imports queue behind
-    # its own (neusdf.command)
+    # not pay for torch and Lightning, or the workers' imports queue behind its own; and the
+    # job imports them inside its garbage-collector hold (neusdf.command)
     code = (
         "import sys, neusdf.command; "
-        "heavy = [m for m in ('lightning', 'neusdf.pipeline', 'trimesh') if m in sys.modules]; "
-        "print(heavy)"
+        "heavy = ('torch', 'lightning', 'neusdf.pipeline', 'trimesh'); "
+        "print([m for m in heavy if m in sys.modules])"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True

@@ -36,7 +36,7 @@ def test_replays_draw_new_samples_and_write_the_gradients():
         grads.append(w.grad.clone())
         with torch.no_grad():
             w -= 0.1 * w.grad  # the parameter moves between steps, as with an optimiser
-    assert step.captured and step.calls == 6
+    assert step.captured and step.calls == 6 and step.replays == 4  # calls 3 to 6
     # every step (eager, captured, replayed) drew fresh samples
     for a in range(6):
         for b in range(a):
