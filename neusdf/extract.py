@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from neusdf.checkpoint import CheckpointError, load_checkpoint
 from neusdf.config import CONFIG_DIR, compose_config
 from neusdf.mesh_io import ShapeError, check_writable, load_shape, save_json, save_mesh
-from neusdf.meshing import extract_mesh
+from neusdf.meshing import extract_mesh, trim_of
 from neusdf.metrics import SurfaceSet, evaluate, format_table
 
 __all__ = ["main", "run_directory"]
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             cfg.chunk,
             band=cfg.band,
-            keep=getattr(loaded.net, "near_data", None) if cfg.trim else None,
+            trim=trim_of(loaded.net) if cfg.trim else None,
         )
     except (CheckpointError, ShapeError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

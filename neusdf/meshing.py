@@ -6,6 +6,15 @@ and the grid is processed in slabs of ``block`` z-layers, each meshed on its own
 merged exactly). Blocks of ``block``^3 grid points whose centre value says the surface cannot
 reach them (|sdf| > band * half-diagonal) are not evaluated: at resolution 256 this skips most
 of the grid.
+
+A :class:`Trim` drops surface away from the data after meshing (the far field's closure of a
+scan's holes): every vertex farther than ``limit`` from the data, and with it each vertex
+connected to such a vertex through vertices farther than ``grow`` (hysteresis, as in edge
+detection). Why two thresholds: a random gap in a sparse sample and a narrow hole look alike
+at a single vertex (the distance to the data, measured in local spacings, overlaps: random gaps
+of the true surface reach about 0.93, vertices of a cap across a hole start near 0.7), but a
+hole's cap is one connected region that somewhere exceeds the limit, while a random gap never
+does. So a gap keeps its surface, and the whole cap across a hole goes.
 """
 
 from __future__ import annotations
@@ -17,10 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from skimage.measure import marching_cubes
 from tqdm import tqdm
 
-__all__ = ["GridStats", "SdfFn", "extract_mesh"]
+__all__ = ["GridStats", "SdfFn", "Trim", "extract_mesh", "trim_of"]
 
 SdfFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -33,6 +44,52 @@ class GridStats:
     total: int = 0
     seconds_eval: float = 0.0
     seconds_total: float = 0.0
+
+
+@dataclass(frozen=True)
+class Trim:
+    """Which surface extraction drops, by each vertex's distance to the data.
+
+    Attributes:
+        reach: (N, 3) float32 vertex positions on the extraction device -> (N,) float tensor,
+            the distance to the data in units the thresholds share (local input spacings for
+            :meth:`neusdf.model.NeuralPointSDF.surface_trim`).
+        limit: a vertex whose reach exceeds it is dropped.
+        grow: so is every vertex connected to a dropped one (along mesh edges) through
+            vertices whose reach exceeds ``grow`` (``0 < grow <= limit``; ``grow == limit``
+            drops vertex by vertex).
+    """
+
+    reach: Callable[[torch.Tensor], torch.Tensor]
+    limit: float
+    grow: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.grow <= self.limit:
+            raise ValueError(
+                f"trim thresholds must satisfy 0 < grow <= limit, got grow={self.grow}, "
+                f"limit={self.limit}"
+            )
+
+    def dropped(self, reach: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        """(V,) bool: the vertices to drop, given their (V,) reach and the (F, 3) faces."""
+        far = reach > self.limit
+        if self.grow >= self.limit or not far.any():
+            return far
+        cand = reach > self.grow
+        edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+        edges = edges[cand[edges[:, 0]] & cand[edges[:, 1]]]
+        n = len(reach)
+        graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), (n, n))
+        _, label = connected_components(graph, directed=False)
+        return cand & np.isin(label, np.unique(label[far]))
+
+
+def trim_of(fn: SdfFn) -> Trim | None:
+    """The trim an SDF model defines (its ``surface_trim()``), or None if it defines none (the
+    plain-MLP baseline has no input sample to measure against)."""
+    make = getattr(fn, "surface_trim", None)
+    return None if make is None else make()
 
 
 def _evaluate(fn: SdfFn, x: np.ndarray, device, chunk: int) -> np.ndarray:
@@ -59,7 +116,7 @@ def extract_mesh(
     block: int = 8,
     band: float = 2.0,
     progress: bool = True,
-    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    trim: Trim | None = None,
 ) -> tuple[np.ndarray, np.ndarray, GridStats]:
     """Zero level set of ``fn`` on a resolution^3 grid over [-box, box]^3.
 
@@ -72,8 +129,8 @@ def extract_mesh(
         band: safety factor on the skip test; larger is safer for SDFs that are not exact
             distances (0 disables skipping: every grid point is evaluated).
         progress: show a progress bar.
-        keep: optional trim, (N, 3) float32 vertex positions on ``device`` -> (N,) bool; faces
-            with a vertex it rejects are dropped, and vertices no face uses.
+        trim: optional :class:`Trim`; faces with a vertex it drops are dropped, and the
+            vertices no face uses.
 
     Returns:
         vertices (V, 3) float64 in the same coordinates as the queries, faces (F, 3) int64
@@ -141,8 +198,8 @@ def extract_mesh(
         (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
     ]
     verts = -box + h * uniq
-    if keep is not None:
-        verts, faces = _trim(verts, faces, keep, device, chunk)
+    if trim is not None:
+        verts, faces = _trim(verts, faces, trim, device, chunk)
         if len(faces) == 0:
             raise ValueError("every face of the mesh lies away from the data (trimmed)")
     stats.seconds_total = time.perf_counter() - t0
@@ -150,14 +207,15 @@ def extract_mesh(
 
 
 def _trim(
-    verts: np.ndarray, faces: np.ndarray, keep: Callable, device, chunk: int
+    verts: np.ndarray, faces: np.ndarray, trim: Trim, device, chunk: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Drops the faces with a vertex that ``keep`` rejects, then the unused vertices."""
-    ok = np.empty(len(verts), dtype=bool)
+    """Drops the faces with a vertex that ``trim`` drops, then the unused vertices."""
+    reach = np.empty(len(verts), dtype=np.float32)
     with torch.no_grad():
         for s in range(0, len(verts), chunk):
             q = torch.from_numpy(verts[s : s + chunk].astype(np.float32)).to(device)
-            ok[s : s + chunk] = keep(q).cpu().numpy()
+            reach[s : s + chunk] = trim.reach(q).float().cpu().numpy()
+    ok = ~trim.dropped(reach, faces)
     faces = faces[ok[faces].all(1)]
     used = np.unique(faces)
     remap = np.full(len(verts), -1, dtype=np.int64)

@@ -33,7 +33,7 @@ with ``near`` the field above, dmin the distance to the nearest neural point and
 smoothstep from 0 at ``far_start`` to 1 at ``far_end`` mean spacings from the points. Beyond
 ``far_end`` nothing learned can put a zero crossing (no Gaussian that grows into empty space,
 no disagreeing planes); only where w itself is 1/2 (across a hole of an open scan) does the
-far field pass through zero, and extraction trims that part (:meth:`NeuralPointSDF.near_data`).
+far field pass through zero, and extraction trims that part (:meth:`NeuralPointSDF.surface_trim`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from neusdf.geometry import estimate_normals
+from neusdf.meshing import Trim
 from neusdf.ops import (
     SEARCH_METHODS,
     knn_aggregate_aniso,
@@ -176,8 +177,11 @@ class NeuralPointSDF(nn.Module):
         far_start / far_end: where the far field (winding-number sign times the distance to the
             nearest point) starts and takes over, in mean point spacings.
         winding_resolution: nodes per axis of the winding-number grid over the sampling box.
-        trim_reach: extraction keeps surface within ``trim_reach`` local input spacings of the
-            input (:meth:`near_data`).
+        trim_reach: extraction drops surface farther than ``trim_reach`` local input spacings
+            from the input (:meth:`surface_trim`).
+        trim_grow: and, with it, the surface connected to it through points farther than
+            ``trim_grow`` local spacings (``0 < trim_grow <= trim_reach``; see
+            :class:`neusdf.meshing.Trim`).
         box: half-size of the domain [-box, box]^3 that the grid covers.
         softplus_beta: sharpness of the decoder's softplus (smooth, so the Eikonal loss has
             useful second derivatives).
@@ -205,6 +209,7 @@ class NeuralPointSDF(nn.Module):
         far_end: float = 4.0,
         winding_resolution: int = 64,
         trim_reach: float = 1.0,
+        trim_grow: float = 0.7,
         box: float = 0.55,
         softplus_beta: float = 100.0,
         eps: float = 1e-3,
@@ -230,8 +235,11 @@ class NeuralPointSDF(nn.Module):
             )
         if winding_resolution < 2:
             raise ValueError(f"model.winding_resolution must be >= 2, got {winding_resolution}")
-        if trim_reach <= 0:
-            raise ValueError(f"model.trim_reach must be > 0, got {trim_reach}")
+        if not 0 < trim_grow <= trim_reach:
+            raise ValueError(
+                "model.trim_grow and model.trim_reach must satisfy 0 < trim_grow <= trim_reach, "
+                f"got {trim_grow} and {trim_reach}"
+            )
         if search not in SEARCH_METHODS:
             raise ValueError(f"model.search must be one of {list(SEARCH_METHODS)}, got '{search}'")
         op, self.search = _ops(backend)
@@ -245,7 +253,7 @@ class NeuralPointSDF(nn.Module):
         self.eps, self.chunk, self.frequencies = eps, chunk, frequencies
         self.plane_bandwidth = plane_bandwidth
         self.far_start, self.far_end, self.box = far_start, far_end, box
-        self.trim_reach = trim_reach
+        self.trim_reach, self.trim_grow = trim_reach, trim_grow
         if init is not None:
             pts, frames, spacing = self._init_points(init, num_points, seed)
         else:
@@ -386,31 +394,47 @@ class NeuralPointSDF(nn.Module):
         """
         return (4 * (1 - 2 * sample_grid(self.winding, q, self.box))).clamp(-1, 1)
 
-    def near_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Whether (N, 3) unit-box positions lie near the input: within ``trim_reach`` local
-        spacings of the nearest input point (of the stored sample, :func:`coverage_sample`).
+    def data_reach(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) distance of (N, 3) unit-box positions to the nearest input point (of the stored
+        sample, :func:`coverage_sample`), in local input spacings.
 
         The local spacing is the median of the stored spacings of the position's 16 nearest
         input points: at the rim of a hole every point's own spacing is inflated (its
         neighbours lie on one side), the median over a neighbourhood that reaches inwards
-        less so. Surface away from every input point is the far field's zero crossing where
-        the winding number is 1/2 (across a hole of an open scan), not data: extraction trims
-        it. A model without the sample (a checkpoint of an earlier version) falls back to
-        ``far_end`` spacings from the nearest neural point.
+        less so. A model without the sample (a checkpoint of an earlier version) measures the
+        distance to the nearest neural point in ``far_end / trim_reach`` mean point spacings
+        instead (its trim then keeps what that version kept).
         """
         x = x.detach()
         if self.data_points is None:
-            ref, reach, k = self.points.detach(), None, 1
+            ref, k = self.points.detach(), 1
         else:
-            ref, reach = self.data_points, self.data_spacing
-            k = min(COVERAGE_NEIGHBOUR, ref.shape[0])
+            ref, k = self.data_points, min(COVERAGE_NEIGHBOUR, self.data_points.shape[0])
         P = ref.shape[0]
         sigma, R = self.iso_sigma[:, :1].expand(1, P, 3), self.iso_R[:, :1].expand(1, P, 3, 3)
         idx = self.search(x[None], ref[None], sigma, R, k)[0]
         d = (x - ref[idx[:, 0]]).norm(dim=-1)
-        if reach is None:
-            return d <= self.far_end * self.spacing
-        return d <= self.trim_reach * reach[idx].median(dim=1).values
+        if self.data_points is None:
+            return d * (self.trim_reach / (self.far_end * self.spacing))
+        return d / self.data_spacing[idx].median(dim=1).values
+
+    def near_data(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: whether (N, 3) unit-box positions lie within ``trim_reach`` local
+        spacings of the input (:meth:`data_reach`); the pointwise half of the trim."""
+        return self.data_reach(x) <= self.trim_reach
+
+    def surface_trim(self) -> Trim:
+        """The extraction's trim: surface away from the input is the far field's zero crossing
+        where the winding number is 1/2 (across a hole of an open scan), not data.
+
+        Drops surface farther than ``trim_reach`` local spacings from the input, and the
+        surface connected to it through points farther than ``trim_grow`` (the whole cap
+        across a hole; a random gap of a sparse sample, which never reaches ``trim_reach``,
+        keeps its surface: :class:`neusdf.meshing.Trim`). A checkpoint without the input
+        sample trims pointwise.
+        """
+        grow = self.trim_reach if self.data_points is None else self.trim_grow
+        return Trim(self.data_reach, self.trim_reach, grow)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The input sample describes the data: a net built without data (init=None, to

@@ -19,7 +19,7 @@ from neusdf.checkpoint import META_KEY, check_compatible
 from neusdf.data import SamplingConfig, SurfaceSamples, draw_samples
 from neusdf.geometry import Normalization
 from neusdf.losses import LossConfig, sdf_and_gradient, sdf_losses
-from neusdf.meshing import extract_mesh
+from neusdf.meshing import extract_mesh, trim_of
 from neusdf.metrics import SurfaceSet, compute_metrics
 from neusdf.model import NeuralPointSDF
 from neusdf.step_graph import GraphedStep, graph_support
@@ -263,7 +263,7 @@ class SDFModule(L.LightningModule):
                     box,
                     self.device,
                     progress=False,
-                    keep=getattr(self.net, "near_data", None),
+                    trim=trim_of(self.net),
                 )
                 gt = SurfaceSet(
                     self.bank_points.cpu().numpy(),

@@ -50,7 +50,7 @@ from neusdf.config import (
 )
 from neusdf.data import MIN_SURFACE_POINTS, ShapeDataModule
 from neusdf.mesh_io import ShapeError, check_writable, save_json, save_mesh
-from neusdf.meshing import extract_mesh
+from neusdf.meshing import extract_mesh, trim_of
 from neusdf.metrics import SurfaceSet, evaluate, format_table
 from neusdf.model import PointInit
 from neusdf.module import SDFModule
@@ -398,7 +398,7 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
         device,
         x.chunk,
         band=x.band,
-        keep=getattr(net, "near_data", None) if x.trim else None,
+        trim=trim_of(net) if x.trim else None,
     )
     verts = dm.normalization.from_unit(verts)
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from neusdf.geometry import (
     pca_normals,
     sample_triangles,
 )
-from neusdf.meshing import extract_mesh
+from neusdf.meshing import Trim, extract_mesh
 from neusdf.model import NeuralPointSDF, PointInit
 from neusdf.winding import point_areas, sample_grid, winding_grid, winding_number
 
@@ -153,7 +153,7 @@ def test_extraction_trims_surface_away_from_the_points():
     cap = p[:, 2] < 0.3  # a sphere with its top cut off: open at z = 0.3
     net = NeuralPointSDF(num_points=1500, init=PointInit(p[cap], n[cap]), backend="reference")
     v_all, f_all, _ = extract_mesh(net, 64, 0.55, progress=False)
-    v, f, _ = extract_mesh(net, 64, 0.55, progress=False, keep=net.near_data)
+    v, f, _ = extract_mesh(net, 64, 0.55, progress=False, trim=net.surface_trim())
     d_all = cKDTree(p[cap]).query(v_all)[0]
     d, nearest = cKDTree(net.data_points.numpy()).query(v, k=16)
     assert d_all.max() > 0.1  # the cap across the hole
@@ -165,6 +165,37 @@ def test_extraction_trims_surface_away_from_the_points():
     # typical spacing
     assert v[:, 2].max() <= 0.3 + np.median(net.data_spacing.numpy()) + 1e-6
     assert len(f) < len(f_all) and trimesh.Trimesh(v, f).area > 0.8 * 4 * np.pi * 0.4**2 * 0.8
+
+
+def _polar(x: np.ndarray) -> np.ndarray:
+    return np.arccos(np.clip(x[:, 2] / np.linalg.norm(x, axis=1), -1, 1))
+
+
+def test_trim_removes_the_whole_cap_across_a_narrow_hole():
+    """A sparse sample with a hole about as wide as a random gap: vertex by vertex the cap's
+    outer ring looks like data (within a local spacing), so a pointwise trim leaves a ring
+    of cap far from the surface; the hysteresis trim removes it with the cap's centre, and
+    keeps every bit of the true surface."""
+    p, n = sphere_points(3000, seed=0)
+    hole = 0.22  # polar angle: a hole of radius 0.088, about 1.4 local spacings
+    kept = _polar(p) > hole
+    net = NeuralPointSDF(num_points=1000, init=PointInit(p[kept], n[kept]), backend="compiled")
+    spacing = np.median(net.data_spacing.numpy())
+    dense, _ = sphere_points(400_000, seed=9)
+    surface = dense[_polar(dense) > hole]  # the true (open) surface
+    truth = cKDTree(surface)
+
+    def farthest_and_gap(trim):
+        v, f, _ = extract_mesh(net, 64, 0.55, progress=False, trim=trim)
+        far = truth.query(v)[0].max() / spacing
+        gap = cKDTree(sample_triangles(v, f, 200_000, np.random.default_rng(0))[0])
+        return far, gap.query(surface[::10])[0].max() / spacing
+
+    far_pointwise, _ = farthest_and_gap(Trim(net.data_reach, net.trim_reach, net.trim_reach))
+    far, gap = farthest_and_gap(net.surface_trim())
+    assert far_pointwise > 1.0  # the failure: cap left more than a spacing off the surface
+    assert far < 0.85
+    assert gap < 0.2  # the true surface is all there (up to the 64^3 grid)
 
 
 def test_trim_keeps_the_surface_between_sparse_samples():
@@ -200,3 +231,19 @@ def test_trim_sample_survives_a_rebuild_without_data():
     mine = other.data_points.clone()
     other.load_state_dict(net.state_dict())
     assert torch.equal(other.data_points, mine) and other.data_spacing.shape == (1200,)
+
+
+def test_trim_grows_only_from_vertices_beyond_the_limit():
+    # a strip of triangles (vertex i joined to i+1 and i+2), reach per vertex below: the
+    # region 1-3 holds a vertex beyond the limit (2), the region 6-7 does not
+    faces = np.array([[i, i + 1, i + 2] for i in range(8)])
+    reach = np.array([0.1, 0.8, 1.5, 0.75, 0.2, 0.3, 0.9, 0.95, 0.1, 0.1])
+    trim = Trim(lambda x: x, limit=1.0, grow=0.7)
+    assert trim.dropped(reach, faces).nonzero()[0].tolist() == [1, 2, 3]
+    pointwise = Trim(lambda x: x, limit=1.0, grow=1.0)
+    assert pointwise.dropped(reach, faces).nonzero()[0].tolist() == [2]
+    with pytest.raises(ValueError, match="grow"):
+        Trim(lambda x: x, limit=1.0, grow=1.2)
+    with pytest.raises(ValueError, match="model.trim_grow"):
+        p, n = sphere_points(500)
+        NeuralPointSDF(num_points=100, init=PointInit(p, n), trim_grow=2.0, backend="reference")
