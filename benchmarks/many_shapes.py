@@ -4,17 +4,17 @@ Runs, for each GPU count G, the one command a user types for many shapes,
 
     CUDA_VISIBLE_DEVICES=0..G-1 python train.py -m hydra/launcher=local data.path=a,b,...
 
-(the joblib launcher runs as many jobs at once as there are GPUs, job k on GPU k mod G), with
-the default config otherwise, and records the wall time from the command to its end and the
-rate from the first job's start to the last job's end (what many more shapes would get, the
-start-up paid once). Inputs are EVAL.md benchmark inputs (the points of
-``benchmarks/quality.py``). A job is mostly host work (start-up, data, extraction, scoring)
-around a short GPU phase, so ``--jobs-per-gpu`` runs several jobs per GPU side by side and
-``--threads`` sets each job's OpenMP threads (jobs side by side otherwise each start one
-thread per core).
+(the joblib launcher runs two jobs at once per GPU by default, job k on GPU k mod G, each with
+an equal share of the host's cores), with the default config otherwise, and records the wall
+time from the command to its end and the rate from the first job's start to the last job's end
+(what many more shapes would get, the start-up paid once). Inputs are EVAL.md benchmark inputs
+(the points of ``benchmarks/quality.py``). A job is mostly host work (start-up, data,
+extraction, scoring) around a short GPU phase, so several jobs share a GPU: ``--jobs-per-gpu``
+sets how many (the launcher's default, 2, otherwise), and ``--threads`` each job's OpenMP
+threads (otherwise joblib's default for its workers, cores / jobs).
 
     python benchmarks/many_shapes.py results.json --gpus 1,2 --python /tmp/lean/bin/python
-    python benchmarks/many_shapes.py results.json --gpus 1,2 --jobs-per-gpu 2 --threads 4
+    python benchmarks/many_shapes.py results.json --gpus 1,2 --jobs-per-gpu 1 --threads 16
     python benchmarks/many_shapes.py /tmp/smoke.json --smoke --inputs horse/sparse,bunny/sparse
 """
 
@@ -60,8 +60,9 @@ def main() -> int:
     ap.add_argument(
         "--jobs-per-gpu",
         type=int,
-        default=1,
-        help="jobs side by side per GPU (hydra.launcher.n_jobs = GPUs x this; default 1)",
+        default=None,
+        help="jobs side by side per GPU (hydra.launcher.n_jobs = GPUs x this; default: the "
+        "launcher's, 2)",
     )
     ap.add_argument(
         "--threads",
@@ -78,8 +79,10 @@ def main() -> int:
     most = 8 if args.smoke else torch.cuda.device_count()
     if not gpus or min(gpus) < 1 or max(gpus) > most:
         ap.error(f"--gpus: counts from 1 to {most} (the CUDA devices)")
-    if args.jobs_per_gpu < 1:
+    if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
         ap.error("--jobs-per-gpu: at least 1")
+    # the local launcher's default (configs/hydra/launcher/local.yaml); smoke: one per "GPU"
+    per_gpu = args.jobs_per_gpu or (1 if args.smoke else 2)
     if args.threads is not None and args.threads < 1:
         ap.error("--threads: at least 1")
     if not args.smoke:
@@ -100,9 +103,8 @@ def main() -> int:
                 f"hydra.sweep.dir={out}",
                 "data.path=" + ",".join(str(p) for p in paths),
             ]
-            # the launcher's default is one job per GPU; the smoke run has no GPU to count
-            if args.smoke or args.jobs_per_gpu > 1:
-                cmd.append(f"hydra.launcher.n_jobs={g * args.jobs_per_gpu}")
+            # explicit, also where it is the launcher's default (the smoke run has no GPU)
+            cmd.append(f"hydra.launcher.n_jobs={g * per_gpu}")
             if args.smoke:
                 cmd += SMOKE_OVERRIDES
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(g)))}
@@ -124,11 +126,11 @@ def main() -> int:
             # the last end
             spans = [(t["started_at"], t["finished_at"]) for t in jobs]
             first, last = min(a for a, _ in spans), max(b for _, b in spans)
-            occupancy = sum(b - a for a, b in spans) / (g * args.jobs_per_gpu * (last - first))
+            occupancy = sum(b - a for a, b in spans) / (g * per_gpu * (last - first))
             rows.append(
                 {
                     "gpus": g,
-                    "jobs_side_by_side": g * args.jobs_per_gpu,
+                    "jobs_side_by_side": g * per_gpu,
                     "omp_threads": args.threads,
                     "shapes": len(paths),
                     "wall_seconds": wall,
@@ -144,7 +146,7 @@ def main() -> int:
             )
             summed = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in parts.items())
             print(
-                f"{g} GPU(s), {g * args.jobs_per_gpu} jobs side by side: {len(paths)} shapes in "
+                f"{g} GPU(s), {g * per_gpu} jobs side by side: {len(paths)} shapes in "
                 f"{wall:.1f} s (first job started after {first - epoch0:.1f} s; jobs filled "
                 f"{100 * occupancy:.0f}% of the launcher's slots; "
                 f"jobs summed: {summed})",

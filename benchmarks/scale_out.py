@@ -8,8 +8,13 @@ For one benchmark input (EVAL.md protocol, the points of ``benchmarks/quality.py
   Python);
 - ``DDP graph``: ``trainer=ddp trainer.devices=N`` (each rank replays its step as a graph; the
   gradients are averaged after each replay);
-- ``DDP graph, 1/N steps``: the same number of samples in total as the one-GPU run, the time
-  to the one-GPU run's quality.
+- ``DDP graph, 1/N steps``: the same number of samples in total as the one-GPU run;
+- ``DDP graph, S steps`` for each S of ``--ddp-steps``: fewer steps still, to find the
+  shortest DDP run that reaches the one-GPU run's quality.
+
+Time to quality: for each step count, the DDP run with the shortest training loop whose
+Chamfer-L1 is at most the one-GPU run's, its loop (and command) seconds against the one-GPU
+run's (``time_to_quality`` in the JSON; none when no DDP run reaches it).
 
 Each rank draws its own samples, so N ranks draw N times the samples of one per step. Recorded
 per run: the training loop's seconds (first step to last, all ranks started; ``loop_seconds``
@@ -19,6 +24,7 @@ scored against the ground truth (Chamfer-L1, Hausdorff, watertight).
 
     python benchmarks/scale_out.py results.json --input horse/dense --steps 250,2000
     python benchmarks/scale_out.py results.json --steps 2000 --no-eager   # the graph rows only
+    python benchmarks/scale_out.py results.json --steps 2000 --no-eager --ddp-steps 600,800
     python benchmarks/scale_out.py /tmp/smoke.json --smoke --steps 4 --num-ref 20000  # CPU
 """
 
@@ -52,15 +58,42 @@ from neusdf.mesh_io import save_json  # noqa: E402
 from neusdf.metrics import SurfaceSet  # noqa: E402
 
 
-def configurations(devices: int, steps: int, eager: bool) -> list[tuple[str, int, list[str]]]:
-    """(name, steps, overrides) of the runs for one step count (``eager``: with DDP eager)."""
+def configurations(
+    devices: int, steps: int, eager: bool, ddp_steps: list[int] = ()
+) -> list[tuple[str, int, list[str]]]:
+    """(name, steps, overrides) of the runs for one step count (``eager``: with DDP eager;
+    ``ddp_steps``: further DDP runs of these step counts)."""
     ddp = ["trainer=ddp", f"trainer.devices={devices}"]
     return [
         ("1 device", steps, ["trainer.devices=1"]),
         *([("DDP eager", steps, [*ddp, "cuda_graph=false"])] if eager else []),
         ("DDP graph", steps, ddp),
         (f"DDP graph, 1/{devices} steps", max(steps // devices, 1), ddp),
+        *((f"DDP graph, {n} steps", n, ddp) for n in ddp_steps),
     ]
+
+
+def time_to_quality(rows: list[dict]) -> dict | None:
+    """The shortest DDP run (by training loop) of one step count reaching the one-GPU run's
+    Chamfer-L1; its loop and command seconds against the one-GPU run's (None: none reached)."""
+    one = next(r for r in rows if r["config"] == "1 device")
+    ok = [
+        r
+        for r in rows
+        if r["config"].startswith("DDP graph") and r["chamfer_l1"] <= one["chamfer_l1"]
+    ]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r["loop_seconds"])
+    return {
+        "base_steps": one["base_steps"],
+        "config": best["config"],
+        "steps": best["steps"],
+        "loop_ratio": best["loop_seconds"] / one["loop_seconds"],
+        "command_ratio": best["command_seconds"] / one["command_seconds"],
+        "chamfer_l1": best["chamfer_l1"],
+        "one_gpu_chamfer_l1": one["chamfer_l1"],
+    }
 
 
 def run(python: str, data: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
@@ -95,6 +128,7 @@ def main() -> int:
     ap.add_argument("--num-ref", type=int, default=1_000_000, help="scoring samples")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU runs to test the script")
     ap.add_argument("--no-eager", action="store_true", help="skip the DDP eager runs")
+    ap.add_argument("--ddp-steps", default="", help="comma list: further DDP runs (steps)")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
     args = ap.parse_args()
     inputs = parse_inputs(ap, "--input", args.input)
@@ -104,6 +138,12 @@ def main() -> int:
     steps_list = [int(s) for s in args.steps.split(",") if s]
     if not steps_list or min(steps_list) < 1:
         ap.error("--steps: expected positive step counts, e.g. 250,2000")
+    try:
+        ddp_steps = [int(s) for s in args.ddp_steps.split(",") if s]
+    except ValueError:
+        ap.error(f"--ddp-steps: expected step counts, e.g. 600,800, got '{args.ddp_steps}'")
+    if ddp_steps and min(ddp_steps) < 1:
+        ap.error("--ddp-steps: expected positive step counts")
     if not args.smoke and torch.cuda.device_count() < args.devices:
         ap.error(f"--devices {args.devices}: only {torch.cuda.device_count()} CUDA devices")
     extra = SMOKE_OVERRIDES if args.smoke else []
@@ -118,13 +158,15 @@ def main() -> int:
         "python": args.python,
         "torch": torch.__version__,
         "rows": rows,
+        "time_to_quality": [],
     }
     with tempfile.TemporaryDirectory(prefix="neusdf-scale-") as tmp:
         data = Path(tmp) / "input.npz"
         write_input(inp, data)
         for steps in steps_list:
+            first = len(rows)
             for i, (name, n, overrides) in enumerate(
-                configurations(args.devices, steps, eager=not args.no_eager)
+                configurations(args.devices, steps, not args.no_eager, ddp_steps)
             ):
                 run_dir = Path(tmp) / f"run_{steps}_{i}"
                 r = run(args.python, data, run_dir, n, [*extra, *overrides])
@@ -150,6 +192,19 @@ def main() -> int:
                     f"Hausdorff x100 {100 * m['hausdorff']:.2f}  watertight {row['watertight']}",
                     flush=True,
                 )
+            best = time_to_quality(rows[first:])
+            result["time_to_quality"].append(best)
+            save_json(args.json, result, overwrite=True)
+            print(
+                f"{steps:5d} one-GPU Chamfer reached by: "
+                + (
+                    "no DDP run"
+                    if best is None
+                    else f"{best['config']} in {best['loop_ratio']:.3f}x the loop time "
+                    f"({best['command_ratio']:.3f}x the command)"
+                ),
+                flush=True,
+            )
     return 0
 
 

@@ -35,7 +35,7 @@ from neusdf.config import CONFIG_DIR, compose_config, is_main_process, register_
 __all__ = ["main"]
 
 log = logging.getLogger("neusdf.train")
-# the config's resolvers (e.g. ${gpu_count:}, which sizes the local launcher) must exist
+# the config's resolvers (e.g. ${gpu_jobs:2}, which sizes the local launcher) must exist
 # before Hydra composes, in this process too
 register_resolvers()
 

@@ -80,25 +80,26 @@ def on_gpu(accelerator: str) -> bool:
     return accelerator == "auto" and torch.cuda.is_available()
 
 
-def _gpu_count() -> int:
+def _gpu_jobs(per_gpu: int) -> int:
     import torch
 
-    return max(1, torch.cuda.device_count())
+    count = torch.cuda.device_count()
+    return int(per_gpu) * count if count else 1
 
 
 def register_resolvers() -> None:
-    """Registers ``${gpu_or_cpu:ACCEL,A,B}``, ``${gpu_count:}``, ``${neusdf_root:}`` and
+    """Registers ``${gpu_or_cpu:ACCEL,A,B}``, ``${gpu_jobs:N}``, ``${neusdf_root:}`` and
     ``${neusdf_data:}``.
 
     ``gpu_or_cpu`` sizes defaults for the device the run will use: A on a GPU, B on the CPU.
-    ``gpu_count`` is the number of visible CUDA devices, at least 1 (jobs run side by side).
+    ``gpu_jobs`` is N jobs side by side for each visible CUDA device, 1 on a machine without.
     ``neusdf_root`` is :func:`project_root`; ``neusdf_data`` the folder of the default shape.
     Idempotent.
     """
     OmegaConf.register_new_resolver(
         "gpu_or_cpu", lambda acc, gpu, cpu: gpu if on_gpu(str(acc)) else cpu, replace=True
     )
-    OmegaConf.register_new_resolver("gpu_count", _gpu_count, replace=True)
+    OmegaConf.register_new_resolver("gpu_jobs", _gpu_jobs, replace=True)
     OmegaConf.register_new_resolver("neusdf_root", lambda: str(project_root()), replace=True)
     OmegaConf.register_new_resolver("neusdf_data", lambda: str(DATA_DIR), replace=True)
 

@@ -23,10 +23,11 @@ def test_jobs_take_the_gpus_round_robin():
         multirun_device(0, 0)
 
 
-def test_local_launcher_runs_one_job_per_gpu():
+def test_local_launcher_runs_two_jobs_per_gpu():
     register_resolvers()
-    n_jobs = OmegaConf.create({"n": "${gpu_count:}"}).n
-    assert n_jobs == max(1, torch.cuda.device_count())
+    n_jobs = OmegaConf.create({"n": "${gpu_jobs:2}"}).n
+    count = torch.cuda.device_count()
+    assert n_jobs == (2 * count if count else 1)
 
 
 def test_joblib_multirun_trains_every_shape_in_its_own_directory(tmp_path):
@@ -42,7 +43,7 @@ def test_joblib_multirun_trains_every_shape_in_its_own_directory(tmp_path):
         sys.executable,
         str(ROOT / "train.py"),
         "-m",
-        "hydra/launcher=local",  # joblib, one job per GPU; two side by side here
+        "hydra/launcher=local",  # joblib; two jobs side by side here
         "hydra.launcher.n_jobs=2",
         f"data.path={paths[0]},{paths[1]}",
         *overrides,
