@@ -402,8 +402,7 @@ class NeuralPointSDF(nn.Module):
         input points: at the rim of a hole every point's own spacing is inflated (its
         neighbours lie on one side), the median over a neighbourhood that reaches inwards
         less so. A model without the sample (a checkpoint of an earlier version) measures the
-        distance to the nearest neural point in ``far_end / trim_reach`` mean point spacings
-        instead (its trim then keeps what that version kept).
+        distance to the nearest neural point in mean point spacings instead.
         """
         x = x.detach()
         if self.data_points is None:
@@ -415,13 +414,8 @@ class NeuralPointSDF(nn.Module):
         idx = self.search(x[None], ref[None], sigma, R, k)[0]
         d = (x - ref[idx[:, 0]]).norm(dim=-1)
         if self.data_points is None:
-            return d * (self.trim_reach / (self.far_end * self.spacing))
+            return d / self.spacing
         return d / self.data_spacing[idx].median(dim=1).values
-
-    def near_data(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,) bool: whether (N, 3) unit-box positions lie within ``trim_reach`` local
-        spacings of the input (:meth:`data_reach`); the pointwise half of the trim."""
-        return self.data_reach(x) <= self.trim_reach
 
     def surface_trim(self) -> Trim:
         """The extraction's trim: surface away from the input is the far field's zero crossing
@@ -431,10 +425,12 @@ class NeuralPointSDF(nn.Module):
         surface connected to it through points farther than ``trim_grow`` (the whole cap
         across a hole; a random gap of a sparse sample, which never reaches ``trim_reach``,
         keeps its surface: :class:`neusdf.meshing.Trim`). A checkpoint without the input
-        sample trims pointwise.
+        sample trims pointwise at ``far_end`` mean point spacings from the neural points, as
+        the version that wrote it did.
         """
-        grow = self.trim_reach if self.data_points is None else self.trim_grow
-        return Trim(self.data_reach, self.trim_reach, grow)
+        if self.data_points is None:
+            return Trim(self.data_reach, self.far_end, self.far_end)
+        return Trim(self.data_reach, self.trim_reach, self.trim_grow)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The input sample describes the data: a net built without data (init=None, to

@@ -205,7 +205,8 @@ def test_trim_keeps_the_surface_between_sparse_samples():
         # the compiled op's grid search: the reference one is brute force
         net = NeuralPointSDF(num_points=400, init=PointInit(p, n), backend="compiled")
         truth, _ = sphere_points(200_000, seed=2)  # the surface itself, densely
-        kept = net.near_data(torch.as_tensor(truth, dtype=torch.float32)).numpy()
+        reach = net.data_reach(torch.as_tensor(truth, dtype=torch.float32))
+        kept = (reach <= net.trim_reach).numpy()
         assert kept.mean() > 0.99999, (n_input, kept.mean())
         # and not much farther (the reach is about 4.8 median spacings, larger where the random
         # sample is locally sparse): 8 median spacings off the sphere, hardly anything is kept,
@@ -213,7 +214,7 @@ def test_trim_keeps_the_surface_between_sparse_samples():
         spacing = np.median(cKDTree(p).query(p, k=2)[0][:, 1])
         for off, most in ((8, 0.02), (12, 0.0)):
             x = torch.as_tensor(truth * (1 + off * spacing / 0.4), dtype=torch.float32)
-            assert net.near_data(x).float().mean() <= most
+            assert (net.data_reach(x) <= net.trim_reach).float().mean() <= most
 
 
 def test_trim_sample_survives_a_rebuild_without_data():
@@ -224,7 +225,7 @@ def test_trim_sample_survives_a_rebuild_without_data():
     empty.load_state_dict(net.state_dict())
     torch.testing.assert_close(empty.data_points, net.data_points)
     q = torch.rand(5000, 3) - 0.5
-    assert torch.equal(empty.near_data(q), net.near_data(q))
+    assert torch.equal(empty.data_reach(q), net.data_reach(q))
     # a net built from other data (resuming with resume_other_data=true) keeps its own sample
     p2, n2 = sphere_points(1200, radius=0.3, seed=5)
     other = NeuralPointSDF(num_points=500, init=PointInit(p2, n2), backend="reference")
@@ -247,3 +248,14 @@ def test_trim_grows_only_from_vertices_beyond_the_limit():
     with pytest.raises(ValueError, match="model.trim_grow"):
         p, n = sphere_points(500)
         NeuralPointSDF(num_points=100, init=PointInit(p, n), trim_grow=2.0, backend="reference")
+
+
+def test_a_checkpoint_without_the_input_sample_trims_by_the_neural_points():
+    p, n = sphere_points(2000)
+    net = NeuralPointSDF(num_points=500, init=PointInit(p, n), backend="reference")
+    net.data_points = net.data_spacing = None  # as a net loaded from an earlier version
+    trim = net.surface_trim()
+    assert trim.limit == trim.grow == net.far_end
+    q = torch.rand(300, 3) - 0.5
+    nearest = (q[:, None] - net.points.detach()[None]).norm(dim=-1).min(dim=1).values
+    torch.testing.assert_close(trim.reach(q), nearest / net.spacing)
