@@ -64,10 +64,14 @@ CpuGrid<T> build_grid(const T* p, const T* sigma, const T* R, int64_t P) {
   grid.cells = static_cast<int64_t>(G) * G * G;
   std::vector<T> lam(P);
   for (int64_t j = 0; j < P; ++j) lam[j] = point_lambda(p + 3 * j, sigma + 3 * j, R + 9 * j);
-  // Points with lam < kLamFloorOfMedian * median (or no bound, lam = -1) go to the last bucket.
-  std::vector<T> sorted_lam(lam);
-  std::nth_element(sorted_lam.begin(), sorted_lam.begin() + P / 2, sorted_lam.end());
-  const T median = sorted_lam[P / 2];
+  // Points with lam < kLamFloorOfMedian * median (or no bound, lam = -1) go to the last bucket;
+  // the median of a sample (knn_grid.h).
+  const int64_t stride = lam_sample_stride(P);
+  std::vector<T> sample;
+  for (int64_t j = 0; j < P; j += stride) sample.push_back(lam[j]);
+  const size_t mid = sample.size() / 2;
+  std::nth_element(sample.begin(), sample.begin() + mid, sample.end());
+  const T median = sample[mid];
   const T floor = median > T(0) ? static_cast<T>(median * kLamFloorOfMedian) : T(0);
   const auto in_cells = [&](int64_t j) { return lam[j] >= 0 && lam[j] >= floor && lam[j] > 0; };
   T lo[3], hi[3];

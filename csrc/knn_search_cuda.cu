@@ -9,7 +9,7 @@
 // simple kernel that keeps the list in global memory (correct, not fast).
 //
 // Grid (knn_grid.h; K <= 32): built on the device each call without a host synchronisation
-// (the grid's size depends on P only): per-point lam, the batch's median lam and bounding box
+// (the grid's size depends on P only): per-point lam, the batch's (sampled) median lam and box
 // (ATen reductions), a counting sort of the points by cell (atomic counts, cumulative sum,
 // atomic scatter of packed point records in cell order), each cell's minimum lam. Queries are
 // sorted by cell the same way, so that neighbouring threads walk neighbouring cells; each thread
@@ -356,6 +356,13 @@ void launch_search_large_k(const at::Tensor& q, const at::Tensor& p, const at::T
 
 constexpr int kGridThreads = 128;
 
+// About this many points per grid cell on the GPU (the CPU uses 2): a thread that visits a
+// cell waits on three dependent loads (its bucket offsets and minimum lam) before it can
+// prune it, so fewer, fuller cells win. Measured on an H100 (benchmarks/RESULTS.md), search
+// ms at 2 / 4 / 8 / 16 / 32 points per cell: P = 65536 1.35 / 1.18 / 1.07 / 1.04 / 1.08,
+// P = 1M 10.6 / 9.7 / 9.6 / 9.4 / 9.1, P = 4096 0.73 / 0.67 / 0.62 / 0.70 / 4.08.
+constexpr int kGridPointsPerCellCuda = 8;
+
 int64_t grid_blocks(int64_t n) { return (n + kGridThreads - 1) / kGridThreads; }
 
 template <typename T>
@@ -538,7 +545,7 @@ template <typename T, int N>
 void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                         const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
                         cudaStream_t stream) {
-  const int G = grid_cells_per_axis(n.P);
+  const int G = grid_cells_per_axis(n.P, kGridPointsPerCellCuda);
   const int cells = G * G * G, buckets = cells + 1;
   TORCH_CHECK(n.B * n.P < INT_MAX && n.B * n.Q < INT_MAX && n.B * buckets < INT_MAX,
               "neusdf: the CUDA grid search supports B * P, B * Q and B * cells < 2^31");
@@ -550,7 +557,9 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   point_lambda_kernel<T><<<grid_blocks(n.B * n.P), kGridThreads, 0, stream>>>(
       p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), n.B * n.P, lam.data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor median = std::get<0>(at::median(lam, 1));
+  // the upper median of a sample (knn_grid.h): kthvalue is 1-based, sorted[n / 2] is n / 2 + 1
+  const at::Tensor sample = lam.slice(1, 0, n.P, lam_sample_stride(n.P));
+  const at::Tensor median = std::get<0>(at::kthvalue(sample, sample.size(1) / 2 + 1, 1));
   const at::Tensor floor = median.clamp_min(0).mul(kLamFloorOfMedian).unsqueeze(1);
   const at::Tensor in_cells = lam.gt(0).logical_and_(lam.ge(floor)).contiguous();
   const at::Tensor out = in_cells.logical_not().unsqueeze(2);

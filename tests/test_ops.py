@@ -341,6 +341,18 @@ def test_grid_search_equals_brute_force(kind, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["needles", "pancakes", "clusters"])
+def test_grid_search_with_a_sampled_median(kind, device):
+    """Above 4096 points the grid takes the median lam of a sample (every ceil(P / 4096)-th
+    point) to decide which points every query scans; the result stays exact, also with
+    needles far below the median that fall between the sampled points."""
+    q, p, sigma, R = make_search_case(kind, 2, 200, 9001, device=device, seed=21)
+    for K in (1, 7):
+        brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
+        assert torch.equal(knn_search_aniso(q, p, sigma, R, K, method="grid"), brute), (kind, K)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_grid_search_many_seeds(device):
     for seed in range(12):
         kind = SEARCH_CASES[seed % len(SEARCH_CASES)]
