@@ -10,10 +10,13 @@ For one benchmark input (EVAL.md protocol, the points of ``benchmarks/quality.py
   gradients are averaged after each replay);
 - ``DDP graph, 1/N steps``: the same number of samples in total as the one-GPU run;
 - ``DDP graph, S steps`` for each S of ``--ddp-steps``: fewer steps still, to find the
-  shortest DDP run that reaches the one-GPU run's quality.
+  shortest DDP run that reaches the one-GPU run's quality;
+- with ``--torchrun``, ``DDP torchrun, 1/N steps``: the 1/N-steps run with every rank started
+  at once by ``python -m torch.distributed.run`` (Lightning then launches nothing; by itself
+  it starts the other ranks only when training begins, by running the script again).
 
 Time to quality: for each step count, the DDP run with the shortest training loop whose
-Chamfer-L1 is at most the one-GPU run's, its loop (and command) seconds against the one-GPU
+Chamfer-L1 is at most the one-GPU run's, its loop, fit and command seconds against the one-GPU
 run's (``time_to_quality`` in the JSON; none when no DDP run reaches it).
 
 Each rank draws its own samples, so N ranks draw N times the samples of one per step. Recorded
@@ -25,6 +28,7 @@ scored against the ground truth (Chamfer-L1, Hausdorff, watertight).
     python benchmarks/scale_out.py results.json --input horse/dense --steps 250,2000
     python benchmarks/scale_out.py results.json --steps 2000 --no-eager   # the graph rows only
     python benchmarks/scale_out.py results.json --steps 2000 --no-eager --ddp-steps 600,800
+    python benchmarks/scale_out.py results.json --steps 2000 --no-eager --torchrun
     python benchmarks/scale_out.py /tmp/smoke.json --smoke --steps 4 --num-ref 20000  # CPU
 """
 
@@ -59,17 +63,20 @@ from neusdf.metrics import SurfaceSet  # noqa: E402
 
 
 def configurations(
-    devices: int, steps: int, eager: bool, ddp_steps: list[int] = ()
-) -> list[tuple[str, int, list[str]]]:
-    """(name, steps, overrides) of the runs for one step count (``eager``: with DDP eager;
-    ``ddp_steps``: further DDP runs of these step counts)."""
+    devices: int, steps: int, eager: bool, ddp_steps: list[int] = (), torchrun: bool = False
+) -> list[tuple[str, int, list[str], int]]:
+    """(name, steps, overrides, ranks started by torchrun: 0 for none) of the runs for one step
+    count (``eager``: with DDP eager; ``ddp_steps``: further DDP runs of these step counts;
+    ``torchrun``: the 1/N-steps run again with all ranks started at once)."""
     ddp = ["trainer=ddp", f"trainer.devices={devices}"]
+    short = max(steps // devices, 1)
     return [
-        ("1 device", steps, ["trainer.devices=1"]),
-        *([("DDP eager", steps, [*ddp, "cuda_graph=false"])] if eager else []),
-        ("DDP graph", steps, ddp),
-        (f"DDP graph, 1/{devices} steps", max(steps // devices, 1), ddp),
-        *((f"DDP graph, {n} steps", n, ddp) for n in ddp_steps),
+        ("1 device", steps, ["trainer.devices=1"], 0),
+        *([("DDP eager", steps, [*ddp, "cuda_graph=false"], 0)] if eager else []),
+        ("DDP graph", steps, ddp, 0),
+        (f"DDP graph, 1/{devices} steps", short, ddp, 0),
+        *((f"DDP graph, {n} steps", n, ddp, 0) for n in ddp_steps),
+        *([(f"DDP torchrun, 1/{devices} steps", short, ddp, devices)] if torchrun else []),
     ]
 
 
@@ -80,7 +87,8 @@ def time_to_quality(rows: list[dict]) -> dict | None:
     ok = [
         r
         for r in rows
-        if r["config"].startswith("DDP graph") and r["chamfer_l1"] <= one["chamfer_l1"]
+        if r["config"].startswith(("DDP graph", "DDP torchrun"))
+        and r["chamfer_l1"] <= one["chamfer_l1"]
     ]
     if not ok:
         return None
@@ -90,17 +98,27 @@ def time_to_quality(rows: list[dict]) -> dict | None:
         "config": best["config"],
         "steps": best["steps"],
         "loop_ratio": best["loop_seconds"] / one["loop_seconds"],
+        "fit_ratio": best["fit_seconds"] / one["fit_seconds"],
         "command_ratio": best["command_seconds"] / one["command_seconds"],
         "chamfer_l1": best["chamfer_l1"],
         "one_gpu_chamfer_l1": one["chamfer_l1"],
     }
 
 
-def run(python: str, data: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
+def run(
+    python: str, data: Path, run_dir: Path, steps: int, overrides: list[str], torchrun: int = 0
+) -> dict:
     """Runs train.py (scored here afterwards, against the ground truth, not by the run);
-    returns its timing (metrics.json) and the command's wall seconds."""
+    returns its timing (metrics.json) and the command's wall seconds. ``torchrun``: start that
+    many ranks at once with ``python -m torch.distributed.run`` (0: a plain run)."""
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+        if torchrun
+        else []
+    )
     cmd = [
         python,
+        *launcher,
         str(ROOT / "train.py"),
         f"data.path={data}",
         f"hydra.run.dir={run_dir}",
@@ -129,6 +147,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU runs to test the script")
     ap.add_argument("--no-eager", action="store_true", help="skip the DDP eager runs")
     ap.add_argument("--ddp-steps", default="", help="comma list: further DDP runs (steps)")
+    ap.add_argument("--torchrun", action="store_true", help="also the 1/N run under torchrun")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
     args = ap.parse_args()
     inputs = parse_inputs(ap, "--input", args.input)
@@ -165,11 +184,11 @@ def main() -> int:
         write_input(inp, data)
         for steps in steps_list:
             first = len(rows)
-            for i, (name, n, overrides) in enumerate(
-                configurations(args.devices, steps, not args.no_eager, ddp_steps)
+            for i, (name, n, overrides, ranks) in enumerate(
+                configurations(args.devices, steps, not args.no_eager, ddp_steps, args.torchrun)
             ):
                 run_dir = Path(tmp) / f"run_{steps}_{i}"
-                r = run(args.python, data, run_dir, n, [*extra, *overrides])
+                r = run(args.python, data, run_dir, n, [*extra, *overrides], ranks)
                 mesh = trimesh.load(run_dir / "mesh.ply", process=False)
                 m = score(SurfaceSet(mesh.vertices, mesh.faces), inp, 100_000, args.num_ref)
                 row = {
@@ -187,7 +206,8 @@ def main() -> int:
                 save_json(args.json, result, overwrite=True)  # a row at a time
                 print(
                     f"{steps:5d} {name:22s} steps {r['steps']:5d}  loop {r['loop_seconds']:6.2f} s"
-                    f"  {row['samples_per_second'] / 1e6:6.2f} M samples/s  command "
+                    f"  {row['samples_per_second'] / 1e6:6.2f} M samples/s  fit "
+                    f"{r['fit_seconds']:5.1f} s  command "
                     f"{r['command_seconds']:5.1f} s  Chamfer x100 {100 * m['chamfer_l1']:.4f}  "
                     f"Hausdorff x100 {100 * m['hausdorff']:.2f}  watertight {row['watertight']}",
                     flush=True,
@@ -201,7 +221,8 @@ def main() -> int:
                     "no DDP run"
                     if best is None
                     else f"{best['config']} in {best['loop_ratio']:.3f}x the loop time "
-                    f"({best['command_ratio']:.3f}x the command)"
+                    f"({best['fit_ratio']:.3f}x the fit, {best['command_ratio']:.3f}x the "
+                    "command)"
                 ),
                 flush=True,
             )

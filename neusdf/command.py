@@ -153,10 +153,33 @@ def _unknown_key(overrides: list[str]) -> str | None:
     return f"{key} is not a config key{hint} (+{key}=... adds a new key)"
 
 
+def _torchrun_without_run_dir(args: list[str]) -> bool:
+    """Whether this is one of several ranks started by torchrun without ``hydra.run.dir``.
+
+    Each rank composes its own config, and the default run directory is named after the
+    second the rank started: ranks would disagree on it.
+    """
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    started_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    return (
+        started_by_torchrun
+        and ranks > 1
+        and not any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in args)
+    )
+
+
 def main() -> None:
     """Command-line entry: an unknown config key is one line naming the nearest valid one
-    (checked before Hydra starts); then :func:`_hydra_main`."""
+    (checked before Hydra starts), a torchrun launch without a shared run directory is
+    refused; then :func:`_hydra_main`."""
     args = sys.argv[1:]
+    if _torchrun_without_run_dir(args):
+        print(
+            "error: under torchrun every rank must write to the same run directory: pass "
+            "hydra.run.dir=<dir>",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     plain = [a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     if args and not any(a.startswith("-") for a in args):
         msg = _unknown_key(plain)

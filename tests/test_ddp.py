@@ -19,10 +19,17 @@ from neusdf.pipeline import train
 from neusdf.step_graph import graph_support
 
 
-def run_two_ranks(shape, run_dir, dump, accelerator: str, backend: str, steps: int) -> None:
-    """train.py with trainer=ddp on two devices; each rank dumps its state (ddp_helpers)."""
+def run_two_ranks(
+    shape, run_dir, dump, accelerator: str, backend: str, steps: int, torchrun: bool = False
+) -> subprocess.CompletedProcess:
+    """train.py with trainer=ddp on two devices; each rank dumps its state (ddp_helpers).
+
+    ``torchrun``: both ranks started at once by ``python -m torch.distributed.run`` (else
+    Lightning starts the second rank itself)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [
         sys.executable,
+        *(launcher if torchrun else []),
         str(ROOT / "train.py"),
         *tiny_overrides(shape, backend),
         "trainer=ddp",
@@ -38,6 +45,7 @@ def run_two_ranks(shape, run_dir, dump, accelerator: str, backend: str, steps: i
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def load_ranks(dump, steps: int) -> tuple[dict, dict]:
@@ -89,3 +97,30 @@ def test_two_ranks_end_identical_and_checkpoint_loads_on_one(tmp_path, sphere_me
         )
     )
     assert resumed["timing"]["steps"] == 7
+
+
+def test_torchrun_starts_both_ranks_that_end_identical(tmp_path, sphere_mesh_path):
+    # torchrun starts the ranks itself (Lightning launches nothing); they share the run
+    # directory named on the command line, and only rank 0 writes the run's files
+    run_dir, dump = tmp_path / "run", tmp_path / "dump"
+    run_two_ranks(sphere_mesh_path, run_dir, dump, "cpu", "reference", 4, torchrun=True)
+    r0, _ = load_ranks(dump, 4)
+    assert (run_dir / "mesh.ply").is_file() and (run_dir / "metrics.json").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump", "run"]  # no stray run dirs
+
+
+def test_torchrun_without_a_run_directory_is_refused(tmp_path, sphere_mesh_path):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [
+        sys.executable,
+        *launcher,
+        str(ROOT / "train.py"),
+        *tiny_overrides(sphere_mesh_path, "reference"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "pass hydra.run.dir=<dir>" in proc.stderr
