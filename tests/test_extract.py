@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from neusdf.meshing import extract_mesh
+from neusdf.meshing import extract_mesh, unique_rows
 from neusdf.shapes import default_shape_sdf
 
 
@@ -56,3 +56,16 @@ def test_queries_are_chunked():
 def test_no_surface_is_a_clear_error():
     with pytest.raises(ValueError, match="no zero crossing"):
         extract_mesh(lambda q: q.norm(dim=-1) + 1.0, 16, 0.5, progress=False)
+
+
+def test_unique_rows_is_numpys_unique_of_rows():
+    rng = np.random.default_rng(3)
+    # many exact duplicates (shared slab layers), ties in the first columns, signed zeros
+    base = rng.integers(0, 6, size=(400, 3)).astype(np.float64) + rng.choice([0.0, 0.25], (400, 3))
+    a = base[rng.integers(0, len(base), size=3000)]
+    a[:5] = [[-0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [5.25, 0.0, 0.0], [5.25, 0.0, -1.0], [0, 0, 0]]
+    want, want_inverse = np.unique(a, axis=0, return_inverse=True)
+    got, got_inverse = unique_rows(a)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_inverse, want_inverse.reshape(-1))
+    np.testing.assert_array_equal(got[got_inverse], a)
