@@ -162,9 +162,7 @@ def _torchrun_without_run_dir(args: list[str]) -> bool:
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     started_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     return (
-        started_by_torchrun
-        and ranks > 1
-        and not any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in args)
+        started_by_torchrun and ranks > 1 and not any(a.startswith("hydra.run.dir=") for a in args)
     )
 
 
