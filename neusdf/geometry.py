@@ -142,18 +142,43 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
         # A child flips when it disagrees with its parent's original sign xor its parent
         # flipped: parents come first in breadth-first order, so one pass settles all.
         child = order[1:]
-        disagree = np.einsum("ij,ij->i", out[child], out[parent[child]]) < 0
         flip = np.zeros(n_pts, dtype=bool)
-        par = parent.tolist()
-        for v, d in zip(child.tolist(), disagree.tolist(), strict=True):
-            flip[v] = flip[par[v]] ^ d
-        out[flip] *= -1
+        flip[child] = np.einsum("ij,ij->i", out[child], out[parent[child]]) < 0
+        out[_xor_to_root(flip, parent, order[0], child)] *= -1
         # Outward as a whole: the part's signed volume (centred, so that an open part's value
         # does not depend on where the origin is) must be positive.
         centred = points[members] - points[members].mean(0)
         if np.einsum("ij,ij->", centred, out[members]) < 0:
             out[members] *= -1
     return out
+
+
+def _xor_to_root(bit: np.ndarray, parent: np.ndarray, root: int, nodes: np.ndarray) -> np.ndarray:
+    """For every node of one tree, the XOR of ``bit`` over its path to the root (root excluded).
+
+    Pointer jumping: after round r each node holds the XOR over its 2^r nearest ancestors'
+    edges and points 2^r levels up, so log2(depth) rounds of array operations replace a
+    Python loop over the nodes (a tree of a scan's kNN graph can be thousands of levels deep).
+
+    Args:
+        bit: (N,) bool, the value on the edge from each node to its parent (ignored at the
+            root and outside the tree). parent: (N,) int, as scipy's ``breadth_first_order``
+            returns it. root: the root's index. nodes: the tree's nodes other than the root.
+
+    Returns:
+        (N,) bool: the path XOR at ``nodes``, False elsewhere.
+    """
+    acc = np.zeros(len(bit), dtype=bool)
+    acc[nodes] = bit[nodes]
+    up = np.arange(len(bit))
+    up[nodes] = parent[nodes]
+    todo = nodes[up[nodes] != root]
+    while len(todo):
+        anc = up[todo]
+        acc[todo] ^= acc[anc]
+        up[todo] = up[anc]
+        todo = todo[up[todo] != root]
+    return acc
 
 
 def estimate_normals(points: np.ndarray, k: int = 16, k_tree: int = 10) -> np.ndarray:

@@ -9,7 +9,7 @@ import trimesh
 from conftest import SHARED_MESHES
 
 from neusdf.data import SamplingConfig, ShapeDataModule, draw_samples
-from neusdf.geometry import Normalization, estimate_normals
+from neusdf.geometry import Normalization, _xor_to_root, estimate_normals
 from neusdf.mesh_io import load_shape, save_mesh
 
 
@@ -124,3 +124,25 @@ def test_shared_meshes_load_and_normalise(name):
     assert shape.is_mesh and len(shape.faces) > 1000
     unit = Normalization.of(shape.points).to_unit(shape.points)
     assert (unit.max(0) - unit.min(0)).max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", ["random", "chain"])
+def test_xor_to_root_is_the_path_xor(shape):
+    # the orientation pass flips a point when the XOR of sign disagreements on its tree path
+    # to the root is set; pointer jumping must give what walking the path gives
+    rng = np.random.default_rng(7)
+    n = 3000
+    perm = rng.permutation(n)  # perm[0] is the root; parents come earlier in perm
+    parent = np.full(n, -9999)
+    for i in range(1, n):
+        parent[perm[i]] = perm[i - 1] if shape == "chain" else perm[rng.integers(0, i)]
+    bit = rng.random(n) < 0.5
+    nodes = perm[1:]
+    want = np.zeros(n, dtype=bool)
+    for v in nodes:
+        x, u = False, v
+        while u != perm[0]:
+            x ^= bool(bit[u])
+            u = parent[u]
+        want[v] = x
+    np.testing.assert_array_equal(_xor_to_root(bit, parent, int(perm[0]), nodes), want)
