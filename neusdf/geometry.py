@@ -140,11 +140,11 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
         members = np.flatnonzero(part == c)
         order, parent = breadth_first_order(tree, int(members[0]), directed=False)
         # A child flips when it disagrees with its parent's original sign xor its parent
-        # flipped: parents come first in breadth-first order, so one pass settles all.
+        # flipped: a point flips when the disagreements on its tree path to the root are odd.
         child = order[1:]
-        flip = np.zeros(n_pts, dtype=bool)
-        flip[child] = np.einsum("ij,ij->i", out[child], out[parent[child]]) < 0
-        out[_xor_to_root(flip, parent, order[0], child)] *= -1
+        disagree = np.zeros(n_pts, dtype=bool)
+        disagree[child] = np.einsum("ij,ij->i", out[child], out[parent[child]]) < 0
+        out[_xor_to_root(disagree, parent, order[0], child)] *= -1
         # Outward as a whole: the part's signed volume (centred, so that an open part's value
         # does not depend on where the origin is) must be positive.
         centred = points[members] - points[members].mean(0)
