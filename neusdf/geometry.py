@@ -136,15 +136,19 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
     tree = tree.maximum(tree.T)
     out = np.array(normals, dtype=np.float64, copy=True)
     n_parts, part = connected_components(tree, directed=False)
-    for c in range(n_parts):
-        members = np.flatnonzero(part == c)
-        order, parent = breadth_first_order(tree, int(members[0]), directed=False)
-        # A child flips when it disagrees with its parent's original sign xor its parent
-        # flipped: a point flips when the disagreements on its tree path to the root are odd.
-        child = order[1:]
-        disagree = np.zeros(n_pts, dtype=bool)
-        disagree[child] = np.einsum("ij,ij->i", out[child], out[parent[child]]) < 0
-        out[_xor_to_root(disagree, parent, order[0], child)] *= -1
+    # One breadth-first tree per part, all held in one parent array (a root is its own parent).
+    parent = np.arange(n_pts)
+    parts = [np.flatnonzero(part == c) for c in range(n_parts)]
+    for members in parts:
+        order, tree_parent = breadth_first_order(tree, int(members[0]), directed=False)
+        parent[order[1:]] = tree_parent[order[1:]]
+    # A child flips when it disagrees with its parent's original sign xor its parent flipped:
+    # a point flips when the disagreements on its tree path to the root are odd.
+    child = np.flatnonzero(parent != np.arange(n_pts))
+    disagree = np.zeros(n_pts, dtype=bool)
+    disagree[child] = np.einsum("ij,ij->i", out[child], out[parent[child]]) < 0
+    out[_path_parity(disagree, parent)] *= -1
+    for members in parts:
         # Outward as a whole: the part's signed volume (centred, so that an open part's value
         # does not depend on where the origin is) must be positive.
         centred = points[members] - points[members].mean(0)
@@ -153,31 +157,30 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
     return out
 
 
-def _xor_to_root(bit: np.ndarray, parent: np.ndarray, root: int, nodes: np.ndarray) -> np.ndarray:
-    """For every node of one tree, the XOR of ``bit`` over its path to the root (root excluded).
+def _path_parity(bit: np.ndarray, parent: np.ndarray) -> np.ndarray:
+    """For every node of a forest, the XOR of ``bit`` over the edges of its path to its root.
 
-    Pointer jumping: after round r each node holds the XOR over its 2^r nearest ancestors'
-    edges and points 2^r levels up, so log2(depth) rounds of array operations replace a
-    Python loop over the nodes (a tree of a scan's kNN graph can be thousands of levels deep).
+    Pointer jumping: after round r each node holds the XOR over the edges to its 2^r-th
+    ancestor and points there, so log2(depth) rounds of array operations replace a Python
+    loop over the nodes (a spanning tree of a scan's kNN graph can be thousands of levels
+    deep).
 
     Args:
-        bit: (N,) bool, the value on the edge from each node to its parent (ignored at the
-            root and outside the tree). parent: (N,) int, as scipy's ``breadth_first_order``
-            returns it. root: the root's index. nodes: the tree's nodes other than the root.
+        bit: (N,) bool, the value on the edge from each node to its parent (ignored at roots).
+        parent: (N,) int, each node's parent; a root is its own parent.
 
     Returns:
-        (N,) bool: the path XOR at ``nodes``, False elsewhere.
+        (N,) bool: the path XOR (False at the roots).
     """
-    acc = np.zeros(len(bit), dtype=bool)
-    acc[nodes] = bit[nodes]
-    up = np.arange(len(bit))
-    up[nodes] = parent[nodes]
-    todo = nodes[up[nodes] != root]
+    root = parent == np.arange(len(parent))
+    acc = bit & ~root
+    up = parent.copy()
+    todo = np.flatnonzero(~root[up])
     while len(todo):
         anc = up[todo]
         acc[todo] ^= acc[anc]
         up[todo] = up[anc]
-        todo = todo[up[todo] != root]
+        todo = todo[~root[up[todo]]]
     return acc
 
 

@@ -9,7 +9,7 @@ import trimesh
 from conftest import SHARED_MESHES
 
 from neusdf.data import SamplingConfig, ShapeDataModule, draw_samples
-from neusdf.geometry import Normalization, _xor_to_root, estimate_normals
+from neusdf.geometry import Normalization, _path_parity, estimate_normals
 from neusdf.mesh_io import load_shape, save_mesh
 
 
@@ -127,22 +127,25 @@ def test_shared_meshes_load_and_normalise(name):
 
 
 @pytest.mark.parametrize("shape", ["random", "chain"])
-def test_xor_to_root_is_the_path_xor(shape):
+def test_path_parity_is_the_xor_along_each_path(shape):
     # the orientation pass flips a point when the XOR of sign disagreements on its tree path
-    # to the root is set; pointer jumping must give what walking the path gives
+    # to the root is set; pointer jumping must give what walking the path gives, in a forest
     rng = np.random.default_rng(7)
     n = 3000
-    perm = rng.permutation(n)  # perm[0] is the root; parents come earlier in perm
-    parent = np.full(n, -9999)
+    perm = rng.permutation(n)
+    roots = {int(perm[0]), int(perm[n // 3])}  # two trees: perm[:n//3] and perm[n//3:]
+    parent = np.arange(n)
     for i in range(1, n):
-        parent[perm[i]] = perm[i - 1] if shape == "chain" else perm[rng.integers(0, i)]
+        if int(perm[i]) in roots:
+            continue
+        first = 0 if i < n // 3 else n // 3  # parents come earlier in the same tree
+        parent[perm[i]] = perm[i - 1] if shape == "chain" else perm[rng.integers(first, i)]
     bit = rng.random(n) < 0.5
-    nodes = perm[1:]
     want = np.zeros(n, dtype=bool)
-    for v in nodes:
+    for v in range(n):
         x, u = False, v
-        while u != perm[0]:
+        while parent[u] != u:
             x ^= bool(bit[u])
             u = parent[u]
         want[v] = x
-    np.testing.assert_array_equal(_xor_to_root(bit, parent, int(perm[0]), nodes), want)
+    np.testing.assert_array_equal(_path_parity(bit, parent), want)
