@@ -81,8 +81,10 @@ class Trim:
         edges = edges[cand[edges[:, 0]] & cand[edges[:, 1]]]
         n = len(reach)
         graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), (n, n))
-        _, label = connected_components(graph, directed=False)
-        return cand & np.isin(label, np.unique(label[far]))
+        n_labels, label = connected_components(graph, directed=False)
+        reaches_far = np.zeros(n_labels, dtype=bool)
+        reaches_far[label[far]] = True
+        return cand & reaches_far[label]
 
 
 def trim_of(fn: SdfFn) -> Trim | None:

@@ -18,6 +18,9 @@ from neusdf.checkpoint import load_checkpoint
 from neusdf.pipeline import train
 from neusdf.step_graph import graph_support
 
+# torch's launcher starting both ranks at once
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
 
 def run_two_ranks(
     shape, run_dir, dump, accelerator: str, backend: str, steps: int, torchrun: bool = False
@@ -26,10 +29,9 @@ def run_two_ranks(
 
     ``torchrun``: both ranks started at once by ``python -m torch.distributed.run`` (else
     Lightning starts the second rank itself)."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [
         sys.executable,
-        *(launcher if torchrun else []),
+        *(TORCHRUN if torchrun else []),
         str(ROOT / "train.py"),
         *tiny_overrides(shape, backend),
         "trainer=ddp",
@@ -111,10 +113,9 @@ def test_torchrun_starts_both_ranks_that_end_identical(tmp_path, sphere_mesh_pat
 
 
 def test_torchrun_without_a_run_directory_is_refused(tmp_path, sphere_mesh_path):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [
         sys.executable,
-        *launcher,
+        *TORCHRUN,
         str(ROOT / "train.py"),
         *tiny_overrides(sphere_mesh_path, "reference"),
         "trainer=ddp",
