@@ -82,7 +82,8 @@ def configurations(
 
 def time_to_quality(rows: list[dict]) -> dict | None:
     """The shortest DDP run (by training loop) of one step count reaching the one-GPU run's
-    Chamfer-L1; its loop and command seconds against the one-GPU run's (None: none reached)."""
+    Chamfer-L1; its loop, fit and command seconds against the one-GPU run's (None: none
+    reached)."""
     one = next(r for r in rows if r["config"] == "1 device")
     ok = [
         r
