@@ -4,9 +4,11 @@
 // stream through shared memory in tiles; warp w scans points w, w + W, ... of each tile, so all
 // lanes of a warp read the same point (a broadcast, no bank conflicts) and each lane keeps the
 // N best (key, index) pairs it has seen in registers (N = K rounded up to a power of two, so
-// that the list is indexed by compile-time constants only). At the end the W lists of each
-// query are merged through shared memory. No (B, Q, P) tensor ever exists. K > 32 uses a
-// simple kernel that keeps the list in global memory (correct, not fast).
+// that the list is indexed by compile-time constants only). After each tile the warps publish
+// their lists' N-th keys, and every warp drops candidates above the smallest of them (another
+// warp already holds N better points). At the end the W lists of each query are merged through
+// shared memory. No (B, Q, P) tensor ever exists. K > 32 uses a simple kernel that keeps the
+// list in global memory (correct, not fast).
 //
 // Grid (knn_grid.h; K <= 32): built on the device each call without a host synchronisation
 // (the grid's size depends on P only): per-point lam, the batch's (sampled) median lam and box
@@ -74,7 +76,9 @@ constexpr int kQueue = 8;   // candidates a lane may queue before its warp merge
 constexpr int kUnroll = 4;  // points a lane scans per step (kUnroll <= kQueue)
 
 // Shared memory of the search: the point tile, reused for merging the warps' lists, followed
-// by the per-lane candidate queues.
+// by the per-lane candidate queues, then the lists' bounds the warps publish (two slots per
+// lane and warp, written after alternate tiles, so that a slot is never written in the same
+// interval between barriers as it is read).
 template <typename T, int N>
 __host__ __device__ constexpr size_t search_list_bytes() {
   return sizeof(PointRec<T>) * search_tile<T>() > (sizeof(T) + sizeof(int)) * N * kWarp
@@ -82,9 +86,14 @@ __host__ __device__ constexpr size_t search_list_bytes() {
              : (sizeof(T) + sizeof(int)) * N * kWarp;
 }
 
+template <typename T>
+__host__ __device__ constexpr size_t search_queue_bytes(int warps) {
+  return (sizeof(T) + sizeof(int)) * kQueue * kWarp * warps;
+}
+
 template <typename T, int N>
 size_t search_smem_bytes(int warps) {
-  return search_list_bytes<T, N>() + (sizeof(T) + sizeof(int)) * kQueue * kWarp * warps;
+  return search_list_bytes<T, N>() + search_queue_bytes<T>(warps) + sizeof(T) * 2 * kWarp * warps;
 }
 
 // A lane's N best (key, index) pairs so far, ascending, in registers.
@@ -102,16 +111,29 @@ struct LaneList {
   }
 };
 
-// Candidates that pass the gate (the lane's N-th best key when the queue was last merged) wait
-// in a per-lane queue in shared memory; the list is updated only when some lane's queue is
-// nearly full, so the warp runs the (divergent) insertion code far less often than once a point.
-// Slot s of lane l is at [s * kWarp + l]: the lanes of a warp write consecutive words.
+// Candidates that pass the gate wait in a per-lane queue in shared memory; the list is updated
+// only when some lane's queue is nearly full, so the warp runs the (divergent) insertion code
+// far less often than once a point. Slot s of lane l is at [s * kWarp + l]: the lanes of a warp
+// write consecutive words.
+//
+// The gate is the smaller of two bounds. The lane's own N-th key when the queue was last merged:
+// a later point (higher index) needs a strictly smaller key to enter. And one past the smallest
+// N-th key the block's warps published after the previous tile: that warp holds N distinct points
+// at or below it, so a point above it is in no query's best N, while one equal to it could still
+// win on its index.
 template <typename T, int N>
 struct LaneQueue {
   T* key;
   int* ind;
   int queued;
-  T gate;
+  T own;    // the list's N-th key at the last merge
+  T block;  // one past the block's smallest published N-th key (-inf: an inactive lane)
+  T gate;   // min(own, block): a candidate enters when its key is below it
+
+  __device__ __forceinline__ void set_block_bound(T b) {
+    block = b;
+    gate = min(own, block);
+  }
 
   __device__ __forceinline__ void push(T k, int j, int lane) {
     key[queued * kWarp + lane] = k;
@@ -132,25 +154,39 @@ struct LaneQueue {
       }
     }
     queued = 0;
-    gate = list.key[N - 1];
+    own = list.key[N - 1];
+    gate = min(own, block);
   }
 };
 
-// Copies points [start, start + count) of one batch into the shared tile (whole block).
+// The smallest key a candidate needs to reach to pass the bound b inclusively: k <= b is k < the
+// next float above b (search keys are finite, so an infinite b lets everything pass).
+template <typename T>
+__device__ __forceinline__ T next_key_above(T b) {
+  return nextafter(b, static_cast<T>(INFINITY));
+}
+
+// Copies points [start, start + count) of one batch into the shared tile (whole block) and
+// fills the rest of the tile with NaN records. A NaN record's key is the largest finite value
+// (search_key) and its index is past every point's, so it comes after every real point in the
+// search's order: it can enter a list only while fewer than N real points are in it, and the
+// first K <= P entries of the merged list are never NaN records. So the scan needs no bounds
+// check.
 template <typename T>
 __device__ __forceinline__ void stage_tile(PointRec<T>* tile, const T* __restrict__ pb,
                                            const T* __restrict__ sb, const T* __restrict__ Rb,
                                            int start, int count) {
-  for (int t = threadIdx.x; t < count; t += blockDim.x) {
+  for (int t = threadIdx.x; t < search_tile<T>(); t += blockDim.x) {
     const int64_t j = start + t;
+    const bool real = t < count;
     PointRec<T> rec;
 #pragma unroll
     for (int c = 0; c < 3; ++c) {
-      rec.p[c] = pb[3 * j + c];
-      rec.s[c] = sb[3 * j + c];
+      rec.p[c] = real ? pb[3 * j + c] : static_cast<T>(NAN);
+      rec.s[c] = real ? sb[3 * j + c] : static_cast<T>(1);
     }
 #pragma unroll
-    for (int c = 0; c < 9; ++c) rec.R[c] = Rb[9 * j + c];
+    for (int c = 0; c < 9; ++c) rec.R[c] = real ? Rb[9 * j + c] : static_cast<T>(0);
     rec.pad = 0;
     tile[t] = rec;
   }
@@ -158,27 +194,24 @@ __device__ __forceinline__ void stage_tile(PointRec<T>* tile, const T* __restric
 
 // Scans this warp's share of a staged tile (points warp, warp + warps, ...) for the lane's
 // query: kUnroll points per step (independent distance chains for ILP) and one warp vote per
-// step. The loop bounds are uniform across the warp, so the vote is safe.
+// step. warps is a power of two <= 8, so every step's points lie in the tile (no bounds check)
+// and the loop bounds are uniform across the warp (the vote is safe).
 template <typename T, int N>
-__device__ __forceinline__ void scan_tile(const PointRec<T>* tile, int start, int count,
-                                          const T qv[3], bool active, int warp, int warps,
-                                          int lane, LaneList<T, N>& list,
+__device__ __forceinline__ void scan_tile(const PointRec<T>* tile, int start, const T qv[3],
+                                          int warp, int warps, int lane, LaneList<T, N>& list,
                                           LaneQueue<T, N>& queue) {
-  for (int t0 = warp; t0 < count; t0 += kUnroll * warps) {
+  static_assert(search_tile<T>() % (kUnroll * 8) == 0, "a tile is a whole number of steps");
+  for (int t0 = warp; t0 < search_tile<T>(); t0 += kUnroll * warps) {
     T k[kUnroll];
 #pragma unroll
     for (int x = 0; x < kUnroll; ++x) {
-      const int t = t0 + x * warps;
-      k[x] = INFINITY;  // never below the gate
-      if (t < count) {
-        const PointRec<T>& r = tile[t];
-        T d[3], u[3];
-        k[x] = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
-      }
+      const PointRec<T>& r = tile[t0 + x * warps];
+      T d[3], u[3];
+      k[x] = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
     }
 #pragma unroll
     for (int x = 0; x < kUnroll; ++x) {
-      if (active && k[x] < queue.gate) queue.push(k[x], start + t0 + x * warps, lane);
+      if (k[x] < queue.gate) queue.push(k[x], start + t0 + x * warps, lane);
     }
     if (__any_sync(kFullMask, queue.queued > kQueue - kUnroll)) queue.merge_into(list, lane);
   }
@@ -241,17 +274,29 @@ __global__ void knn_search_kernel(const T* __restrict__ q, const T* __restrict__
                                      sizeof(T) * warps * kQueue * kWarp) +
               warp * kQueue * kWarp;
   queue.queued = 0;
-  queue.gate = list.key[N - 1];
+  queue.own = list.key[N - 1];
+  // an inactive lane never queues (its list is never read)
+  queue.set_block_bound(active ? static_cast<T>(INFINITY) : -static_cast<T>(INFINITY));
+  // published[slot][warp][lane]: the N-th key of warp's list for query lane after a tile
+  T* published = reinterpret_cast<T*>(smem_raw + search_list_bytes<T, N>() +
+                                      search_queue_bytes<T>(warps));
 
   const T* pb = p + b * P * 3;
   const T* sb = sigma + b * P * 3;
   const T* Rb = R + b * P * 9;
-  for (int start = 0; start < P; start += kTile) {
+  for (int start = 0, tile_no = 0; start < P; start += kTile, ++tile_no) {
     const int count = min(kTile, P - start);
     __syncthreads();  // the previous tile is no longer read
     stage_tile(tile, pb, sb, Rb, start, count);
     __syncthreads();
-    scan_tile(tile, start, count, qv, active, warp, warps, lane, list, queue);
+    if (tile_no > 0 && active) {
+      const T* slot = published + ((tile_no - 1) & 1) * warps * kWarp;
+      T smallest = slot[lane];
+      for (int w = 1; w < warps; ++w) smallest = min(smallest, slot[w * kWarp + lane]);
+      queue.set_block_bound(next_key_above(smallest));
+    }
+    scan_tile(tile, start, qv, warp, warps, lane, list, queue);
+    published[(tile_no & 1) * warps * kWarp + warp * kWarp + lane] = list.key[N - 1];
   }
   queue.merge_into(list, lane);
   merge_warp_lists(smem_raw, warp, warps, lane, active, list);
@@ -296,7 +341,8 @@ __global__ void knn_search_large_k_kernel(const T* __restrict__ q, const T* __re
 }
 
 // Warps per search block: enough blocks x warps to fill the GPU, at most 4 (on an H100, 4 beat
-// 2, 6 and 8 at P = 4096 and P = 65536: benchmarks/RESULTS.md). NEUSDF_SEARCH_WARPS (1..8)
+// 2, 6 and 8 at P = 4096 and P = 65536: benchmarks/RESULTS.md), a power of two (the scan's
+// steps must divide a tile). NEUSDF_SEARCH_WARPS (1..8, rounded down to a power of two)
 // overrides the choice, for tuning; it is read once per process, and the SM counts of the
 // devices once per process too: no getenv and no CUDA call per search.
 int multiprocessor_count(c10::DeviceIndex device) {
@@ -313,17 +359,24 @@ int multiprocessor_count(c10::DeviceIndex device) {
   return sms.at(device);
 }
 
+// The largest power of two <= w (w >= 1): the scan needs warps to divide a tile's steps.
+int power_of_two_floor(int64_t w) {
+  int p = 1;
+  while (2 * p <= w) p *= 2;
+  return p;
+}
+
 int search_warps(int64_t blocks, c10::DeviceIndex device) {
   static const int forced = [] {
     const char* env = std::getenv("NEUSDF_SEARCH_WARPS");
     const int w = env ? std::atoi(env) : 0;
-    return w >= 1 && w <= 8 ? w : 0;
+    return w >= 1 && w <= 8 ? power_of_two_floor(w) : 0;
   }();
   if (forced) return forced;
   const int sms = multiprocessor_count(device);
   const int64_t target = static_cast<int64_t>(sms) * 32;  // resident warps to aim for
   const int64_t warps = (target + blocks - 1) / blocks;
-  return static_cast<int>(std::min<int64_t>(4, std::max<int64_t>(1, warps)));
+  return power_of_two_floor(std::min<int64_t>(4, std::max<int64_t>(1, warps)));
 }
 
 template <typename T, int N>
@@ -629,7 +682,9 @@ at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
   const SearchMethod how = choose_search_method(method, n, /*cuda=*/true);
-  TORCH_CHECK(n.P < INT_MAX && n.Q < INT_MAX, "neusdf: knn_search supports P, Q < 2^31 on CUDA");
+  // the brute force's padded last tile numbers its records up to P + 255
+  TORCH_CHECK(n.P < INT_MAX - 256 && n.Q < INT_MAX,
+              "neusdf: knn_search supports P < 2^31 - 256 and Q < 2^31 on CUDA");
   TORCH_CHECK(n.B * ((n.Q + kWarp - 1) / kWarp) < INT_MAX, "neusdf: B * Q too large");
   at::Tensor idx = at::empty({n.B, n.Q, K}, q_in.options().dtype(at::kLong));
   if (n.B * n.Q == 0) return idx;

@@ -7,6 +7,10 @@ opcheck of the registrations; bad inputs; the ``idx=`` path; CUDA against CPU.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -513,6 +517,37 @@ def test_cuda_search_matches_reference_at_scale():
         idx = knn_search_aniso(q, p, sigma, R, K)
         sub = slice(0, 500)  # the float64 check builds a (B, Q, P) matrix on the CPU
         assert_same_neighbours(idx[:, sub], q[:, sub], p, sigma, R)
+
+
+# Run in a fresh process: the warps per block are read once per process.
+_WARPS_CHECK = """
+import torch
+from neusdf.ops import knn_search_aniso
+from neusdf.ops.testing import SEARCH_CASES, make_inputs, make_search_case
+
+q, p, _, sigma, R = make_inputs(2, 700, 5000, 1, device="cuda", seed=19)
+cases = [(q, p, sigma, R)]
+cases += [make_search_case(kind, 2, 300, 1100, device="cuda", seed=3) for kind in SEARCH_CASES]
+for q, p, sigma, R in cases:
+    for K in (1, 5, 16, 32):
+        brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
+        assert torch.equal(brute, knn_search_aniso(q, p, sigma, R, K, method="grid")), K
+print("same neighbours")
+"""
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("warps", [1, 2, 8])
+def test_cuda_brute_force_any_warps_per_block(warps):
+    """The CUDA brute force equals the grid however many warps share a query's points (their
+    lists bound each other's candidates): several tiles, a padded last tile, ties, duplicates."""
+    env = {**os.environ, "NEUSDF_SEARCH_WARPS": str(warps)}
+    done = subprocess.run(
+        [sys.executable, "-c", _WARPS_CHECK], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same neighbours" in done.stdout
 
 
 @pytest.mark.cuda
