@@ -118,14 +118,24 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import open3d as o3d
-    from quality import DEFAULT_MESHES, SETTINGS, SHAPES, host_info, make_input, score
+    from quality import (
+        DEFAULT_MESHES,
+        SETTINGS,
+        SHAPES,
+        host_info,
+        make_input,
+        parse_shape_files,
+        score,
+    )
 
     from neusdf.mesh_io import save_json
     from neusdf.metrics import SurfaceSet
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("json", help="output JSON (rows already in it are kept and skipped)")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list (default: all)")
+    ap.add_argument("--shapes", default=None, help="comma list (default: all, --shape-file too)")
+    ap.add_argument("--shape-file", action="append", default=[], metavar="NAME=PATH",
+                    help="a further shape (repeatable)")  # fmt: skip
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list (default: all)")
     ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
     ap.add_argument("--depth", type=int, default=8)
@@ -137,9 +147,11 @@ def main() -> int:
     ap.add_argument("--num-ref", type=int, default=1_000_000)
     ap.add_argument("--redo", action="store_true", help="re-run selected rows already present")
     args = ap.parse_args()
-    shapes = [s for s in args.shapes.split(",") if s]
+    shape_files = parse_shape_files(ap, args.shape_file)
+    all_shapes = {**SHAPES, **shape_files}
+    shapes = [s for s in (args.shapes or ",".join(all_shapes)).split(",") if s]
     settings = [s for s in args.settings.split(",") if s]
-    for arg, items, known in (("--shapes", shapes, SHAPES), ("--settings", settings, SETTINGS)):
+    for arg, items, known in (("--shapes", shapes, all_shapes), ("--settings", settings, SETTINGS)):
         for s in items:
             if s not in known:
                 ap.error(f"{arg}: unknown name '{s}', expected some of {list(known)}")
@@ -163,7 +175,7 @@ def main() -> int:
                 continue
             print(f"== {key}", flush=True)
             try:
-                inp = make_input(args.meshes, shape, setting)
+                inp = make_input(args.meshes, shape, setting, shape_files)
                 out = reconstruct_with_timeout(inp.points, inp.normals, args.timeout, **kwargs)
                 if out is None:
                     r = {"error": f"timeout: over {args.timeout:g} s", "timeout": True,

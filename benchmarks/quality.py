@@ -20,6 +20,7 @@ The file is written atomically after every row.
     python benchmarks/quality.py results.json --shapes bunny,fandisk --settings raw
     python benchmarks/quality.py results.json --variants neusdf,mlp --tuned-on bunny,fandisk
     python benchmarks/quality.py /tmp/smoke.json --smoke --shapes bunny --settings dense
+    python benchmarks/quality.py held_out.json --shape-file plate=plate.obj --shapes plate
 
 Timings per row: steps and ms per step (the step loop), train seconds (the step loop), extract
 seconds (the mesh extraction), train+extract seconds (the wall time of ``train()``: data loading,
@@ -136,14 +137,23 @@ def input_seed(shape: str, setting: str) -> int:
     return zlib.crc32(f"{shape}/{setting}".encode())
 
 
-def make_input(meshes: str | os.PathLike, shape: str, setting: str) -> BenchInput:
+def make_input(
+    meshes: str | os.PathLike,
+    shape: str,
+    setting: str,
+    shape_files: dict[str, Path] | None = None,
+) -> BenchInput:
     """EVAL.md input for (shape, setting): area-weighted samples of the normalised ground truth
     with face normals, plus N(0, noise) positions; normals dropped for raw input.
+
+    ``shape`` is a key of SHAPES (its file in ``meshes``) or of ``shape_files`` (name -> mesh
+    file: shapes beyond the seven, see :func:`parse_shape_files`).
 
     Deterministic: the same arguments give the same float32 arrays on every machine (numpy's
     PCG64 stream), so the GPU runs and the Poisson baseline see the same points.
     """
-    gt = load_shape(Path(meshes) / SHAPES[shape])
+    files = shape_files or {}
+    gt = load_shape(files[shape] if shape in files else Path(meshes) / SHAPES[shape])
     norm = Normalization.of(gt.points)
     gt_unit = SurfaceSet(norm.to_unit(gt.points), gt.faces)
     s = SETTINGS[setting]
@@ -371,6 +381,22 @@ def build_op(python: str) -> None:
     subprocess.run([python, "-m", "neusdf.ops.build"], check=True, cwd=ROOT)
 
 
+def parse_shape_files(ap, entries: list[str]) -> dict[str, Path]:
+    """``--shape-file NAME=PATH`` entries: shapes beyond the seven (e.g. held out from every
+    choice of settings), name -> mesh file. Errors name the entry."""
+    files: dict[str, Path] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path or "/" in name:
+            ap.error(f"--shape-file: expected NAME=PATH (NAME without '/'), got '{entry}'")
+        if name in SHAPES or name in files:
+            ap.error(f"--shape-file: the name '{name}' is taken")
+        if not Path(path).is_file():
+            ap.error(f"--shape-file {entry}: no such file")
+        files[name] = Path(path)
+    return files
+
+
 def _split(ap, arg: str, text: str, known) -> list[str]:
     items = [s for s in text.split(",") if s]
     for s in items:
@@ -383,7 +409,14 @@ def main() -> int:
     """CLI; returns the exit status (0 when every selected row finished, 1 otherwise)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("json", help="output JSON (rows already in it are kept and skipped)")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list (default: all)")
+    ap.add_argument("--shapes", default=None, help="comma list (default: all, --shape-file too)")
+    ap.add_argument(
+        "--shape-file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a further shape (repeatable); its rows need Poisson rows of the same name",
+    )
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list (default: all)")
     ap.add_argument("--variants", default="neusdf", help=f"comma list of {','.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: config)")
@@ -404,10 +437,12 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run to test the script")
     args = ap.parse_args()
 
-    shapes = _split(ap, "--shapes", args.shapes, SHAPES)
+    shape_files = parse_shape_files(ap, args.shape_file)
+    known = {**SHAPES, **shape_files}
+    shapes = _split(ap, "--shapes", args.shapes or ",".join(known), known)
     settings = _split(ap, "--settings", args.settings, SETTINGS)
     variants = _split(ap, "--variants", args.variants, VARIANTS)
-    tuned_on = set(_split(ap, "--tuned-on", args.tuned_on, SHAPES))
+    tuned_on = set(_split(ap, "--tuned-on", args.tuned_on, known))
 
     import torch
 
@@ -463,7 +498,8 @@ def main() -> int:
                     warm_up(args, variant, workdir)
                     results.setdefault("warmup_seconds", {})[variant] = time.perf_counter() - t0
                     warm.add(variant)
-                r = run_one(args, make_input(args.meshes, shape, setting), variant, workdir)
+                inp = make_input(args.meshes, shape, setting, shape_files)
+                r = run_one(args, inp, variant, workdir)
             except Exception as e:  # keep the rest of the table; the JSON has the trace
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}

@@ -6,7 +6,7 @@
 // N best (key, index) pairs it has seen in registers (N = K rounded up to a power of two, so
 // that the list is indexed by compile-time constants only). After each tile the warps publish
 // their lists' N-th keys, and every warp drops candidates above the smallest of them (another
-// warp already holds N better points). At the end the W lists of each query are merged through
+// warp already holds N points no worse). At the end the W lists of each query are merged through
 // shared memory. No (B, Q, P) tensor ever exists. K > 32 uses a simple kernel that keeps the
 // list in global memory (correct, not fast).
 //
