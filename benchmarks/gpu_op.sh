@@ -89,6 +89,9 @@ for kind in ("clusters", "far-queries", "duplicates"):
     a = knn_search_aniso(q, p, sigma, R, 6, method="grid")
     b = knn_search_aniso(q, p, sigma, R, 6, method="brute")
     assert torch.equal(a, b), kind
+    e = knn_search_aniso(q, p, None, None, 6, method="brute")  # the Euclidean kernel
+    eye = torch.eye(3, device="cuda").expand_as(R).contiguous()
+    assert torch.equal(e, knn_search_aniso(q, p, torch.ones_like(sigma), eye, 6)), kind
 torch.cuda.synchronize()
 print("sanitize case ok")
 PY

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 
 namespace neusdf {
 namespace {
@@ -28,18 +29,36 @@ ProblemSize check_points(const at::Tensor& q, const at::Tensor& p, const at::Ten
                          const at::Tensor& R, int64_t K) {
   check_float_tensor(q, "q", 3, q);
   check_float_tensor(p, "p", 3, q);
-  check_float_tensor(sigma, "sigma", 3, q);
-  check_float_tensor(R, "R", 4, q);
   const int64_t B = q.size(0), Q = q.size(1), P = p.size(1);
   TORCH_CHECK(q.size(2) == 3, "neusdf: q must be (B, Q, 3), got ", q.sizes());
   TORCH_CHECK(p.size(0) == B && p.size(2) == 3, "neusdf: p must be (B, P, 3) with B = ", B,
               ", got ", p.sizes());
-  TORCH_CHECK(sigma.size(0) == B && sigma.size(1) == P && sigma.size(2) == 3,
-              "neusdf: sigma must be (B, P, 3) = (", B, ", ", P, ", 3), got ", sigma.sizes());
-  TORCH_CHECK(R.size(0) == B && R.size(1) == P && R.size(2) == 3 && R.size(3) == 3,
-              "neusdf: R must be (B, P, 3, 3) = (", B, ", ", P, ", 3, 3), got ", R.sizes());
+  TORCH_CHECK(sigma.defined() == R.defined(),
+              "neusdf: pass sigma and R together, or neither (the Euclidean metric)");
+  if (sigma.defined()) {
+    check_float_tensor(sigma, "sigma", 3, q);
+    check_float_tensor(R, "R", 4, q);
+    TORCH_CHECK(sigma.size(0) == B && sigma.size(1) == P && sigma.size(2) == 3,
+                "neusdf: sigma must be (B, P, 3) = (", B, ", ", P, ", 3), got ", sigma.sizes());
+    TORCH_CHECK(R.size(0) == B && R.size(1) == P && R.size(2) == 3 && R.size(3) == 3,
+                "neusdf: R must be (B, P, 3, 3) = (", B, ", ", P, ", 3, 3), got ", R.sizes());
+  }
   TORCH_CHECK(K >= 1 && K <= P, "neusdf: K must satisfy 1 <= K <= P = ", P, ", got K = ", K);
   return {B, Q, P, 0, K};
+}
+
+std::pair<at::Tensor, at::Tensor> search_metric(const std::optional<at::Tensor>& sigma,
+                                                const std::optional<at::Tensor>& R) {
+  const auto or_undefined = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? *t : at::Tensor();
+  };
+  return {or_undefined(sigma), or_undefined(R)};
+}
+
+std::pair<at::Tensor, at::Tensor> euclidean_metric(const at::Tensor& p) {
+  const int64_t B = p.size(0), P = p.size(1);
+  return {at::ones({B, P, 3}, p.options()),
+          at::eye(3, p.options()).expand({B, P, 3, 3}).contiguous()};
 }
 
 ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
@@ -98,7 +117,7 @@ Upstreams check_upstreams(const std::optional<at::Tensor>& gf,
 
 TORCH_LIBRARY(neusdf, m) {
   m.def(
-      "knn_search(Tensor q, Tensor p, Tensor sigma, Tensor R, int K, str method=\"auto\")"
+      "knn_search(Tensor q, Tensor p, Tensor? sigma, Tensor? R, int K, str method=\"auto\")"
       " -> Tensor");
   m.def(
       "knn_aggregate(Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"

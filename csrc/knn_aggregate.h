@@ -12,11 +12,13 @@
 //
 // Operators (namespace neusdf, registered in knn_aggregate.cpp, kernels per device in
 // knn_aggregate_cpu.cpp and knn_aggregate_cuda.cu):
-//   knn_search(q, p, sigma, R, K, method="auto") -> idx (B, Q, K) int64
+//   knn_search(q, p, sigma?, R?, K, method="auto") -> idx (B, Q, K) int64
 //       The K points with the smallest D, ascending, ties to the lower index; NaN and +inf
 //       distances sort last. 1 <= K <= P. method: "brute" (every point), "grid" (the exact
 //       grid search of knn_grid.h; on CUDA for K <= 32) or "auto" (choose_search_method).
-//       Both methods give identical results.
+//       Both methods give identical results. sigma and R both absent: the Euclidean metric,
+//       the same result, bit for bit, as sigma = 1 and R = I (CUDA's brute force has a kernel
+//       for it; the other paths run the general one on a materialised identity).
 //   knn_aggregate(q, p, f, sigma, R, idx) -> (f_out (B, Q, F), w (B, Q, K), dists (B, Q, K))
 //       f_out = sum_k w_k f_idx[k]; not normalised.
 //   knn_aggregate_backward(gf?, gw?, gD?, q, p, f, sigma, R, idx)
@@ -36,6 +38,7 @@
 #include <torch/types.h>
 
 #include <optional>
+#include <utility>
 
 namespace neusdf {
 
@@ -45,9 +48,18 @@ struct ProblemSize {
 };
 
 // Checks q, p, sigma, R (ranks, trailing sizes, batch and P agreement, float dtype, one device)
-// and 1 <= K <= P; returns the sizes (F = 0, K as given).
+// and 1 <= K <= P; returns the sizes (F = 0, K as given). sigma and R may both be undefined
+// (knn_search's Euclidean metric); one without the other is an error.
 ProblemSize check_points(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                          const at::Tensor& R, int64_t K);
+
+// knn_search's optional metric as tensors: both given, or both undefined (Euclidean).
+std::pair<at::Tensor, at::Tensor> search_metric(const std::optional<at::Tensor>& sigma,
+                                                const std::optional<at::Tensor>& R);
+
+// The Euclidean metric spelled out for p (B, P, 3): sigma = 1 (B, P, 3) and R = I (B, P, 3, 3),
+// contiguous, for the search paths that have no kernel of their own for it.
+std::pair<at::Tensor, at::Tensor> euclidean_metric(const at::Tensor& p);
 
 // The search method knn_search runs.
 enum class SearchMethod { kBrute, kGrid };

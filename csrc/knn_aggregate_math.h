@@ -65,6 +65,16 @@ NEUSDF_HD T pair_distance(const T q[3], const T p[3], const T s[3], const T R[9]
   return mul_add(s[2] * u[2], u[2], mul_add(s[1] * u[1], u[1], s[0] * u[0] * u[0]));
 }
 
+// pair_distance with sigma = 1 and R = I, equal to it to the last bit: there u = R d is d
+// exactly (the zero terms of each row add signed zeros, and a zero's sign is squared away),
+// s * u is u, and D is mul_add(u2, u2, mul_add(u1, u1, u0 * u0)) as here. A non-finite d
+// gives NaN or +inf in both, which search_key maps to the same key.
+template <typename T>
+NEUSDF_HD T euclidean_distance(const T q[3], const T p[3]) {
+  const T d0 = q[0] - p[0], d1 = q[1] - p[1], d2 = q[2] - p[2];
+  return mul_add(d2, d2, mul_add(d1, d1, d0 * d0));
+}
+
 // out = 2 R^T (s * v): with v = u this is g = dD/dq; with v = R e it is H e, H = d^2 D / dq^2.
 template <typename T>
 NEUSDF_HD void scaled_transpose(const T s[3], const T R[9], const T v[3], T out[3]) {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -209,12 +210,16 @@ void search_grid(const T* q, const T* p, const T* sigma, const T* R, const Probl
 }
 
 at::Tensor knn_search_cpu(const at::Tensor& q_in, const at::Tensor& p_in,
-                          const at::Tensor& sigma_in, const at::Tensor& R_in, int64_t K,
+                          const std::optional<at::Tensor>& sigma_opt,
+                          const std::optional<at::Tensor>& R_opt, int64_t K,
                           c10::string_view method) {
+  auto [sigma_in, R_in] = search_metric(sigma_opt, R_opt);
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
   const SearchMethod how = choose_search_method(method, n, /*cuda=*/false);
   at::Tensor idx = at::empty({n.B, n.Q, K}, q_in.options().dtype(at::kLong));
   if (n.B * n.Q == 0) return idx;
+  // the Euclidean metric runs the general kernels on the identity (bit for bit the same keys)
+  if (!sigma_in.defined()) std::tie(sigma_in, R_in) = euclidean_metric(p_in);
   const at::Tensor q = q_in.contiguous(), p = p_in.contiguous(), sigma = sigma_in.contiguous(),
                    R = R_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_search_cpu", [&] {

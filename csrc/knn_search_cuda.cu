@@ -7,8 +7,9 @@
 // that the list is indexed by compile-time constants only). After each tile the warps publish
 // their lists' N-th keys, and every warp drops candidates above the smallest of them (another
 // warp already holds N points no worse). At the end the W lists of each query are merged through
-// shared memory. No (B, Q, P) tensor ever exists. K > 32 uses a simple kernel that keeps the
-// list in global memory (correct, not fast).
+// shared memory. No (B, Q, P) tensor ever exists. The Euclidean metric (no sigma, no R) has
+// its own instantiation, which stages and reads positions only. K > 32 uses a simple kernel
+// that keeps the list in global memory (correct, not fast).
 //
 // Grid (knn_grid.h; K <= 32): built on the device each call without a host synchronisation
 // (the grid's size depends on P only): per-point lam, the batch's (sampled) median lam and box
@@ -172,13 +173,19 @@ __device__ __forceinline__ T next_key_above(T b) {
 // search's order: it can enter a list only while fewer than N real points are in it, and the
 // first K <= P entries of the merged list are never NaN records. So the scan needs no bounds
 // check.
-template <typename T>
+// kEuclidean: positions only (sb and Rb are not read).
+template <typename T, bool kEuclidean>
 __device__ __forceinline__ void stage_tile(PointRec<T>* tile, const T* __restrict__ pb,
                                            const T* __restrict__ sb, const T* __restrict__ Rb,
                                            int start, int count) {
   for (int t = threadIdx.x; t < search_tile<T>(); t += blockDim.x) {
     const int64_t j = start + t;
     const bool real = t < count;
+    if (kEuclidean) {
+#pragma unroll
+      for (int c = 0; c < 3; ++c) tile[t].p[c] = real ? pb[3 * j + c] : static_cast<T>(NAN);
+      continue;
+    }
     PointRec<T> rec;
 #pragma unroll
     for (int c = 0; c < 3; ++c) {
@@ -196,7 +203,7 @@ __device__ __forceinline__ void stage_tile(PointRec<T>* tile, const T* __restric
 // query: kUnroll points per step (independent distance chains for ILP) and one warp vote per
 // step. warps is a power of two <= 8, so every step's points lie in the tile (no bounds check)
 // and the loop bounds are uniform across the warp (the vote is safe).
-template <typename T, int N>
+template <typename T, int N, bool kEuclidean>
 __device__ __forceinline__ void scan_tile(const PointRec<T>* tile, int start, const T qv[3],
                                           int warp, int warps, int lane, LaneList<T, N>& list,
                                           LaneQueue<T, N>& queue) {
@@ -206,8 +213,12 @@ __device__ __forceinline__ void scan_tile(const PointRec<T>* tile, int start, co
 #pragma unroll
     for (int x = 0; x < kUnroll; ++x) {
       const PointRec<T>& r = tile[t0 + x * warps];
-      T d[3], u[3];
-      k[x] = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
+      if (kEuclidean) {
+        k[x] = search_key(euclidean_distance(qv, r.p));
+      } else {
+        T d[3], u[3];
+        k[x] = search_key(pair_distance(qv, r.p, r.s, r.R, d, u));
+      }
     }
 #pragma unroll
     for (int x = 0; x < kUnroll; ++x) {
@@ -245,7 +256,7 @@ __device__ __forceinline__ void merge_warp_lists(unsigned char* buf, int warp, i
   }
 }
 
-template <typename T, int N>
+template <typename T, int N, bool kEuclidean>
 __global__ void knn_search_kernel(const T* __restrict__ q, const T* __restrict__ p,
                                   const T* __restrict__ sigma, const T* __restrict__ R, int Q,
                                   int P, int K, int64_t* __restrict__ idx) {
@@ -287,7 +298,7 @@ __global__ void knn_search_kernel(const T* __restrict__ q, const T* __restrict__
   for (int start = 0, tile_no = 0; start < P; start += kTile, ++tile_no) {
     const int count = min(kTile, P - start);
     __syncthreads();  // the previous tile is no longer read
-    stage_tile(tile, pb, sb, Rb, start, count);
+    stage_tile<T, kEuclidean>(tile, pb, sb, Rb, start, count);
     __syncthreads();
     if (tile_no > 0 && active) {
       const T* slot = published + ((tile_no - 1) & 1) * warps * kWarp;
@@ -295,7 +306,7 @@ __global__ void knn_search_kernel(const T* __restrict__ q, const T* __restrict__
       for (int w = 1; w < warps; ++w) smallest = min(smallest, slot[w * kWarp + lane]);
       queue.set_block_bound(next_key_above(smallest));
     }
-    scan_tile(tile, start, qv, warp, warps, lane, list, queue);
+    scan_tile<T, N, kEuclidean>(tile, start, qv, warp, warps, lane, list, queue);
     published[(tile_no & 1) * warps * kWarp + warp * kWarp + lane] = list.key[N - 1];
   }
   queue.merge_into(list, lane);
@@ -379,6 +390,7 @@ int search_warps(int64_t blocks, c10::DeviceIndex device) {
   return power_of_two_floor(std::min<int64_t>(4, std::max<int64_t>(1, warps)));
 }
 
+// Brute force; sigma and R undefined: the Euclidean metric.
 template <typename T, int N>
 void launch_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                    const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
@@ -386,9 +398,11 @@ void launch_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& s
   const int64_t blocks = n.B * ((n.Q + kWarp - 1) / kWarp);
   const int warps = search_warps(blocks, q.get_device());
   const size_t smem = search_smem_bytes<T, N>(warps);
-  knn_search_kernel<T, N><<<blocks, warps * kWarp, smem, stream>>>(
-      q.data_ptr<T>(), p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), n.Q, n.P, n.K,
-      idx.data_ptr<int64_t>());
+  const auto kernel =
+      sigma.defined() ? knn_search_kernel<T, N, false> : knn_search_kernel<T, N, true>;
+  kernel<<<blocks, warps * kWarp, smem, stream>>>(q.data_ptr<T>(), p.data_ptr<T>(),
+                                                  data_or_null<T>(sigma), data_or_null<T>(R),
+                                                  n.Q, n.P, n.K, idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -677,9 +691,11 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   } while (0)
 
 at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
-                           const at::Tensor& sigma_in, const at::Tensor& R_in, int64_t K,
+                           const std::optional<at::Tensor>& sigma_opt,
+                           const std::optional<at::Tensor>& R_opt, int64_t K,
                            c10::string_view method) {
   const c10::cuda::CUDAGuard guard(q_in.device());
+  auto [sigma_in, R_in] = search_metric(sigma_opt, R_opt);
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
   const SearchMethod how = choose_search_method(method, n, /*cuda=*/true);
   // the brute force's padded last tile numbers its records up to P + 255
@@ -688,8 +704,13 @@ at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
   TORCH_CHECK(n.B * ((n.Q + kWarp - 1) / kWarp) < INT_MAX, "neusdf: B * Q too large");
   at::Tensor idx = at::empty({n.B, n.Q, K}, q_in.options().dtype(at::kLong));
   if (n.B * n.Q == 0) return idx;
-  const at::Tensor q = q_in.contiguous(), p = p_in.contiguous(), sigma = sigma_in.contiguous(),
-                   R = R_in.contiguous();
+  // The Euclidean metric: the brute force's own kernel (K <= 32); the other paths run the
+  // general kernels on the identity (bit for bit the same keys).
+  const bool euclidean_kernel = how == SearchMethod::kBrute && K <= 32;
+  if (!sigma_in.defined() && !euclidean_kernel) std::tie(sigma_in, R_in) = euclidean_metric(p_in);
+  const at::Tensor q = q_in.contiguous(), p = p_in.contiguous();
+  const at::Tensor sigma = sigma_in.defined() ? sigma_in.contiguous() : sigma_in;
+  const at::Tensor R = R_in.defined() ? R_in.contiguous() : R_in;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_search_cuda", [&] {
     using T = scalar_t;

@@ -295,12 +295,8 @@ class NeuralPointSDF(nn.Module):
         cover = None if init is None else coverage_sample(init.points, seed)
         self.register_buffer("data_points", None if cover is None else cover[0])
         self.register_buffer("data_spacing", None if cover is None else cover[1])
-        # Constants of every forward, kept as (non-checkpointed) buffers so that a step does
-        # not rebuild them: the Euclidean metric of the plane search and the encoding's
-        # frequencies.
-        iso_R = torch.eye(3).expand(1, P, 3, 3).contiguous()
-        self.register_buffer("iso_sigma", torch.ones(1, P, 3), persistent=False)
-        self.register_buffer("iso_R", iso_R, persistent=False)
+        # A constant of every forward, kept as a (non-checkpointed) buffer so that a step does
+        # not rebuild it: the encoding's frequencies.
         freq = math.pi * 2.0 ** torch.arange(frequencies, dtype=f32)
         self.register_buffer("freq", freq, persistent=False)
         enc_dim = 3 + 6 * frequencies
@@ -409,9 +405,7 @@ class NeuralPointSDF(nn.Module):
             ref, k = self.points.detach(), 1
         else:
             ref, k = self.data_points, min(COVERAGE_NEIGHBOUR, self.data_points.shape[0])
-        P = ref.shape[0]
-        sigma, R = self.iso_sigma[:, :1].expand(1, P, 3), self.iso_R[:, :1].expand(1, P, 3, 3)
-        idx = self.search(x[None], ref[None], sigma, R, k)[0]
+        idx = self.search(x[None], ref[None], None, None, k)[0]  # Euclidean
         d = (x - ref[idx[:, 0]]).norm(dim=-1)
         if self.data_points is None:
             return d / self.spacing
@@ -450,9 +444,9 @@ class NeuralPointSDF(nn.Module):
     def _plane(self, q: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Implicit-MLS tangent-plane distance (Q,) over the K Euclidean-nearest points, and the
         distance (Q,) to the nearest point."""
-        idx = self._query_search(
-            q[None].detach(), self.points[None].detach(), self.iso_sigma, self.iso_R, self.K
-        )[0]
+        # sigma = R = None: the Euclidean metric (on CUDA a kernel that reads positions only)
+        pts = self.points[None].detach()
+        idx = self._query_search(q[None].detach(), pts, None, None, self.K)[0]
         # one gather for positions and normals (each gather costs several kernels per order
         # of differentiation)
         pn = torch.cat([self.points, normals], dim=-1)[idx]  # (Q, K, 6)

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from neusdf.ops import (
+    SEARCH_METHODS,
     KnnAggregateResult,
     knn_aggregate_aniso,
     knn_aggregate_aniso_reference,
     knn_search_aniso,
+    knn_search_aniso_reference,
 )
 from neusdf.ops.knn import ensure_registered
 from neusdf.ops.reference import anisotropic_dists
@@ -214,6 +216,7 @@ def test_opcheck(device):
     )
     ggq = torch.randn_like(q)
     torch.library.opcheck(ops.knn_search, (q, p, sigma, R, K))
+    torch.library.opcheck(ops.knn_search, (q, p, None, None, K))  # the Euclidean metric
     leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
     torch.library.opcheck(ops.knn_aggregate, (*leaves, idx))
     torch.library.opcheck(ops.knn_aggregate_backward, (gf, gw, gd, *leaves, idx))
@@ -389,6 +392,50 @@ def test_grid_search_non_finite_inputs(device):
     assert brute[0, 3].tolist() == [0, 1, 2, 3, 4]  # all keys equal (NaN): lowest indices
 
 
+def identity_metric(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma = 1 and R = I for the points p (B, P, 3)."""
+    B, P = p.shape[:2]
+    return p.new_ones(B, P, 3), torch.eye(3, dtype=p.dtype, device=p.device).repeat(B, P, 1, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_euclidean_search_equals_identity_metric(dtype, device):
+    """sigma = R = None is the Euclidean metric: bit for bit the neighbours of sigma = 1 and
+    R = I, for every method and list size (CUDA's brute force has its own kernel for it, the
+    grid and K > 32 run the general ones), with ties, duplicates and non-finite inputs."""
+    kinds = ("clusters", "duplicates", "flat", "one-point-repeated", "far-queries")
+    cases = [
+        make_search_case(kind, 2, 150, 1100, dtype=dtype, device=device, seed=41)[:2]
+        for kind in kinds
+    ]
+    q, p = make_search_case("clusters", 1, 60, 900, dtype=dtype, device=device, seed=42)[:2]
+    q[0, 3] = float("nan")
+    q[0, 4, 1] = float("inf")
+    p[0, 10] = float("nan")
+    p[0, 11, 2] = float("inf")
+    cases.append((q, p))
+    for q, p in cases:
+        sigma, R = identity_metric(p)
+        for K in (1, 5, 16, 33):
+            for method in SEARCH_METHODS:
+                if method == "grid" and device == "cuda" and K > 32:
+                    continue
+                want = knn_search_aniso(q, p, sigma, R, K, method=method)
+                got = knn_search_aniso(q, p, None, None, K, method=method)
+                assert torch.equal(got, want), (K, method, int((got != want).sum()))
+
+
+def test_euclidean_search_needs_both_or_neither():
+    q, p, _, sigma, R = make_inputs(1, 5, 8, 1, seed=43)
+    with pytest.raises(ValueError, match=r"pass sigma and R together, or neither"):
+        knn_search_aniso(q, p, sigma, None, 3)
+    with pytest.raises(ValueError, match=r"pass sigma and R together, or neither"):
+        knn_search_aniso(q, p, None, R, 3)
+    ref = knn_search_aniso_reference(q.double(), p.double(), None, None, 3)
+    assert torch.equal(knn_search_aniso(q.double(), p.double(), None, None, 3), ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_aggregate_search_argument(device):
     inputs = make_inputs(1, 40, 2000, 4, device=device, seed=24)
@@ -487,6 +534,8 @@ def test_direct_op_call_checks_inputs():
         torch.ops.neusdf.knn_search(q, p, sigma[:, :4], R, 2)
     with pytest.raises(RuntimeError, match=r"method must be"):
         torch.ops.neusdf.knn_search(q, p, sigma, R, 2, "kd-tree")
+    with pytest.raises(RuntimeError, match=r"pass sigma and R together, or neither"):
+        torch.ops.neusdf.knn_search(q, p, sigma, None, 2)
 
 
 @pytest.mark.cuda

@@ -52,8 +52,8 @@ GRID_MAX_K_CUDA = 32  # the CUDA grid search keeps each query's list in register
 def knn_search_aniso(
     q: torch.Tensor,
     p: torch.Tensor,
-    sigma: torch.Tensor,
-    R: torch.Tensor,
+    sigma: torch.Tensor | None,
+    R: torch.Tensor | None,
     K: int,
     *,
     method: str = "auto",
@@ -63,6 +63,8 @@ def knn_search_aniso(
     Args:
         q: (B, Q, 3) queries. p: (B, P, 3) points. sigma: (B, P, 3) per-axis precisions (> 0).
         R: (B, P, 3, 3) per-point axes (rows). All float32 or all float64, on one device.
+            sigma and R both None: the Euclidean metric, the same result bit for bit as
+            sigma = 1 and R = I (faster on CUDA, which then reads positions only).
         K: neighbours per query, 1 <= K <= P.
         method: ``"brute"`` scans every point; ``"grid"`` sorts the points into a uniform grid
             each call and visits cells in rings around the query, skipping cells with a
@@ -74,10 +76,11 @@ def knn_search_aniso(
         idx (B, Q, K) int64, ascending in D = sum_j sigma_kj (R_k (q - p_k))_j^2, ties to the
         lower index; NaN distances sort last. Not differentiable.
     """
-    _check_points(q, p, sigma, R)
+    _check_points(q, p, sigma, R, euclidean_ok=True)
     _check_k(K, p.shape[1])
     _check_method(method, K, q)
-    _check_values(sigma, None, p.shape[1])
+    if sigma is not None:
+        _check_values(sigma, None, p.shape[1])
     return _search(q, p, sigma, R, K, method)
 
 
@@ -175,17 +178,25 @@ def _check_float(t: torch.Tensor, name: str, q: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but q is on {q.device}; use one device")
 
 
-def _check_points(q, p, sigma, R) -> None:
+def _check_points(q, p, sigma, R, *, euclidean_ok: bool = False) -> None:
+    """Shapes, dtypes and devices; ``euclidean_ok``: sigma and R may both be None (the search's
+    Euclidean metric)."""
     _check_tensor(q, "q", 3, (3,))
     _check_tensor(p, "p", 3, (3,))
-    _check_tensor(sigma, "sigma", 3, (3,))
-    _check_tensor(R, "R", 4, (3, 3))
-    for t, name in ((q, "q"), (p, "p"), (sigma, "sigma"), (R, "R")):
+    metric = ((sigma, "sigma"), (R, "R"))
+    if euclidean_ok and (sigma is None or R is None):
+        if sigma is not None or R is not None:
+            raise ValueError("pass sigma and R together, or neither (the Euclidean metric)")
+        metric = ()
+    else:
+        _check_tensor(sigma, "sigma", 3, (3,))
+        _check_tensor(R, "R", 4, (3, 3))
+    for t, name in ((q, "q"), (p, "p"), *metric):
         _check_float(t, name, q)
     B, P = q.shape[0], p.shape[1]
     if p.shape[0] != B:
         raise ValueError(f"p has batch size {p.shape[0]} but q has {B}")
-    for t, name in ((sigma, "sigma"), (R, "R")):
+    for t, name in metric:
         if t.shape[0] != B or t.shape[1] != P:
             raise ValueError(
                 f"{name} must have (B, P) = ({B}, {P}) like q and p, got {tuple(t.shape)}"
@@ -296,7 +307,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("neusdf::knn_search")
     def _(q, p, sigma, R, K, method="auto"):
-        _check_points(q, p, sigma, R)
+        _check_points(q, p, sigma, R, euclidean_ok=True)
         _check_k(K, p.shape[1])
         _check_method(method, K, q)
         return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.int64)

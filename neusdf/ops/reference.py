@@ -55,19 +55,24 @@ def gather_points(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def knn_search_aniso_reference(
     q: torch.Tensor,
     p: torch.Tensor,
-    sigma: torch.Tensor,
-    R: torch.Tensor,
+    sigma: torch.Tensor | None,
+    R: torch.Tensor | None,
     K: int,
     *,
     chunk: int = 4096,
 ) -> torch.Tensor:
     """Reference of :func:`neusdf.ops.knn_search_aniso`: idx (B, Q, K) int64, ascending.
 
-    Shapes as in :func:`knn_aggregate_aniso_reference`; memory grows as B * chunk * P. Uses
+    Shapes as in :func:`knn_aggregate_aniso_reference`; sigma and R both None: the Euclidean
+    metric (sigma = 1, R = I). Memory grows as B * chunk * P. Uses
     ``topk`` as a plain-PyTorch user would; the K found are then ordered by (distance,
     index). Which of several exactly equal distances ``topk`` keeps at the K-th place is
     unspecified, so tie-breaking is tested on the compiled op directly.
     """
+    if sigma is None and R is None:
+        B, P = p.shape[:2]
+        sigma = p.new_ones(B, P, 3)
+        R = torch.eye(3, dtype=p.dtype, device=p.device).expand(B, P, 3, 3)
     with torch.no_grad():
         parts = []
         for start in range(0, q.shape[1], chunk):
