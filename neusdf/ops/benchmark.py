@@ -7,9 +7,11 @@
 Sizes (B, Q, P, F, K): ``reference`` (2, 12288, 4096, 64, 16), ``P=65536`` (2, 12288, 65536,
 64, 16), ``P=1M`` (1, 262144, 1048576, 32, 16) and ``training-search`` (1, 32768, 16384, 32,
 8), the search of one training step. Implementations: ``neusdf`` (search method "auto"),
-``neusdf grid`` and ``neusdf brute`` (the search forced; search time only) and ``plain
-PyTorch`` (``neusdf.ops.reference``), which runs only where its chunked distance matrix fits in
-half the free memory. For each it times, in milliseconds (median of CUDA-event timings after
+``neusdf grid`` and ``neusdf brute`` (the search forced; search time only), ``neusdf
+euclidean`` (the brute-force search under the Euclidean metric, sigma = R = None, as the
+model's tangent-plane search runs it; search time only) and ``plain PyTorch``
+(``neusdf.ops.reference``), which runs only where its chunked distance matrix fits in half
+the free memory. For each it times, in milliseconds (median of CUDA-event timings after
 warm-up; wall clock on the CPU; fewer repetitions for calls over 100 ms):
 
 - search: the neighbour search alone;
@@ -50,6 +52,8 @@ SEARCHES: dict[str, Callable] = {
     "neusdf": knn_search_aniso,
     "neusdf grid": lambda q, p, s, R, K: knn_search_aniso(q, p, s, R, K, method="grid"),
     "neusdf brute": lambda q, p, s, R, K: knn_search_aniso(q, p, s, R, K, method="brute"),
+    # the Euclidean metric (sigma = R = None) on the same points, brute force
+    "neusdf euclidean": lambda q, p, s, R, K: knn_search_aniso(q, p, None, None, K, method="brute"),
     "plain PyTorch": knn_search_aniso_reference,
 }
 # name -> (B, Q, P, F, K)
