@@ -23,7 +23,7 @@ from neusdf.ops import (
     knn_search_aniso_reference,
 )
 from neusdf.ops.knn import ensure_registered
-from neusdf.ops.reference import anisotropic_dists
+from neusdf.ops.reference import anisotropic_dists, euclidean_metric
 from neusdf.ops.testing import SEARCH_CASES, make_inputs, make_search_case
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -392,12 +392,6 @@ def test_grid_search_non_finite_inputs(device):
     assert brute[0, 3].tolist() == [0, 1, 2, 3, 4]  # all keys equal (NaN): lowest indices
 
 
-def identity_metric(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigma = 1 and R = I for the points p (B, P, 3)."""
-    B, P = p.shape[:2]
-    return p.new_ones(B, P, 3), torch.eye(3, dtype=p.dtype, device=p.device).repeat(B, P, 1, 1)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_euclidean_search_equals_identity_metric(dtype, device):
@@ -416,7 +410,7 @@ def test_euclidean_search_equals_identity_metric(dtype, device):
     p[0, 11, 2] = float("inf")
     cases.append((q, p))
     for q, p in cases:
-        sigma, R = identity_metric(p)
+        sigma, R = euclidean_metric(p)
         for K in (1, 5, 16, 33):
             for method in SEARCH_METHODS:
                 if method == "grid" and device == "cuda" and K > 32:

@@ -16,6 +16,7 @@ __all__ = [
     "knn_aggregate_aniso_reference",
     "knn_search_aniso_reference",
     "anisotropic_dists",
+    "euclidean_metric",
     "gather_points",
 ]
 
@@ -52,6 +53,14 @@ def gather_points(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, Q, K, *t.shape[2:])
 
 
+def euclidean_metric(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Euclidean metric spelled out for points p (B, P, 3): sigma = 1 (B, P, 3) and R = I
+    (B, P, 3, 3, expanded), p's dtype and device. The search with sigma = R = None gives the
+    neighbours of these, bit for bit."""
+    B, P = p.shape[:2]
+    return p.new_ones(B, P, 3), torch.eye(3, dtype=p.dtype, device=p.device).expand(B, P, 3, 3)
+
+
 def knn_search_aniso_reference(
     q: torch.Tensor,
     p: torch.Tensor,
@@ -70,9 +79,7 @@ def knn_search_aniso_reference(
     unspecified, so tie-breaking is tested on the compiled op directly.
     """
     if sigma is None and R is None:
-        B, P = p.shape[:2]
-        sigma = p.new_ones(B, P, 3)
-        R = torch.eye(3, dtype=p.dtype, device=p.device).expand(B, P, 3, 3)
+        sigma, R = euclidean_metric(p)
     with torch.no_grad():
         parts = []
         for start in range(0, q.shape[1], chunk):
