@@ -1,0 +1,142 @@
+"""How much of the brute-force search a warp-by-tile skip would keep (a model on the CPU).
+
+A design for the CUDA search that the op benchmark's bars call for (docs/op.md): sort the
+queries and the points along a Morton curve, let a warp own 32 consecutive queries, cut the
+points into tiles of T consecutive points, and let the warp skip a tile when every lane's
+lower bound on the tile's distances is above that lane's current K-th best distance (the bound
+is the grid's: the tile's smallest eigenvalue bound lam times the squared gap between the
+query and the tile's bounding box). Whatever the warp does not skip, it scans like today's
+brute force, so the kept fraction of (warp, tile) pairs estimates the kept fraction of the
+brute force's work.
+
+This script computes that fraction exactly (float64) on the op benchmark's inputs
+(``neusdf.ops.testing.make_inputs``) for two visiting orders:
+
+- ``sorted``: each warp visits the tiles in ascending order of its smallest bound and stops
+  once that bound exceeds every lane's gate (the best order; a kernel would need a per-warp
+  sort of the tile bounds);
+- ``home``: each warp first scans the H tiles around where its queries fall in the points'
+  Morton order, then every other tile in index order with the skip test (no sort).
+
+Gates start at +inf and tighten as tiles are scanned, as they would in a kernel. Large sizes
+sample every n-th warp (``--warps``).
+
+    python benchmarks/tile_skip_model.py results.json
+    python benchmarks/tile_skip_model.py results.json --sizes reference --tile 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from neusdf.mesh_io import save_json  # noqa: E402
+from neusdf.ops.testing import make_inputs  # noqa: E402
+
+# the op benchmark's sizes (B, Q, P, K) and the warps sampled per batch (None: all)
+SIZES = {
+    "reference": ((2, 12288, 4096, 16), None),
+    "P=65536": ((2, 12288, 65536, 16), None),
+    "training size": ((1, 32768, 16384, 8), None),
+}
+ORDERS = ("sorted", "home")
+MORTON_BITS = 10
+
+
+def morton(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 Morton codes of (N, 3) points in the box [lo, hi] (MORTON_BITS per axis)."""
+    cell = ((x - lo) / (hi - lo + 1e-12) * (2**MORTON_BITS - 1)).long()
+    code = torch.zeros(len(x), dtype=torch.long)
+    for bit in range(MORTON_BITS):
+        for axis in range(3):
+            code |= ((cell[:, axis] >> bit) & 1) << (3 * bit + axis)
+    return code
+
+
+def kept_fraction(B: int, Q: int, P: int, K: int, tile: int, home: int, warps, seed=0) -> dict:
+    """Fraction of (warp, tile) pairs scanned under each visiting order, over all batches."""
+    q, p, _, sigma, R = make_inputs(B, Q, P, 1, seed=seed)
+    scanned = dict.fromkeys(ORDERS, 0)
+    total = 0
+    for b in range(B):
+        qb, pb = q[b].double(), p[b].double()
+        both = torch.cat([qb, pb])
+        lo, hi = both.min(0).values, both.max(0).values
+        qc, pc = morton(qb, lo, hi), morton(pb, lo, hi)
+        qo, po = torch.argsort(qc), torch.argsort(pc)
+        qb, qc, pb, pc = qb[qo], qc[qo], pb[po], pc[po]
+        M = R[b][po].double().transpose(1, 2) @ torch.diag_embed(sigma[b][po].double())
+        M = M @ R[b][po].double()
+        lam = torch.linalg.eigvalsh(M)[:, 0]
+        nt = P // tile
+        pts = pb[: nt * tile].view(nt, tile, 3)
+        tlo, thi = pts.min(1).values, pts.max(1).values
+        tlam = lam[: nt * tile].view(nt, tile).min(1).values
+        step = 1 if warps is None else max(Q // 32 // warps, 1)
+        for w in range(0, Q // 32, step):
+            qw = qb[w * 32 : (w + 1) * 32]
+            gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
+            bound = tlam[None] * (gap**2).sum(-1)  # (32, tiles)
+            start = int(torch.searchsorted(pc, qc[w * 32 + 16])) // tile
+            first = max(0, min(start - home // 2, nt - home))
+            rest = [t for t in range(nt) if not first <= t < first + home]
+            orders = {
+                "sorted": torch.argsort(bound.min(0).values).tolist(),
+                "home": list(range(first, first + home)) + rest,
+            }
+            for name, order in orders.items():
+                best = torch.full((32, K), float("inf"), dtype=torch.float64)
+                for t in order:
+                    gate = best[:, -1]
+                    if name == "sorted" and bool(bound[:, t].min() > gate.max()):
+                        break  # the tiles left are farther still for every lane
+                    if not bool((bound[:, t] <= gate).any()):
+                        continue
+                    scanned[name] += 1
+                    sl = slice(t * tile, (t + 1) * tile)
+                    d = qw[:, None, :] - pb[sl][None]
+                    D = torch.einsum("qpi,pij,qpj->qp", d, M[sl], d)
+                    best = torch.cat([best, D], 1).sort(1).values[:, :K]
+            total += nt
+    return {name: scanned[name] / total for name in ORDERS}
+
+
+def main() -> int:
+    """Command line entry point; see the module docstring."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", help="output JSON")
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {list(SIZES)}")
+    ap.add_argument("--tile", type=int, default=32, help="points per tile")
+    ap.add_argument("--home", type=int, default=8, help="tiles scanned first in 'home' order")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
+    args = ap.parse_args()
+    sizes = [s for s in args.sizes.split(",") if s]
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"--sizes: unknown size '{s}', expected some of {list(SIZES)}")
+    if args.tile < 1 or args.home < 1:
+        ap.error("--tile and --home must be >= 1")
+    rows = []
+    for s in sizes:
+        (B, Q, P, K), warps = SIZES[s]
+        t0 = time.perf_counter()
+        kept = kept_fraction(B, Q, P, K, args.tile, args.home, warps)
+        rows.append({"size": s, "B": B, "Q": Q, "P": P, "K": K, "warps_sampled": warps, **kept})
+        print(
+            f"{s:14s} (B={B}, Q={Q}, P={P}, K={K}), tiles of {args.tile}: kept "
+            + ", ".join(f"{o} {kept[o]:.3f}" for o in ORDERS)
+            + f"  ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    result = {"tile": args.tile, "home": args.home, "rows": rows}
+    save_json(args.json, result, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
