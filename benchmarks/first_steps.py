@@ -16,6 +16,7 @@ context's creation, in the build).
     python benchmarks/first_steps.py out_dir                       # GPU
     python benchmarks/first_steps.py out_dir --profile cprofile
     CUDA_MODULE_LOADING=EAGER python benchmarks/first_steps.py out_dir
+    python benchmarks/first_steps.py /tmp/fs --smoke --steps 12    # CPU: tests the script
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from quality import (  # noqa: E402
     DEFAULT_MESHES,
     SETTINGS,
     SHAPES,
+    SMOKE_OVERRIDES,
     TIMING_OVERRIDES,
     make_input,
     write_input,
@@ -50,6 +52,12 @@ from neusdf.pipeline import build, fit  # noqa: E402
 TORCH_PROFILED_STEPS = 6
 
 
+def synchronize() -> None:
+    """Waits for the GPU (nothing to wait for on the CPU, in --smoke runs)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class StepTimes(L.Callback):
     """Wall clock at the training start and after each step (GPU synchronised); optionally
     runs the torch profiler over the first ``profile_steps`` steps and writes its table."""
@@ -60,15 +68,17 @@ class StepTimes(L.Callback):
         self.prof: torch.profiler.profile | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        torch.cuda.synchronize()
+        synchronize()
         self.t.append(time.perf_counter())
         if self.profile_steps:
-            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        torch.cuda.synchronize()
+        synchronize()
         self.t.append(time.perf_counter())
         if self.prof is not None and trainer.global_step == self.profile_steps:
             self.prof.__exit__(None, None, None)
@@ -82,6 +92,7 @@ class StepTimes(L.Callback):
 def one_run(data: Path, workdir: Path, args, first: bool) -> dict:
     """Builds and fits one run; returns its seconds and per-step milliseconds."""
     overrides = [f"data.path={data}", f"trainer.max_steps={args.steps}", *TIMING_OVERRIDES]
+    overrides += SMOKE_OVERRIDES if args.smoke else []
     cfg = compose_train_config(overrides + args.override, workdir)
     t0 = time.perf_counter()
     run = build(cfg)
@@ -134,9 +145,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=250, help="training steps per run")
     ap.add_argument("--profile", choices=["none", "cprofile", "torch"], default="none")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    ap.add_argument("--smoke", action="store_true", help="a tiny CPU run that tests the script")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        ap.error("needs a CUDA device")
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("needs a CUDA device (or --smoke)")
     if args.steps < 10:
         ap.error(f"--steps: at least 10, got {args.steps}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +160,7 @@ def main() -> int:
             runs.append(one_run(data, Path(tmp) / f"run{i}", args, first=i == 0))
             print(summary(i, runs[-1]), flush=True)
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "input": f"{args.shape}/{args.setting}",
         "profile": args.profile,
