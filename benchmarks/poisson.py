@@ -121,11 +121,12 @@ def main() -> int:
     from quality import (
         DEFAULT_MESHES,
         SETTINGS,
-        SHAPES,
+        add_shape_arguments,
         host_info,
         make_input,
-        parse_shape_files,
         score,
+        selected_shapes,
+        split_names,
     )
 
     from neusdf.mesh_io import save_json
@@ -133,9 +134,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("json", help="output JSON (rows already in it are kept and skipped)")
-    ap.add_argument("--shapes", default=None, help="comma list (default: all, --shape-file too)")
-    ap.add_argument("--shape-file", action="append", default=[], metavar="NAME=PATH",
-                    help="a further shape (repeatable)")  # fmt: skip
+    add_shape_arguments(ap)
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list (default: all)")
     ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
     ap.add_argument("--depth", type=int, default=8)
@@ -147,14 +146,8 @@ def main() -> int:
     ap.add_argument("--num-ref", type=int, default=1_000_000)
     ap.add_argument("--redo", action="store_true", help="re-run selected rows already present")
     args = ap.parse_args()
-    shape_files = parse_shape_files(ap, args.shape_file)
-    all_shapes = {**SHAPES, **shape_files}
-    shapes = [s for s in (args.shapes or ",".join(all_shapes)).split(",") if s]
-    settings = [s for s in args.settings.split(",") if s]
-    for arg, items, known in (("--shapes", shapes, all_shapes), ("--settings", settings, SETTINGS)):
-        for s in items:
-            if s not in known:
-                ap.error(f"{arg}: unknown name '{s}', expected some of {list(known)}")
+    shapes, shape_files = selected_shapes(ap, args)
+    settings = split_names(ap, "--settings", args.settings, SETTINGS)
 
     config = {k: getattr(args, k) for k in ("depth", "trim", "knn", "num_query", "num_ref")}
     data = {"config": config, "host": {}, "rows": {}}

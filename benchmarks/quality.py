@@ -397,7 +397,8 @@ def parse_shape_files(ap, entries: list[str]) -> dict[str, Path]:
     return files
 
 
-def _split(ap, arg: str, text: str, known) -> list[str]:
+def split_names(ap, arg: str, text: str, known) -> list[str]:
+    """The comma list ``text`` of option ``arg``; an unknown name is an error naming it."""
     items = [s for s in text.split(",") if s]
     for s in items:
         if s not in known:
@@ -405,18 +406,32 @@ def _split(ap, arg: str, text: str, known) -> list[str]:
     return items
 
 
-def main() -> int:
-    """CLI; returns the exit status (0 when every selected row finished, 1 otherwise)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("json", help="output JSON (rows already in it are kept and skipped)")
+def add_shape_arguments(ap) -> None:
+    """``--shapes`` and ``--shape-file``, as this script and ``poisson.py`` take them."""
     ap.add_argument("--shapes", default=None, help="comma list (default: all, --shape-file too)")
     ap.add_argument(
         "--shape-file",
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="a further shape (repeatable); its rows need Poisson rows of the same name",
+        help="a further shape (repeatable); quality.py compares it with poisson.py's rows of "
+        "the same name",
     )
+
+
+def selected_shapes(ap, args) -> tuple[list[str], dict[str, Path]]:
+    """The shapes ``--shapes`` selects (default: the seven and every ``--shape-file``) and the
+    ``--shape-file`` shapes (name -> mesh file)."""
+    shape_files = parse_shape_files(ap, args.shape_file)
+    known = {**SHAPES, **shape_files}
+    return split_names(ap, "--shapes", args.shapes or ",".join(known), known), shape_files
+
+
+def main() -> int:
+    """CLI; returns the exit status (0 when every selected row finished, 1 otherwise)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("json", help="output JSON (rows already in it are kept and skipped)")
+    add_shape_arguments(ap)
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list (default: all)")
     ap.add_argument("--variants", default="neusdf", help=f"comma list of {','.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: config)")
@@ -437,12 +452,10 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run to test the script")
     args = ap.parse_args()
 
-    shape_files = parse_shape_files(ap, args.shape_file)
-    known = {**SHAPES, **shape_files}
-    shapes = _split(ap, "--shapes", args.shapes or ",".join(known), known)
-    settings = _split(ap, "--settings", args.settings, SETTINGS)
-    variants = _split(ap, "--variants", args.variants, VARIANTS)
-    tuned_on = set(_split(ap, "--tuned-on", args.tuned_on, known))
+    shapes, shape_files = selected_shapes(ap, args)
+    settings = split_names(ap, "--settings", args.settings, SETTINGS)
+    variants = split_names(ap, "--variants", args.variants, VARIANTS)
+    tuned_on = set(split_names(ap, "--tuned-on", args.tuned_on, {**SHAPES, **shape_files}))
 
     import torch
 
