@@ -80,16 +80,18 @@ ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::
 
 SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n, bool cuda) {
   if (method == "brute") return SearchMethod::kBrute;
-  if (method == "grid") {
-    TORCH_CHECK(!cuda || n.K <= kGridMaxKCuda, "neusdf: method=\"grid\" supports K <= ",
-                kGridMaxKCuda, " on CUDA, got K = ", n.K, "; use \"auto\" or \"brute\"");
-    return SearchMethod::kGrid;
+  if (method == "grid" || method == "tile") {
+    TORCH_CHECK(!cuda || n.K <= kGridMaxKCuda, "neusdf: method=\"",
+                std::string(method.data(), method.size()), "\" supports K <= ", kGridMaxKCuda,
+                " on CUDA, got K = ", n.K, "; use \"auto\" or \"brute\"");
+    return method == "grid" ? SearchMethod::kGrid : SearchMethod::kTile;
   }
-  TORCH_CHECK(method == "auto", "neusdf: knn_search method must be \"auto\", \"brute\" or "
-              "\"grid\", got \"", std::string(method.data(), method.size()), "\"");
+  TORCH_CHECK(method == "auto", "neusdf: knn_search method must be \"auto\", \"brute\", "
+              "\"grid\" or \"tile\", got \"", std::string(method.data(), method.size()), "\"");
   const int64_t min_points = cuda ? 8192 : 1024;
-  const bool grid = n.P >= min_points && 16 * n.K <= n.P && (!cuda || n.K <= kGridMaxKCuda);
-  return grid ? SearchMethod::kGrid : SearchMethod::kBrute;
+  const bool prune = n.P >= min_points && 16 * n.K <= n.P && (!cuda || n.K <= kGridMaxKCuda);
+  if (!prune) return SearchMethod::kBrute;
+  return cuda && n.P <= kTileMaxAutoPoints ? SearchMethod::kTile : SearchMethod::kGrid;
 }
 
 void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,

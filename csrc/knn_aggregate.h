@@ -15,8 +15,9 @@
 //   knn_search(q, p, sigma?, R?, K, method="auto") -> idx (B, Q, K) int64
 //       The K points with the smallest D, ascending, ties to the lower index; NaN and +inf
 //       distances sort last. 1 <= K <= P. method: "brute" (every point), "grid" (the exact
-//       grid search of knn_grid.h; on CUDA for K <= 32) or "auto" (choose_search_method).
-//       Both methods give identical results. sigma and R both absent: the Euclidean metric,
+//       ring search of knn_grid.h's uniform grid; on CUDA for K <= 32), "tile" (the exact
+//       Morton-tile search, knn_grid.h's "tiles"; on CUDA for K <= 32) or "auto"
+//       (choose_search_method). Every method gives identical results. sigma and R both absent: the Euclidean metric,
 //       the same result, bit for bit, as sigma = 1 and R = I (CUDA's brute force has a kernel
 //       for it; the other paths run the general one on a materialised identity).
 //   knn_aggregate(q, p, f, sigma, R, idx) -> (f_out (B, Q, F), w (B, Q, K), dists (B, Q, K))
@@ -62,15 +63,20 @@ std::pair<at::Tensor, at::Tensor> search_metric(const std::optional<at::Tensor>&
 std::pair<at::Tensor, at::Tensor> euclidean_metric(const at::Tensor& p);
 
 // The search method knn_search runs.
-enum class SearchMethod { kBrute, kGrid };
+enum class SearchMethod { kBrute, kGrid, kTile };
 
-// Largest K of the CUDA grid search (its per-query list lives in registers).
+// Largest K of the CUDA grid and tile searches (their per-query lists live in registers).
 constexpr int64_t kGridMaxKCuda = 32;
 
-// Parses knn_search's method ("auto", "brute" or "grid"; anything else is an error). "auto"
-// takes the grid when there are enough points for it to pay off (P >= 1024 on the CPU, P >= 8192
-// on CUDA) and K is small against P (16 K <= P), else brute force; "grid" with K > 32 on CUDA is
-// an error.
+// Largest P for which "auto" takes the tile search on CUDA: above it the grid's ring search is
+// faster (H100: the tile search wins up to P = 131072, the grid from P = 262144; docs/op.md).
+constexpr int64_t kTileMaxAutoPoints = 131072;
+
+// Parses knn_search's method ("auto", "brute", "grid" or "tile"; anything else is an error).
+// "auto" takes brute force unless there are enough points for pruning to pay off (P >= 1024 on
+// the CPU, P >= 8192 on CUDA) and K is small against P (16 K <= P); then the grid on the CPU,
+// and on CUDA the tile search up to kTileMaxAutoPoints points, the grid above. "grid" or
+// "tile" with K > 32 on CUDA is an error.
 SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n, bool cuda);
 
 // Checks everything knn_aggregate takes (idx: int64, (B, Q, K) with 1 <= K <= P); returns sizes.

@@ -233,4 +233,105 @@ NEUSDF_HD T bound_key(T lam, T gap2) {
   return search_key(b);
 }
 
+
+// ------------------------------------------------------------------------------ tiles
+//
+// The tile search (method "tile"; docs/op.md, "The tile search"): queries and points sorted
+// along one Morton curve, 32 consecutive queries walking the points in tiles of 32 consecutive
+// points, a tile skipped when every query's bound on it is above that query's current N-th best
+// key. These pieces are shared by both devices; the CPU runs the 32 queries of a group in
+// lockstep, as a CUDA warp does.
+
+constexpr int kTilePoints = 32;  // points per tile (one per lane when a warp stages a tile)
+constexpr int kTileQueries = 32;  // queries walking the tiles together (a warp)
+constexpr int kTileHome = 8;      // tiles scanned first, around the queries' place
+constexpr int kMortonBits = 8;                     // per axis
+constexpr int kMortonKeyBits = 3 * kMortonBits;  // bits of a Morton code
+
+// Bounding box and smallest lam (0 when some point has no bound) of one tile's points.
+template <typename T>
+struct alignas(16) TileBox {
+  T lo[3];
+  T hi[3];
+  T lam;
+  T pad;
+};
+
+// Morton code (kMortonKeyBits bits) of x in the box [lo, hi] (clamped per axis; NaN and an empty box give 0).
+template <typename T>
+NEUSDF_HD int64_t morton_code(const T x[3], const T* lo, const T* hi) {
+  const T top = static_cast<T>((1 << kMortonBits) - 1);
+  unsigned c[3];
+  for (int a = 0; a < 3; ++a) {
+    const T e = hi[a] - lo[a];
+    const T f = e > T(0) ? (x[a] - lo[a]) / e * top : T(0);
+    c[a] = f >= top ? (1u << kMortonBits) - 1 : (f > T(0) ? static_cast<unsigned>(f) : 0u);
+  }
+  int64_t code = 0;
+  for (int bit = 0; bit < kMortonBits; ++bit) {
+    for (int a = 0; a < 3; ++a) code |= static_cast<int64_t>((c[a] >> bit) & 1u) << (3 * bit + a);
+  }
+  return code;
+}
+
+// Adds a point to a tile's box and lam (start from empty_tile_box).
+template <typename T>
+NEUSDF_HD void extend_tile_box(TileBox<T>& box, const T p[3], T lam) {
+  for (int a = 0; a < 3; ++a) {  // a NaN coordinate changes nothing (its lam is -1)
+    box.lo[a] = p[a] < box.lo[a] ? p[a] : box.lo[a];
+    box.hi[a] = p[a] > box.hi[a] ? p[a] : box.hi[a];
+  }
+  box.lam = lam < box.lam ? lam : box.lam;  // -1 or 0 (no bound) stays below every bound
+}
+
+template <typename T>
+NEUSDF_HD TileBox<T> empty_tile_box() {
+  TileBox<T> box;
+  for (int a = 0; a < 3; ++a) {
+    box.lo[a] = static_cast<T>(INFINITY);
+    box.hi[a] = -static_cast<T>(INFINITY);
+  }
+  box.lam = static_cast<T>(INFINITY);
+  box.pad = 0;
+  return box;
+}
+
+template <typename T>
+NEUSDF_HD T magnitude(T x) {
+  return x < T(0) ? -x : x;
+}
+
+// Search key of a lower bound on D for every point of the tile, from the squared gap between
+// q and the tile's box, shaved for the rounding of the gaps (NaN or infinite q: 0). A tile
+// holding a point without a bound gets -inf: it is never skipped, whatever the keys (with a
+// negative precision, which only the raw operator lets through, keys can be negative).
+template <typename T>
+NEUSDF_HD T tile_bound_key(const T q[3], const TileBox<T>& box) {
+  if (!(box.lam > T(0))) return -static_cast<T>(INFINITY);
+  T gap2 = 0;
+  for (int a = 0; a < 3; ++a) {
+    const T below = box.lo[a] - q[a], above = q[a] - box.hi[a];
+    const T slack =
+        T(64 * Eps<T>::value) * (magnitude(q[a]) + magnitude(box.lo[a]) + magnitude(box.hi[a]));
+    gap2 += gap_squared(below > above ? below : above, slack);
+  }
+  return bound_key(box.lam, gap2);
+}
+
+// The first of the kTileHome tiles scanned first, for queries that fall at position pos of
+// the points' Morton order.
+NEUSDF_HD int home_tile(int64_t pos, int tiles) {
+  const int home = tiles < kTileHome ? tiles : kTileHome;
+  const int first = static_cast<int>(pos / kTilePoints) - home / 2;
+  const int last_first = tiles - home;
+  return first < 0 ? 0 : (first > last_first ? last_first : first);
+}
+
+// Tile visited at step i: the home tiles [first, first + home), then the others in order.
+NEUSDF_HD int tile_at(int i, int first, int tiles) {
+  const int home = tiles < kTileHome ? tiles : kTileHome;
+  const int j = i - home;
+  return i < home ? first + i : (j < first ? j : j + home);
+}
+
 }  // namespace neusdf

@@ -209,6 +209,109 @@ void search_grid(const T* q, const T* p, const T* sigma, const T* R, const Probl
   }
 }
 
+// The tile search (knn_grid.h, "tiles"): each group of 32 queries consecutive in Morton order
+// runs in lockstep, as one CUDA warp would, through the home tiles and then every other tile,
+// skipping a tile when no query's bound on it reaches its N-th key (the CUDA kernel splits a
+// group's tiles over several warps; the result is the same, exact). It is the CUDA walk's
+// check on the CPU (the order, the bounds, the padding of the last tile) more than a fast path:
+// "auto" takes the grid on the CPU.
+template <typename T>
+void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const ProblemSize& n,
+                  int64_t* idx) {
+  int N = 1;
+  while (N < n.K) N *= 2;  // the list length of the CUDA kernel, which gates on its last key
+  const int tiles = static_cast<int>((n.P + kTilePoints - 1) / kTilePoints);
+  for (int64_t b = 0; b < n.B; ++b) {
+    const T* pb = p + 3 * b * n.P;
+    const T* sb = sigma + 3 * b * n.P;
+    const T* Rb = R + 9 * b * n.P;
+    const T* qb = q + 3 * b * n.Q;
+    std::vector<T> lam(n.P);
+    T lo[3], hi[3];
+    for (int a = 0; a < 3; ++a) {
+      lo[a] = std::numeric_limits<T>::infinity();
+      hi[a] = -std::numeric_limits<T>::infinity();
+    }
+    for (int64_t j = 0; j < n.P; ++j) {
+      lam[j] = point_lambda(pb + 3 * j, sb + 3 * j, Rb + 9 * j);
+      const T* v = pb + 3 * j;
+      if (!(is_finite(v[0]) && is_finite(v[1]) && is_finite(v[2]))) continue;
+      for (int a = 0; a < 3; ++a) {
+        lo[a] = std::min(lo[a], v[a]);
+        hi[a] = std::max(hi[a], v[a]);
+      }
+    }
+    // Morton order of the points and of the queries (the box only orders)
+    const auto sorted = [&](const T* xyz, int64_t count) {
+      std::vector<std::pair<int64_t, int64_t>> code(count);
+      for (int64_t i = 0; i < count; ++i) code[i] = {morton_code(xyz + 3 * i, lo, hi), i};
+      std::sort(code.begin(), code.end());
+      return code;
+    };
+    const std::vector<std::pair<int64_t, int64_t>> pcode = sorted(pb, n.P), qcode = sorted(qb, n.Q);
+    std::vector<TileBox<T>> boxes(tiles, empty_tile_box<T>());
+    for (int64_t s = 0; s < n.P; ++s) {
+      const int64_t j = pcode[s].second;
+      extend_tile_box(boxes[s / kTilePoints], pb + 3 * j, lam[j]);
+    }
+    const int64_t groups = (n.Q + kTileQueries - 1) / kTileQueries;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> key(kTileQueries * N);
+      std::vector<int64_t> ind(kTileQueries * N);
+      for (int64_t g = begin; g < end; ++g) {
+        std::fill(key.begin(), key.end(), std::numeric_limits<T>::infinity());
+        std::fill(ind.begin(), ind.end(), std::numeric_limits<int64_t>::max());
+        const int64_t first_query = g * kTileQueries;
+        const int64_t lanes = std::min<int64_t>(kTileQueries, n.Q - first_query);
+        const int64_t code = qcode[std::min(first_query + kTileQueries / 2, n.Q - 1)].first;
+        const int64_t pos =
+            std::lower_bound(pcode.begin(), pcode.end(), std::make_pair(code, int64_t(0))) -
+            pcode.begin();
+        const int first = home_tile(pos, tiles);
+        for (int i = 0; i < tiles; ++i) {
+          const int t = tile_at(i, first, tiles);
+          bool need = false;
+          for (int64_t l = 0; l < lanes; ++l) {
+            const T* qv = qb + 3 * qcode[first_query + l].second;
+            need = need || !(tile_bound_key(qv, boxes[t]) > key[l * N + N - 1]);
+          }
+          if (!need) continue;
+          for (int64_t l = 0; l < lanes; ++l) {
+            const T* qv = qb + 3 * qcode[first_query + l].second;
+            T* kl = key.data() + l * N;
+            int64_t* il = ind.data() + l * N;
+            for (int x = 0; x < kTilePoints; ++x) {
+              const int64_t slot = static_cast<int64_t>(t) * kTilePoints + x;
+              T k;
+              int64_t j;
+              if (slot < n.P) {
+                j = pcode[slot].second;
+                T d[3], u[3];
+                k = search_key(pair_distance(qv, pb + 3 * j, sb + 3 * j, Rb + 9 * j, d, u));
+              } else {  // the CUDA kernel's padding record: the largest key, past every index
+                j = n.P + x;
+                k = search_key(std::numeric_limits<T>::quiet_NaN());
+              }
+              if (!comes_before(k, j, kl[N - 1], il[N - 1])) continue;
+              int s = N - 1;
+              for (; s > 0 && comes_before(k, j, kl[s - 1], il[s - 1]); --s) {
+                kl[s] = kl[s - 1];
+                il[s] = il[s - 1];
+              }
+              kl[s] = k;
+              il[s] = j;
+            }
+          }
+        }
+        for (int64_t l = 0; l < lanes; ++l) {
+          const int64_t bq = b * n.Q + qcode[first_query + l].second;
+          for (int64_t k = 0; k < n.K; ++k) idx[bq * n.K + k] = ind[l * N + k];
+        }
+      }
+    });
+  }
+}
+
 at::Tensor knn_search_cpu(const at::Tensor& q_in, const at::Tensor& p_in,
                           const std::optional<at::Tensor>& sigma_opt,
                           const std::optional<at::Tensor>& R_opt, int64_t K,
@@ -224,7 +327,9 @@ at::Tensor knn_search_cpu(const at::Tensor& q_in, const at::Tensor& p_in,
                    R = R_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_search_cpu", [&] {
     using T = scalar_t;
-    const auto search = how == SearchMethod::kGrid ? search_grid<T> : search_brute_force<T>;
+    const auto search = how == SearchMethod::kGrid   ? search_grid<T>
+                        : how == SearchMethod::kTile ? search_tiles<T>
+                                                     : search_brute_force<T>;
     search(q.data_ptr<T>(), p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), n,
            idx.data_ptr<int64_t>());
   });

@@ -17,11 +17,19 @@
 // atomic scatter of packed point records in cell order), each cell's minimum lam. Queries are
 // sorted by cell the same way, so that neighbouring threads walk neighbouring cells; each thread
 // then runs the ring search of one query with its list in registers.
+//
+// Tile (knn_grid.h; K <= 32): the points and queries in Morton order, a block of 32 queries
+// scanning only the tiles of 32 points that some query's bound does not rule out (see "tile
+// search" below).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cuda_pipeline.h>
+
+#include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -29,6 +37,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -112,6 +121,13 @@ struct LaneList {
   }
 };
 
+// The smallest key a candidate needs to reach to pass the bound b inclusively: k <= b is k < the
+// next float above b (search keys are finite, so an infinite b lets everything pass).
+template <typename T>
+__device__ __forceinline__ T next_key_above(T b) {
+  return nextafter(b, static_cast<T>(INFINITY));
+}
+
 // Candidates that pass the gate wait in a per-lane queue in shared memory; the list is updated
 // only when some lane's queue is nearly full, so the warp runs the (divergent) insertion code
 // far less often than once a point. Slot s of lane l is at [s * kWarp + l]: the lanes of a warp
@@ -122,7 +138,10 @@ struct LaneList {
 // N-th key the block's warps published after the previous tile: that warp holds N distinct points
 // at or below it, so a point above it is in no query's best N, while one equal to it could still
 // win on its index.
-template <typename T, int N>
+//
+// kLex: indices arrive in no particular order (the tile search), so "comes before" compares
+// (key, index) and a candidate may tie the N-th key.
+template <typename T, int N, bool kLex = false>
 struct LaneQueue {
   T* key;
   int* ind;
@@ -149,23 +168,17 @@ struct LaneQueue {
     for (int s = 0; s < kQueue; ++s) {
       if (s < queued) {
         const T k = key[s * kWarp + lane];
-        if (k < list.key[N - 1]) {
-          insert_sorted<T, N, false>(list.key, list.ind, k, ind[s * kWarp + lane]);
+        const int j = ind[s * kWarp + lane];
+        if (kLex ? comes_before<T>(k, j, list.key[N - 1], list.ind[N - 1]) : k < list.key[N - 1]) {
+          insert_sorted<T, N, kLex>(list.key, list.ind, k, j);
         }
       }
     }
     queued = 0;
-    own = list.key[N - 1];
+    own = kLex ? next_key_above(list.key[N - 1]) : list.key[N - 1];
     gate = min(own, block);
   }
 };
-
-// The smallest key a candidate needs to reach to pass the bound b inclusively: k <= b is k < the
-// next float above b (search keys are finite, so an infinite b lets everything pass).
-template <typename T>
-__device__ __forceinline__ T next_key_above(T b) {
-  return nextafter(b, static_cast<T>(INFINITY));
-}
 
 // Copies points [start, start + count) of one batch into the shared tile (whole block) and
 // fills the rest of the tile with NaN records. A NaN record's key is the largest finite value
@@ -464,6 +477,23 @@ __global__ void bucket_kernel(const T* __restrict__ xyz, const bool* __restrict_
   atomicAdd(counts + b * (cells + 1) + bk, 1);
 }
 
+// The record of point x (a flat index over all batches).
+template <typename T>
+__device__ __forceinline__ PointRec<T> point_record(const T* __restrict__ p,
+                                                    const T* __restrict__ sigma,
+                                                    const T* __restrict__ R, int64_t x) {
+  PointRec<T> rec;
+#pragma unroll
+  for (int c = 0; c < 3; ++c) {
+    rec.p[c] = p[3 * x + c];
+    rec.s[c] = sigma[3 * x + c];
+  }
+#pragma unroll
+  for (int c = 0; c < 9; ++c) rec.R[c] = R[9 * x + c];
+  rec.pad = 0;
+  return rec;
+}
+
 // Counting sort's scatter: slot of element x = the next free place of its bucket. With records
 // (points), also copies the point's record into its slot. order holds the index within the batch
 // (points) or the flat index (queries, flat = true).
@@ -478,18 +508,7 @@ __global__ void scatter_kernel(const int* __restrict__ bucket, int64_t n, int64_
   const int64_t b = x / per_batch;
   const int slot = atomicAdd(cursor + b * buckets + bucket[x], 1);
   order[slot] = flat ? static_cast<int>(x) : static_cast<int>(x - b * per_batch);
-  if (records != nullptr) {
-    PointRec<T> rec;
-#pragma unroll
-    for (int c = 0; c < 3; ++c) {
-      rec.p[c] = p[3 * x + c];
-      rec.s[c] = sigma[3 * x + c];
-    }
-#pragma unroll
-    for (int c = 0; c < 9; ++c) rec.R[c] = R[9 * x + c];
-    rec.pad = 0;
-    records[slot] = rec;
-  }
+  if (records != nullptr) records[slot] = point_record(p, sigma, R, x);
 }
 
 // Minimum lam over each cell's points (+inf for an empty cell); cells of all batches.
@@ -672,6 +691,451 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ------------------------------------------------------------------------------ tile search
+//
+// Method "tile" (knn_grid.h, "tiles"; docs/op.md, "The tile search"), built each call without
+// a host synchronisation: the points' Morton box per batch (one reduction kernel, atomicMin on
+// ordered bits), the Morton keys of the points and the queries in one array ([is a query |
+// batch | code]), one CUB radix sort of that array, then one warp per tile of 32 points gathers
+// the tile's records in Morton order and reduces its bounding box and smallest lam. The search
+// kernel gives a block 32 queries consecutive in Morton order (one per lane) and W warps that
+// share the tiles; a warp scans a tile like the brute force does (every lane reads every point
+// from shared memory) only when some lane's bound on it reaches that lane's gate.
+constexpr int kTileWarpsMax = 4;  // warps per block, at most (8 do not fit 48 KiB for float)
+
+// Search keys as unsigned integers of the same order (a larger key, a larger integer), so that
+// the warps of a block can lower a shared bound with an integer atomicMin.
+__device__ __forceinline__ unsigned int ordered_bits(float k) {
+  const unsigned int b = __float_as_uint(k);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ unsigned long long ordered_bits(double k) {
+  const unsigned long long b = static_cast<unsigned long long>(__double_as_longlong(k));
+  return (b >> 63) ? ~b : (b | (1ull << 63));
+}
+__device__ __forceinline__ float from_ordered_bits(unsigned int o) {
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
+__device__ __forceinline__ double from_ordered_bits(unsigned long long o) {
+  return __longlong_as_double(static_cast<long long>((o >> 63) ? (o & ~(1ull << 63)) : ~o));
+}
+template <typename T>
+using OrderedBits = std::conditional_t<sizeof(T) == 4, unsigned int, unsigned long long>;
+
+// The Morton box of each batch: the finite points' smallest and largest coordinates, kept as
+// ordered bits of lo and of -hi (so that one atomicMin serves both; box_bits starts all ones,
+// which decodes to NaN: a batch without a finite point orders every point as code 0).
+template <typename T>
+__global__ void tile_morton_box_kernel(const T* __restrict__ p, int64_t P,
+                                       OrderedBits<T>* __restrict__ box_bits) {
+  const int64_t b = blockIdx.y;
+  T m[6];
+#pragma unroll
+  for (int a = 0; a < 6; ++a) m[a] = static_cast<T>(INFINITY);
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < P;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const T* x = p + 3 * (b * P + j);
+    if (!(is_finite(x[0]) && is_finite(x[1]) && is_finite(x[2]))) continue;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      m[a] = min(m[a], x[a]);
+      m[3 + a] = min(m[3 + a], -x[a]);
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < 6; ++a) {
+    for (int o = kWarp / 2; o > 0; o >>= 1) m[a] = min(m[a], __shfl_xor_sync(kFullMask, m[a], o));
+  }
+  if (threadIdx.x % kWarp == 0) {
+#pragma unroll
+    for (int a = 0; a < 6; ++a) atomicMin(box_bits + 6 * b + a, ordered_bits(m[a]));
+  }
+}
+
+// Sort keys of the points (x < B P) and the queries (the rest), all in one array: [is a query |
+// batch | Morton code], so that one radix sort puts each batch's points, then each batch's
+// queries, in Morton order. values[x] = x.
+template <typename T>
+__global__ void tile_keys_kernel(const T* __restrict__ p, const T* __restrict__ q,
+                                 const OrderedBits<T>* __restrict__ box_bits, int64_t B,
+                                 int64_t P, int64_t Q, int batch_bits,
+                                 unsigned long long* __restrict__ keys, int* __restrict__ values) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= B * (P + Q)) return;
+  const bool is_query = x >= B * P;
+  const int64_t b = is_query ? (x - B * P) / Q : x / P;
+  const T* xyz = is_query ? q + 3 * (x - B * P) : p + 3 * x;
+  T lo[3], hi[3];
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    lo[a] = from_ordered_bits(box_bits[6 * b + a]);
+    hi[a] = -from_ordered_bits(box_bits[6 * b + 3 + a]);
+  }
+  const unsigned long long code = static_cast<unsigned long long>(morton_code(xyz, lo, hi));
+  keys[x] = (static_cast<unsigned long long>(is_query) << (kMortonKeyBits + batch_bits)) |
+            (static_cast<unsigned long long>(b) << kMortonKeyBits) | code;
+  values[x] = static_cast<int>(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T smaller(T a, T b) {
+  return b < a ? b : a;  // NaN in b changes nothing
+}
+
+// Every lane's box becomes the union of the warp's boxes (extend_tile_box's rules). Whole warp.
+template <typename T>
+__device__ __forceinline__ void warp_union_box(TileBox<T>& box) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      box.lo[a] = smaller(box.lo[a], __shfl_xor_sync(kFullMask, box.lo[a], o));
+      box.hi[a] = -smaller(-box.hi[a], -__shfl_xor_sync(kFullMask, box.hi[a], o));
+    }
+    box.lam = smaller(box.lam, __shfl_xor_sync(kFullMask, box.lam, o));
+  }
+}
+
+// One warp per tile of points: the tile's records and indices in Morton order (slot s of batch b
+// holds the point sorted[b P + s]), and the tile's box and smallest lam (extend_tile_box's rules).
+template <typename T>
+__global__ void tile_build_kernel(const T* __restrict__ p, const T* __restrict__ sigma,
+                                  const T* __restrict__ R, const int* __restrict__ sorted,
+                                  int64_t B, int P, int tiles, PointRec<T>* __restrict__ records,
+                                  int* __restrict__ order, TileBox<T>* __restrict__ boxes) {
+  const int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (w >= B * tiles) return;  // a whole warp
+  const int64_t b = w / tiles;
+  const int s = static_cast<int>(w % tiles) * kTilePoints + lane;
+  TileBox<T> box = empty_tile_box<T>();
+  if (s < P) {
+    const int64_t x = sorted[b * P + s];  // the flat index b P + j of the point
+    const PointRec<T> rec = point_record(p, sigma, R, x);
+    records[b * P + s] = rec;
+    order[b * P + s] = static_cast<int>(x - b * P);
+    extend_tile_box(box, rec.p, point_lambda(rec.p, rec.s, rec.R));
+  }
+  warp_union_box(box);
+  if (lane == 0) boxes[w] = box;
+}
+
+// Shared memory of the tile search, per warp unless said: [two buffers of staged point records
+// (kTilePoints each), their indices, the boxes of the next kTilePoints tiles the warp visits] -- reused for the
+// warps' lists after the home tiles and for the final merge -- then the candidate queues, then
+// one shared bound per query (the block's smallest published N-th key, as ordered bits).
+template <typename T>
+__host__ __device__ constexpr size_t tile_stage_bytes() {
+  return (sizeof(PointRec<T>) + sizeof(int)) * 2 * kTilePoints + sizeof(TileBox<T>) * kTilePoints;
+}
+template <typename T, int N>
+__host__ __device__ constexpr size_t tile_region_bytes(int warps) {
+  const size_t stage = tile_stage_bytes<T>() * warps;
+  const size_t lists = sizeof(T) * N * kWarp * warps;
+  const size_t merge = (sizeof(T) + sizeof(int)) * N * kWarp;
+  return stage > lists ? (stage > merge ? stage : merge) : (lists > merge ? lists : merge);
+}
+template <typename T, int N>
+size_t tile_smem_bytes(int warps) {
+  return tile_region_bytes<T, N>(warps) + search_queue_bytes<T>(warps) +
+         sizeof(OrderedBits<T>) * kWarp;
+}
+
+// The N-th smallest key of the union of the warps' lists for query lane (each list sorted, N
+// keys, in lists[w][s][lane]): the warps scanned disjoint points, so the union holds N distinct
+// points at or below it.
+template <typename T, int N>
+__device__ __forceinline__ T union_nth_key(const T* lists, int warps, int lane) {
+  T top[N];  // the N smallest keys seen, ascending (compile-time indices only: registers)
+#pragma unroll
+  for (int s = 0; s < N; ++s) top[s] = static_cast<T>(INFINITY);
+  for (int w = 0; w < warps; ++w) {
+    for (int s = 0; s < N; ++s) {
+      const T k = lists[(w * N + s) * kWarp + lane];
+      if (!(k < top[N - 1])) break;  // this list's later keys are no smaller
+      bool c_hi = true;
+#pragma unroll
+      for (int x = N - 1; x > 0; --x) {
+        const bool c_lo = k < top[x - 1];
+        top[x] = c_lo ? top[x - 1] : (c_hi ? k : top[x]);
+        c_hi = c_lo;
+      }
+      if (c_hi) top[0] = k;
+    }
+  }
+  return top[N - 1];
+}
+
+// A block owns 32 queries consecutive in Morton order (one per lane) and W warps. The tiles are
+// visited in tile_at order, warp w taking visits w, w + W, ...: first the home tiles, after
+// which the block computes each query's N-th key over all warps' lists (a bound every warp may
+// gate with), then the others. A warp scans a tile (every lane every point, staged in shared
+// memory) only when some lane's bound on it is not above that lane's gate: the smaller of its
+// own list's N-th key and the block's shared bound, which every warp lowers (atomicMin) after
+// each tile it scans. The boxes of the warp's next 32 visits are staged together (one coalesced
+// load). At the end the W lists are merged as in the brute force.
+template <typename T, int N>
+__global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
+    knn_tile_search_kernel(const T* __restrict__ q, const unsigned long long* __restrict__ keys,
+                           const int* __restrict__ sorted, const PointRec<T>* __restrict__ records,
+                           const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
+                           int64_t B, int Q, int P, int K, int64_t* __restrict__ idx) {
+  using Bits = OrderedBits<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warps = blockDim.x / kWarp;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  unsigned char* stage = smem_raw + tile_stage_bytes<T>() * warp;
+  PointRec<T>* staged = reinterpret_cast<PointRec<T>*>(stage);
+  int* staged_ind = reinterpret_cast<int*>(stage + sizeof(PointRec<T>) * 2 * kTilePoints);
+  TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(
+      stage + (sizeof(PointRec<T>) + sizeof(int)) * 2 * kTilePoints);
+  unsigned char* after_region = smem_raw + tile_region_bytes<T, N>(warps);
+  Bits* shared_bound =
+      reinterpret_cast<Bits*>(after_region + search_queue_bytes<T>(warps));
+
+  const int qwarps = (Q + kWarp - 1) / kWarp;
+  const int64_t b = blockIdx.x / qwarps;
+  const int first_query = static_cast<int>(blockIdx.x % qwarps) * kWarp;
+  const int s = first_query + lane;
+  const bool active = s < Q;
+  const int64_t BP = B * P;
+  // the query's index in its batch (the queries' sorted values follow the points')
+  const int64_t qi = active ? sorted[BP + b * Q + s] - BP - b * Q : 0;
+  T qv[3] = {0, 0, 0};
+  if (active) {
+#pragma unroll
+    for (int c = 0; c < 3; ++c) qv[c] = q[3 * (b * Q + qi) + c];
+  }
+  LaneList<T, N> list;
+  list.clear();
+  LaneQueue<T, N, true> queue;
+  queue.key = reinterpret_cast<T*>(after_region) + warp * kQueue * kWarp;
+  queue.ind = reinterpret_cast<int*>(after_region + sizeof(T) * warps * kQueue * kWarp) +
+              warp * kQueue * kWarp;
+  queue.queued = 0;
+  queue.own = list.key[N - 1];
+  // an inactive lane never queues (its list is never read)
+  queue.set_block_bound(active ? static_cast<T>(INFINITY) : -static_cast<T>(INFINITY));
+  if (warp == 0) shared_bound[lane] = ordered_bits(static_cast<T>(INFINITY));
+  __syncthreads();  // shared_bound is set before any warp lowers it
+
+  // Home: the tiles around where the block's middle query falls in the points' order.
+  const int tiles = (P + kTilePoints - 1) / kTilePoints;
+  const int home = tiles < kTileHome ? tiles : kTileHome;
+  constexpr unsigned long long kCode = (1ull << kMortonKeyBits) - 1;
+  const unsigned long long code = keys[BP + b * Q + min(first_query + kWarp / 2, Q - 1)] & kCode;
+  const unsigned long long* pc = keys + b * P;
+  int lo = 0, hi = P;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if ((pc[mid] & kCode) < code) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  const int first = home_tile(lo, tiles);
+
+  const TileBox<T>* bb = boxes + b * tiles;
+  const PointRec<T>* rb = records + b * P;
+  const int* ob = order + b * P;
+  // Visits [begin, end) of this warp (begin + warp, then every warps-th), boxes staged by 32.
+  // Starts copying tile t's records and indices into staging buffer buf (cp.async: the copy
+  // runs while the warp scans the other buffer); past the last point, a NaN record, after every
+  // real point (see stage_tile).
+  auto prefetch = [&](int t, int buf) {
+    const int slot = t * kTilePoints + lane;
+    PointRec<T>* dst = staged + buf * kTilePoints + lane;
+    if (slot < P) {
+      const char* from = reinterpret_cast<const char*>(rb + slot);
+#pragma unroll
+      for (int c = 0; c < static_cast<int>(sizeof(PointRec<T>)) / 16; ++c) {
+        __pipeline_memcpy_async(reinterpret_cast<char*>(dst) + 16 * c, from + 16 * c, 16);
+      }
+      __pipeline_memcpy_async(staged_ind + buf * kTilePoints + lane, ob + slot, sizeof(int));
+    } else {
+      PointRec<T> pad;
+#pragma unroll
+      for (int c = 0; c < 3; ++c) {
+        pad.p[c] = static_cast<T>(NAN);
+        pad.s[c] = static_cast<T>(1);
+      }
+#pragma unroll
+      for (int c = 0; c < 9; ++c) pad.R[c] = static_cast<T>(0);
+      pad.pad = 0;
+      *dst = pad;
+      staged_ind[buf * kTilePoints + lane] = P + lane;
+    }
+    __pipeline_commit();
+  };
+  // Visits [begin, end) of this warp (begin + warp, then every warps-th), 32 at a time: the
+  // chunk's boxes are staged together, the chunk is skipped whole when no lane needs the union
+  // of its boxes, else the tiles some lane needs are scanned, each one's copy overlapping the
+  // previous one's scan.
+  auto visit = [&](int begin, int end) {
+    for (int chunk = begin + warp; chunk < end; chunk += warps * kTilePoints) {
+      __syncwarp();  // the previous chunk's boxes are no longer read
+      const int mine = chunk + lane * warps;
+      TileBox<T> box = mine < end ? bb[tile_at(mine, first, tiles)] : empty_tile_box<T>();
+      staged_box[lane] = box;
+      warp_union_box(box);
+      const T gate = min(list.key[N - 1], queue.block);
+      if (!__any_sync(kFullMask, active && !(tile_bound_key(qv, box) > gate))) continue;
+      __syncwarp();
+      unsigned todo = 0;  // the chunk's tiles some lane needs, with today's gate
+      for (int x = 0; x < kTilePoints && chunk + x * warps < end; ++x) {
+        const bool need = active && !(tile_bound_key(qv, staged_box[x]) > gate);
+        if (__any_sync(kFullMask, need)) todo |= 1u << x;
+      }
+      int buf = 0;
+      if (todo != 0) prefetch(tile_at(chunk + (__ffs(todo) - 1) * warps, first, tiles), buf);
+      while (todo != 0) {
+        const int x = __ffs(todo) - 1;
+        todo &= todo - 1;
+        if (todo != 0) {
+          prefetch(tile_at(chunk + (__ffs(todo) - 1) * warps, first, tiles), buf ^ 1);
+          __pipeline_wait_prior(1);
+        } else {
+          __pipeline_wait_prior(0);
+        }
+        __syncwarp();  // every lane's copy of this tile has landed
+        // the gate may have tightened since the chunk was planned
+        const T now = min(list.key[N - 1], queue.block);
+        if (__any_sync(kFullMask, active && !(tile_bound_key(qv, staged_box[x]) > now))) {
+          const PointRec<T>* tile = staged + buf * kTilePoints;
+          const int* tile_ind = staged_ind + buf * kTilePoints;
+          for (int x0 = 0; x0 < kTilePoints; x0 += kUnroll) {
+            T k[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              const PointRec<T>& r = tile[x0 + u];
+              T d[3], e[3];
+              k[u] = search_key(pair_distance(qv, r.p, r.s, r.R, d, e));
+            }
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              if (k[u] < queue.gate) queue.push(k[u], tile_ind[x0 + u], lane);
+            }
+            if (__any_sync(kFullMask, queue.queued > kQueue - kUnroll)) {
+              queue.merge_into(list, lane);
+            }
+          }
+          queue.merge_into(list, lane);
+          if (active) {
+            const Bits mine_bits = ordered_bits(list.key[N - 1]);
+            const Bits seen = atomicMin(shared_bound + lane, mine_bits);
+            const Bits lowest = seen < mine_bits ? seen : mine_bits;
+            queue.set_block_bound(next_key_above(from_ordered_bits(lowest)));
+          }
+        }
+        __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
+        buf ^= 1;
+      }
+    }
+  };
+  visit(0, home);
+  // Every warp gates from now on with the N-th key over all the warps' home lists.
+  __syncthreads();  // the staged tiles and boxes are no longer read
+  T* lists = reinterpret_cast<T*>(smem_raw);
+#pragma unroll
+  for (int x = 0; x < N; ++x) lists[(warp * N + x) * kWarp + lane] = list.key[x];
+  __syncthreads();
+  if (active) {
+    const T home_nth = union_nth_key<T, N>(lists, warps, lane);
+    queue.set_block_bound(min(queue.block, next_key_above(home_nth)));
+  }
+  __syncthreads();  // the lists are no longer read: the region holds staged tiles again
+  visit(home, tiles);
+  merge_warp_lists(smem_raw, warp, warps, lane, active, list);
+  if (warp == 0 && active) {
+#pragma unroll
+    for (int x = 0; x < N; ++x) {
+      if (x < K) idx[(b * Q + qi) * K + x] = list.ind[x];
+    }
+  }
+}
+
+// Warps per tile-search block: enough blocks x warps for kTileTargetWarps resident warps per
+// SM, a power of two <= kTileWarpsMax, within 48 KiB of shared memory. NEUSDF_TILE_WARPS (1..4)
+// overrides the choice, for tuning; it is read once per process.
+constexpr int kTileTargetWarps = 48;
+
+template <typename T, int N>
+int tile_search_warps(int64_t blocks, c10::DeviceIndex device) {
+  static const int forced = [] {
+    const char* env = std::getenv("NEUSDF_TILE_WARPS");
+    const int w = env ? std::atoi(env) : 0;
+    return w >= 1 && w <= kTileWarpsMax ? power_of_two_floor(w) : 0;
+  }();
+  const int64_t target = static_cast<int64_t>(multiprocessor_count(device)) * kTileTargetWarps;
+  int warps = forced ? forced
+                     : power_of_two_floor(std::min<int64_t>(
+                           kTileWarpsMax, std::max<int64_t>(1, (target + blocks - 1) / blocks)));
+  while (warps > 1 && tile_smem_bytes<T, N>(warps) > 48 * 1024) warps /= 2;
+  return warps;
+}
+
+template <typename T, int N>
+void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
+                        const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
+                        cudaStream_t stream) {
+  TORCH_CHECK(n.B * (n.P + n.Q) < INT_MAX,
+              "neusdf: the CUDA tile search supports B * (P + Q) < 2^31");
+  using Bits = OrderedBits<T>;
+  const auto opts = q.options();
+  const int64_t BP = n.B * n.P, total = n.B * (n.P + n.Q);
+  // Morton box per batch
+  at::Tensor box_bits = at::empty({n.B, 6 * static_cast<int64_t>(sizeof(Bits))}, opts.dtype(at::kByte));
+  C10_CUDA_CHECK(cudaMemsetAsync(box_bits.data_ptr(), 0xff, box_bits.numel(), stream));
+  Bits* bbits = reinterpret_cast<Bits*>(box_bits.data_ptr());
+  const dim3 box_grid(static_cast<unsigned>(std::clamp<int64_t>((n.P + 4095) / 4096, 1, 64)),
+                      static_cast<unsigned>(n.B));
+  tile_morton_box_kernel<T><<<box_grid, 256, 0, stream>>>(p.data_ptr<T>(), n.P, bbits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // one radix sort of the points' and the queries' keys
+  int batch_bits = 0;
+  while ((int64_t{1} << batch_bits) < n.B) ++batch_bits;
+  const int end_bit = kMortonKeyBits + batch_bits + 1;
+  TORCH_CHECK(end_bit <= 64, "neusdf: the CUDA tile search supports B < 2^39");
+  const auto long_opts = opts.dtype(at::kLong), int_opts = opts.dtype(at::kInt);
+  at::Tensor keys_in = at::empty({total}, long_opts), keys = at::empty({total}, long_opts);
+  at::Tensor values_in = at::empty({total}, int_opts), sorted = at::empty({total}, int_opts);
+  auto* kin = reinterpret_cast<unsigned long long*>(keys_in.data_ptr());
+  auto* kout = reinterpret_cast<unsigned long long*>(keys.data_ptr());
+  tile_keys_kernel<T><<<grid_blocks(total), kGridThreads, 0, stream>>>(
+      p.data_ptr<T>(), q.data_ptr<T>(), bbits, n.B, n.P, n.Q, batch_bits, kin,
+      values_in.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, kin, kout,
+                                                 values_in.data_ptr<int>(), sorted.data_ptr<int>(),
+                                                 static_cast<int>(total), 0, end_bit, stream));
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, opts.dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, kin, kout,
+                                                 values_in.data_ptr<int>(), sorted.data_ptr<int>(),
+                                                 static_cast<int>(total), 0, end_bit, stream));
+  // the points' records, indices and tile boxes in that order
+  const int tiles = static_cast<int>((n.P + kTilePoints - 1) / kTilePoints);
+  at::Tensor records =
+      at::empty({BP * static_cast<int64_t>(sizeof(PointRec<T>))}, opts.dtype(at::kByte));
+  PointRec<T>* rec = reinterpret_cast<PointRec<T>*>(records.data_ptr());
+  at::Tensor order = at::empty({BP}, int_opts);
+  at::Tensor boxes =
+      at::empty({n.B * tiles * static_cast<int64_t>(sizeof(TileBox<T>))}, opts.dtype(at::kByte));
+  TileBox<T>* box = reinterpret_cast<TileBox<T>*>(boxes.data_ptr());
+  tile_build_kernel<T><<<grid_blocks(n.B * tiles * kWarp), kGridThreads, 0, stream>>>(
+      p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), sorted.data_ptr<int>(), n.B,
+      static_cast<int>(n.P), tiles, rec, order.data_ptr<int>(), box);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t blocks = n.B * ((n.Q + kWarp - 1) / kWarp);
+  const int warps = tile_search_warps<T, N>(blocks, q.get_device());
+  knn_tile_search_kernel<T, N><<<blocks, warps * kWarp, tile_smem_bytes<T, N>(warps), stream>>>(
+      q.data_ptr<T>(), kout, sorted.data_ptr<int>(), rec, order.data_ptr<int>(), box, n.B,
+      static_cast<int>(n.Q), static_cast<int>(n.P), static_cast<int>(n.K),
+      idx.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Calls launch<T, N>(...) with N = K rounded up to a power of two (K <= 32).
 #define NEUSDF_DISPATCH_LIST_SIZE(K, LAUNCH, ...) \
   do {                                            \
@@ -714,7 +1178,9 @@ at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_search_cuda", [&] {
     using T = scalar_t;
-    if (how == SearchMethod::kGrid) {
+    if (how == SearchMethod::kTile) {
+      NEUSDF_DISPATCH_LIST_SIZE(K, launch_tile_search, q, p, sigma, R, n, idx, stream);
+    } else if (how == SearchMethod::kGrid) {
       NEUSDF_DISPATCH_LIST_SIZE(K, launch_grid_search, q, p, sigma, R, n, idx, stream);
     } else if (K <= 32) {
       NEUSDF_DISPATCH_LIST_SIZE(K, launch_search, q, p, sigma, R, n, idx, stream);

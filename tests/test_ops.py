@@ -332,19 +332,21 @@ def test_ties_go_to_the_lower_index(device, dtype):
 
 # (B, Q, P, K): a grid of several cells per axis, K == P, K == 1.
 GRID_SIZES = [(2, 300, 3000, 16), (1, 64, 32, 32), (1, 150, 1500, 1)]
+PRUNING_METHODS = ("grid", "tile")  # the exact searches that skip points by a bound
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", SEARCH_CASES)
-def test_grid_search_equals_brute_force(kind, dtype, device):
-    """The grid search is exact: the same indices in the same order as brute force (ties to
-    the lower index), on inputs built to break a careless bound."""
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_pruning_search_equals_brute_force(method, kind, dtype, device):
+    """The grid and tile searches are exact: the same indices in the same order as brute force
+    (ties to the lower index), on inputs built to break a careless bound."""
     for B, Q, P, K in GRID_SIZES:
         q, p, sigma, R = make_search_case(kind, B, Q, P, dtype=dtype, device=device, seed=5)
         brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
-        grid = knn_search_aniso(q, p, sigma, R, K, method="grid")
-        assert torch.equal(grid, brute), (kind, B, Q, P, K, int((grid != brute).sum()))
+        got = knn_search_aniso(q, p, sigma, R, K, method=method)
+        assert torch.equal(got, brute), (kind, B, Q, P, K, int((got != brute).sum()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -360,12 +362,13 @@ def test_grid_search_with_a_sampled_median(kind, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grid_search_many_seeds(device):
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_pruning_search_many_seeds(method, device):
     for seed in range(12):
         kind = SEARCH_CASES[seed % len(SEARCH_CASES)]
         q, p, sigma, R = make_search_case(kind, 1, 100, 900, device=device, seed=100 + seed)
         brute = knn_search_aniso(q, p, sigma, R, 6, method="brute")
-        assert torch.equal(knn_search_aniso(q, p, sigma, R, 6, method="grid"), brute), kind
+        assert torch.equal(knn_search_aniso(q, p, sigma, R, 6, method=method), brute), kind
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -377,9 +380,11 @@ def test_grid_search_brute_force_is_right(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grid_search_non_finite_inputs(device):
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_pruning_search_non_finite_inputs(method, device):
     """NaN queries and points with non-finite positions or axes: the same result as brute
-    force (such points sit in the bucket every query scans; NaN queries scan everything)."""
+    force (the grid keeps such points in the bucket every query scans, a tile holding one is
+    never skipped; NaN queries scan everything)."""
     q, p, sigma, R = make_search_case("clusters", 1, 60, 1200, device=device, seed=7)
     q[0, 3] = float("nan")
     q[0, 4, 1] = float("inf")
@@ -388,7 +393,7 @@ def test_grid_search_non_finite_inputs(device):
     R[0, 12, 1, 1] = float("nan")
     sigma[0, 13] = float("inf")
     brute = knn_search_aniso(q, p, sigma, R, 5, method="brute")
-    assert torch.equal(knn_search_aniso(q, p, sigma, R, 5, method="grid"), brute)
+    assert torch.equal(knn_search_aniso(q, p, sigma, R, 5, method=method), brute)
     assert brute[0, 3].tolist() == [0, 1, 2, 3, 4]  # all keys equal (NaN): lowest indices
 
 
@@ -413,7 +418,7 @@ def test_euclidean_search_equals_identity_metric(dtype, device):
         sigma, R = euclidean_metric(p)
         for K in (1, 5, 16, 33):
             for method in SEARCH_METHODS:
-                if method == "grid" and device == "cuda" and K > 32:
+                if method in PRUNING_METHODS and device == "cuda" and K > 32:
                     continue
                 want = knn_search_aniso(q, p, sigma, R, K, method=method)
                 got = knn_search_aniso(q, p, None, None, K, method=method)
@@ -431,9 +436,10 @@ def test_euclidean_search_needs_both_or_neither():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_aggregate_search_argument(device):
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_aggregate_search_argument(method, device):
     inputs = make_inputs(1, 40, 2000, 4, device=device, seed=24)
-    a = knn_aggregate_aniso(*inputs, 8, search="grid")
+    a = knn_aggregate_aniso(*inputs, 8, search=method)
     b = knn_aggregate_aniso(*inputs, 8, search="brute")
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
@@ -593,6 +599,59 @@ def test_cuda_brute_force_any_warps_per_block(warps):
     assert "same neighbours" in done.stdout
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_search_equals_brute_force(dtype, device):
+    """The tile search is exact on the adversarial cases, both metrics, K up to 32, P and Q not
+    multiples of a tile (a padded last tile), a group of queries smaller than a warp."""
+    q, p, _, sigma, R = make_inputs(2, 700, 5000, 1, dtype=dtype, device=device, seed=19)
+    cases = [(q, p, sigma, R), (q, p, None, None)]  # the Euclidean metric too
+    for B, Q, P in ((2, 300, 1100), (1, 64, 32), (1, 45, 77)):
+        cases += [
+            make_search_case(kind, B, Q, P, dtype=dtype, device=device, seed=3)
+            for kind in SEARCH_CASES
+        ]
+    for q, p, sigma, R in cases:
+        for K in (1, 5, 16, 32):
+            if K > p.shape[1]:
+                continue
+            brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
+            assert torch.equal(brute, knn_search_aniso(q, p, sigma, R, K, method="tile")), K
+
+
+# Run in a fresh process: the warps per block are read once per process.
+_TILE_WARPS_CHECK = """
+import torch
+from neusdf.ops import knn_search_aniso
+from neusdf.ops.testing import SEARCH_CASES, make_inputs, make_search_case
+
+for dtype in (torch.float32, torch.float64):
+    q, p, _, sigma, R = make_inputs(2, 700, 5000, 1, dtype=dtype, device="cuda", seed=19)
+    cases = [(q, p, sigma, R)]
+    cases += [make_search_case(kind, 2, 300, 1100, dtype=dtype, device="cuda", seed=3)
+              for kind in SEARCH_CASES]
+    for q, p, sigma, R in cases:
+        for K in (1, 5, 16, 32):
+            brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
+            assert torch.equal(brute, knn_search_aniso(q, p, sigma, R, K, method="tile")), K
+print("same neighbours")
+"""
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("warps", [1, 2, 4])
+def test_cuda_tile_search_any_warps_per_block(warps):
+    """The CUDA tile search is exact however many warps share a group's tiles (they lower
+    each other's gates through shared memory and merge their lists at the end)."""
+    env = {**os.environ, "NEUSDF_TILE_WARPS": str(warps)}
+    done = subprocess.run(
+        [sys.executable, "-c", _TILE_WARPS_CHECK], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same neighbours" in done.stdout
+
+
 @pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -603,7 +662,8 @@ def test_cuda_grid_search_at_scale(dtype):
     for K in (1, 8, 16, 32):
         grid = knn_search_aniso(q, p, sigma, R, K, method="grid")
         assert torch.equal(grid, knn_search_aniso(q, p, sigma, R, K, method="brute")), K
-        assert torch.equal(grid, knn_search_aniso(q, p, sigma, R, K)), K  # "auto": the grid
+        assert torch.equal(grid, knn_search_aniso(q, p, sigma, R, K, method="tile")), K
+        assert torch.equal(grid, knn_search_aniso(q, p, sigma, R, K)), K  # "auto": the tiles
         if dtype == torch.float64:
             cpu = knn_search_aniso(*(t.cpu() for t in (q, p, sigma, R)), K, method="brute")
             assert torch.equal(grid.cpu(), cpu), K

@@ -7,8 +7,8 @@
 Sizes (B, Q, P, F, K): ``reference`` (2, 12288, 4096, 64, 16), ``P=65536`` (2, 12288, 65536,
 64, 16), ``P=1M`` (1, 262144, 1048576, 32, 16) and ``training-search`` (1, 32768, 16384, 32,
 8), the search of one training step. Implementations: ``neusdf`` (search method "auto"),
-``neusdf grid`` and ``neusdf brute`` (the search forced; search time only), ``neusdf
-euclidean`` (the brute-force search under the Euclidean metric, sigma = R = None, as the
+``neusdf grid``, ``neusdf tile`` and ``neusdf brute`` (the search forced; search time only),
+``neusdf euclidean`` (the brute-force search under the Euclidean metric, sigma = R = None, as the
 model's tangent-plane search runs it; search time only) and ``plain PyTorch``
 (``neusdf.ops.reference``), which runs only where its chunked distance matrix fits in half
 the free memory. For each it times, in milliseconds (median of CUDA-event timings after
@@ -51,6 +51,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 SEARCHES: dict[str, Callable] = {
     "neusdf": knn_search_aniso,
     "neusdf grid": lambda q, p, s, R, K: knn_search_aniso(q, p, s, R, K, method="grid"),
+    "neusdf tile": lambda q, p, s, R, K: knn_search_aniso(q, p, s, R, K, method="tile"),
     "neusdf brute": lambda q, p, s, R, K: knn_search_aniso(q, p, s, R, K, method="brute"),
     # the Euclidean metric (sigma = R = None) on the same points, brute force
     "neusdf euclidean": lambda q, p, s, R, K: knn_search_aniso(q, p, None, None, K, method="brute"),

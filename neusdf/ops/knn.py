@@ -6,10 +6,10 @@ autograd in C++ (``csrc/knn_aggregate_autograd.cpp``): the forward's backward is
 op, whose own backward is the double-backward op (exact for the upstream of the query gradient,
 which the Eikonal loss produces; upstreams of the other gradients, rare, are differentiated
 exactly through the formula on the gathered neighbours). A third derivative raises an error.
-The search is exact either way: brute force or a uniform grid with a conservative distance
-bound (``method``; docs/op.md). This module loads the library on first use and registers a fake
-(meta) kernel for each operator, so that ``torch.compile`` and ``torch.library.opcheck`` can
-trace them.
+The search is exact whichever way it runs: brute force, a uniform grid or Morton-ordered tiles,
+the last two pruning with a conservative distance bound (``method``; docs/op.md). This module
+loads the library on first use and registers a fake (meta) kernel for each operator, so that
+``torch.compile`` and ``torch.library.opcheck`` can trace them.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ _lock = threading.Lock()
 _registered = False
 
 
-SEARCH_METHODS = ("auto", "grid", "brute")
-GRID_MAX_K_CUDA = 32  # the CUDA grid search keeps each query's list in registers
+SEARCH_METHODS = ("auto", "grid", "tile", "brute")
+GRID_MAX_K_CUDA = 32  # the CUDA grid and tile searches keep each query's list in registers
 
 
 def knn_search_aniso(
@@ -68,9 +68,12 @@ def knn_search_aniso(
         K: neighbours per query, 1 <= K <= P.
         method: ``"brute"`` scans every point; ``"grid"`` sorts the points into a uniform grid
             each call and visits cells in rings around the query, skipping cells with a
-            conservative lower bound on the distance (exact: identical results; on CUDA for
-            K <= 32); ``"auto"`` (default) takes the grid when P is large enough for it to pay
-            off and K is small against P (docs/op.md).
+            conservative lower bound on the distance; ``"tile"`` sorts points and queries
+            along a Morton curve and lets each group of 32 queries skip the tiles of 32 points
+            that the same kind of bound rules out (both exact: identical results; on CUDA for
+            K <= 32); ``"auto"`` (default) takes brute force unless P is large enough for
+            pruning to pay off and K is small against P, then the grid on the CPU and on CUDA
+            the tile search up to P = 131072, the grid above (docs/op.md).
 
     Returns:
         idx (B, Q, K) int64, ascending in D = sum_j sigma_kj (R_k (q - p_k))_j^2, ties to the
@@ -116,8 +119,8 @@ def knn_aggregate_aniso(
         K: neighbours per query, 1 <= K <= P.
         idx: optional (B, Q, K) int64 neighbours from an earlier call; skips the search and
             gives the same values and gradients as searching.
-        search: the search method, ``"auto"``, ``"grid"`` or ``"brute"`` (identical results;
-            see :func:`knn_search_aniso`); ignored when idx is given.
+        search: the search method, ``"auto"``, ``"grid"``, ``"tile"`` or ``"brute"``
+            (identical results; see :func:`knn_search_aniso`); ignored when idx is given.
 
     All float tensors must share one dtype (float32 or float64) and one device (CPU or CUDA).
 
@@ -224,9 +227,9 @@ def _check_k(K, P: int) -> None:
 def _check_method(method, K: int, q: torch.Tensor) -> None:
     if method not in SEARCH_METHODS:
         raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
-    if method == "grid" and q.device.type == "cuda" and K > GRID_MAX_K_CUDA:
+    if method in ("grid", "tile") and q.device.type == "cuda" and K > GRID_MAX_K_CUDA:
         raise ValueError(
-            f"the grid search supports K <= {GRID_MAX_K_CUDA} on CUDA, got K = {K}; "
+            f"the {method} search supports K <= {GRID_MAX_K_CUDA} on CUDA, got K = {K}; "
             "use 'auto' or 'brute'"
         )
 
@@ -248,7 +251,7 @@ def _check_values(sigma: torch.Tensor, idx: torch.Tensor | None, P: int) -> None
 
     Why sigma must be positive: sigma are precisions (inverse squared scales). Zero is an
     infinitely wide axis and a negative one no Gaussian at all (D < 0, w = exp(-D) > 1 and
-    unbounded), and the grid search prunes cells with a lower bound on D that needs sigma > 0.
+    unbounded), and the grid and tile searches prune with a lower bound on D that needs sigma > 0.
     Skipped while torch.compile traces (data-dependent) and while a CUDA graph is being
     captured (a device-to-host read is not allowed there; a replay runs no Python at all, so
     the eager calls before the capture are where the values get checked). The kernels never
