@@ -187,8 +187,8 @@ class NeuralPointSDF(nn.Module):
             useful second derivatives).
         eps: floor of the weight sum in the feature normalisation and the gate.
         backend: 'compiled' (the op) or 'reference' (plain PyTorch).
-        search: the compiled op's neighbour search for the SDF's queries, 'auto', 'grid' or
-            'brute' (the same neighbours; only the speed differs, see docs/op.md).
+        search: the compiled op's neighbour search for the SDF's queries, 'auto', 'grid',
+            'tile' or 'brute' (the same neighbours; only the speed differs, see docs/op.md).
         chunk: queries per op call (bounds the op's memory).
         init: the surface to start from; None builds placeholders of the right shapes for
             loading a checkpoint.
