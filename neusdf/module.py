@@ -97,6 +97,9 @@ class SDFModule(L.LightningModule):
         self._graphed: GraphedStep | None = None
         self._names: list[str] | None = None
         self._loop_start: float | None = None
+        # perf_counter when Lightning called ``setup``: after the process group exists (under
+        # DDP: every rank connected, NCCL's communicator created), before the device move
+        self.setup_at: float | None = None
         # wall seconds of the training loop (first step to the end of the last, every rank
         # started): the speed of training itself, without start-up or DDP process launch
         self.loop_seconds = float("nan")
@@ -113,6 +116,15 @@ class SDFModule(L.LightningModule):
         return Normalization(self.center.cpu().numpy(), float(self.scale))
 
     # ---------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        """Records when Lightning's set-up reached the module (see ``setup_at``)."""
+        self.setup_at = time.perf_counter()
+
+    @property
+    def loop_started_at(self) -> float | None:
+        """perf_counter at the training loop's start (None before it)."""
+        return self._loop_start
+
     def on_fit_start(self) -> None:
         """Creates this rank's sample generator on the training device."""
         if self.surface is None:

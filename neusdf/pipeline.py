@@ -363,6 +363,11 @@ def build(cfg: DictConfig) -> Run:
 def fit(run: Run, ckpt_path: str | None = None) -> float:
     """Trains (resuming from ``ckpt_path`` if given); saves ``last.ckpt``; returns seconds.
 
+    Adds to ``run.timing`` where the fit's time before the loop went: ``connect_seconds``
+    (from the fit's start until the process group exists: under DDP the wait for the other
+    ranks and NCCL's communicator) and ``prepare_seconds`` (from there to the first step: the
+    device move, the DDP wrap, the optimiser).
+
     Ctrl-C saves ``last.ckpt``, prints how to resume or extract from it and exits with status
     1 (:class:`neusdf.callbacks.RunRecorder`).
     """
@@ -371,6 +376,10 @@ def fit(run: Run, ckpt_path: str | None = None) -> float:
     # files of this project's own runs, loaded as full pickles
     run.trainer.fit(run.module, datamodule=run.data, ckpt_path=ckpt_path, weights_only=False)
     seconds = time.perf_counter() - t0
+    m = run.module
+    if m.setup_at is not None and m.loop_started_at is not None:
+        run.timing["connect_seconds"] = m.setup_at - t0
+        run.timing["prepare_seconds"] = m.loop_started_at - m.setup_at
     last = last_checkpoint_path(run.trainer)
     if last is not None and not run.trainer.fast_dev_run:
         # Lightning writes last.ckpt at validation and epoch ends; the step loader never ends
