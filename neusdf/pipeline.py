@@ -49,6 +49,7 @@ from neusdf.config import (
     register_resolvers,
 )
 from neusdf.data import MIN_SURFACE_POINTS, ShapeDataModule
+from neusdf.distributed import start_early_connect
 from neusdf.mesh_io import ShapeError, check_writable, save_json, save_mesh
 from neusdf.meshing import extract_mesh, trim_of
 from neusdf.metrics import SurfaceSet, evaluate, format_table
@@ -507,7 +508,10 @@ def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_config(cfg)
     check_outputs(cfg)
+    connect = start_early_connect(cfg)  # under torchrun: overlaps the data loading
     run = build(cfg)
+    if connect is not None:
+        run.timing["connect_wait_seconds"] = connect.wait()
     if is_main_process():
         _clear_previous_run(cfg)
     if on_accept is not None:

@@ -6,6 +6,7 @@ the step replayed as a CUDA graph on each rank, the gradients averaged after eac
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,9 @@ def test_torchrun_starts_both_ranks_that_end_identical(tmp_path, sphere_mesh_pat
     assert (run_dir / "mesh.ply").is_file() and (run_dir / "metrics.json").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dump", "run"]  # no stray run dirs
+    # the ranks connected while the data loaded, before the fit (neusdf.distributed)
+    timing = json.loads((run_dir / "metrics.json").read_text())["timing"]
+    assert timing["connect_wait_seconds"] >= 0
 
 
 def test_torchrun_without_a_run_directory_is_refused(tmp_path, sphere_mesh_path):
