@@ -213,9 +213,14 @@ class SDFModule(L.LightningModule):
         if step % every and step < (self.trainer.max_steps or 0):
             return
         names = self._names
-        # views of one tensor: logging costs no copies and no host synchronisation
-        logs = {f"train/loss_{k}": values[i] for i, k in enumerate(names) if k != "loss"}
-        logs["train/loss"] = values[names.index("loss")]
+        # One copy to the host here, every log_every_n_steps steps. Logged as GPU tensors, the
+        # values would stay in Lightning's results, which reads the progress bar's "loss"
+        # with .item() after every step (logged or not): a host synchronisation per step,
+        # which kept the host from queueing the next step while the GPU ran this one
+        # (benchmarks/RESULTS.md, tenth session).
+        host = values.cpu()
+        logs = {f"train/loss_{k}": host[i] for i, k in enumerate(names) if k != "loss"}
+        logs["train/loss"] = host[names.index("loss")]
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
         self.log("loss", logs["train/loss"], prog_bar=True, logger=False, batch_size=1)
 
