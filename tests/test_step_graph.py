@@ -88,13 +88,18 @@ class LossTrace(L.Callback):
         self.reset_at = reset_at
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        if "train/loss" in trainer.callback_metrics:  # from the first logging step on
+            self.losses.append(float(trainer.callback_metrics["train/loss"]))
         if trainer.global_step == self.reset_at:
             pl_module.zero_grad(set_to_none=True)
 
 
 def train_losses(
-    cuda_graph: bool, steps: int = 30, reset_at: int | None = None
+    cuda_graph: bool,
+    steps: int = 30,
+    reset_at: int | None = None,
+    log_every: int = 1,
+    callbacks: tuple[L.Callback, ...] = (),
 ) -> tuple[list[float], SDFModule]:
     torch.manual_seed(0)
     d = np.random.default_rng(0).normal(size=(4000, 3))
@@ -120,8 +125,8 @@ def train_losses(
         enable_checkpointing=False,
         enable_progress_bar=False,
         limit_val_batches=0,
-        log_every_n_steps=1,
-        callbacks=[trace],
+        log_every_n_steps=log_every,
+        callbacks=[trace, *callbacks],
     )
     loader = torch.utils.data.DataLoader(range(10**6), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
@@ -153,3 +158,33 @@ def test_capture_follows_the_parameters_device_not_the_current_one():
         xs = [step()["x"].clone() for _ in range(4)]
     assert step.captured and all(x.device == w.device for x in xs)
     assert not torch.equal(xs[2], xs[3])
+
+
+class SyncGuard(L.Callback):
+    """Makes any host synchronisation an error from the start of a replayed step that does not
+    log to the start of the next step (so Lightning's work after the step is covered too)."""
+
+    def __init__(self) -> None:
+        self.guarded = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+        after = trainer.global_step + 1  # the module's step count once this step has run
+        logs = after % trainer.log_every_n_steps == 0 or after >= trainer.max_steps
+        if pl_module._graphed.captured and not logs:
+            torch.cuda.set_sync_debug_mode("error")
+            self.guarded += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_replayed_steps_do_not_wait_for_the_gpu():
+    # A step that synchronises keeps the host from queueing the next one while the GPU runs
+    # this one (Lightning read the logged loss with .item() after every step).
+    guard = SyncGuard()
+    try:
+        train_losses(cuda_graph=True, steps=14, log_every=5, callbacks=(guard,))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert guard.guarded >= 6
