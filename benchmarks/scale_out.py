@@ -128,11 +128,11 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def time_to_quality(rows: list[dict]) -> dict | None:
+def time_to_quality(means: list[dict]) -> dict | None:
     """The shortest DDP run (by training loop) of one step count whose Chamfer-L1 is at most
-    the one-GPU run's, both as means over the seeds (:func:`mean_rows`): its loop, fit and
-    command seconds against the one-GPU run's (None: none reached)."""
-    means = mean_rows(rows)
+    the one-GPU run's, both as means over the seeds (``means``: :func:`mean_rows` of that step
+    count's runs): its loop, fit and command seconds against the one-GPU run's (None: none
+    reached)."""
     one = next(r for r in means if r["config"] == "1 device")
     ok = [
         r
@@ -281,8 +281,9 @@ def main() -> int:
                     f"Hausdorff x100 {100 * m['hausdorff']:.2f}  watertight {row['watertight']}",
                     flush=True,
                 )
-            result["means"].extend(mean_rows(rows[first:]))
-            best = time_to_quality(rows[first:])
+            means = mean_rows(rows[first:])
+            result["means"].extend(means)
+            best = time_to_quality(means)
             result["time_to_quality"].append(best)
             save_json(args.json, result, overwrite=True)
             print(

@@ -96,7 +96,8 @@ class SDFModule(L.LightningModule):
         self.automatic_optimization = False  # see training_step
         self._graphed: GraphedStep | None = None
         self._names: list[str] | None = None
-        self._loop_start: float | None = None
+        # perf_counter at the training loop's start (None before it)
+        self.loop_started_at: float | None = None
         # perf_counter when Lightning called ``setup``: after the process group exists (under
         # DDP: every rank connected, NCCL's communicator created), before the device move
         self.setup_at: float | None = None
@@ -120,11 +121,6 @@ class SDFModule(L.LightningModule):
         """Records when Lightning's set-up reached the module (see ``setup_at``)."""
         self.setup_at = time.perf_counter()
 
-    @property
-    def loop_started_at(self) -> float | None:
-        """perf_counter at the training loop's start (None before it)."""
-        return self._loop_start
-
     def on_fit_start(self) -> None:
         """Creates this rank's sample generator on the training device."""
         if self.surface is None:
@@ -143,14 +139,14 @@ class SDFModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Starts the training-loop clock (see ``loop_seconds``)."""
-        self._loop_start = time.perf_counter()
+        self.loop_started_at = time.perf_counter()
 
     def on_train_end(self) -> None:
         """Stops the training-loop clock once the device has finished the queued steps."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        if self._loop_start is not None:
-            self.loop_seconds = time.perf_counter() - self._loop_start
+        if self.loop_started_at is not None:
+            self.loop_seconds = time.perf_counter() - self.loop_started_at
 
     def _loss_terms(self) -> dict[str, torch.Tensor]:
         """Draws a step's samples and returns the loss terms (``loss``: the weighted total)."""
