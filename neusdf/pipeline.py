@@ -49,7 +49,7 @@ from neusdf.config import (
     register_resolvers,
 )
 from neusdf.data import MIN_SURFACE_POINTS, ShapeDataModule
-from neusdf.distributed import start_early_connect
+from neusdf.distributed import check_sigterm_on_host, start_early_connect
 from neusdf.mesh_io import ShapeError, check_writable, save_json, save_mesh
 from neusdf.meshing import extract_mesh, trim_of
 from neusdf.metrics import SurfaceSet, evaluate, format_table
@@ -350,6 +350,8 @@ def build(cfg: DictConfig) -> Run:
     trainer: L.Trainer = _instantiate(
         cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False
     )
+    # under DDP: Lightning's SIGTERM check before every step, without a wait for the GPU
+    check_sigterm_on_host(trainer)
     log.info(
         "training on %s: %d neural points, %s normals, %d steps",
         dm.path,

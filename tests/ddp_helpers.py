@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from neusdf.data import draw_samples
+from neusdf.distributed import HostSigtermCheck
 
 
 class DumpRankState(L.Callback):
@@ -40,3 +44,25 @@ class DumpRankState(L.Callback):
             },
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )
+
+
+class SigtermAt(L.Callback):
+    """Rank ``rank`` sends itself a SIGTERM after step ``step``; every rank records the step
+    at which it stopped and whether the host-side SIGTERM check was in place."""
+
+    def __init__(self, out_dir: str, step: int, rank: int = 0) -> None:
+        self.out_dir, self.step, self.rank = Path(out_dir), step, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        check = trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "step": trainer.global_step,
+            "exception": type(exception).__name__,
+            "host_check": isinstance(getattr(check, "__self__", None), HostSigtermCheck),
+        }
+        (self.out_dir / f"stop{trainer.global_rank}.json").write_text(json.dumps(record))

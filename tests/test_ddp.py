@@ -24,12 +24,21 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def run_two_ranks(
-    shape, run_dir, dump, accelerator: str, backend: str, steps: int, torchrun: bool = False
+    shape,
+    run_dir,
+    dump,
+    accelerator: str,
+    backend: str,
+    steps: int,
+    torchrun: bool = False,
+    extra: tuple[str, ...] = (),
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """train.py with trainer=ddp on two devices; each rank dumps its state (ddp_helpers).
 
     ``torchrun``: both ranks started at once by ``python -m torch.distributed.run`` (else
-    Lightning starts the second rank itself)."""
+    Lightning starts the second rank itself). ``extra``: further overrides. ``check``: assert
+    that the command succeeded."""
     cmd = [
         sys.executable,
         *(TORCHRUN if torchrun else []),
@@ -42,12 +51,14 @@ def run_two_ranks(
         f"hydra.run.dir={run_dir}",
         "+callbacks.dump._target_=ddp_helpers.DumpRankState",
         f"+callbacks.dump.out_dir={dump}",
+        *extra,
     ]
     # prepended: packages found through an existing PYTHONPATH stay importable in the ranks
     path = [str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -114,6 +125,25 @@ def test_torchrun_starts_both_ranks_that_end_identical(tmp_path, sphere_mesh_pat
     # the ranks connected while the data loaded, before the fit (neusdf.distributed)
     timing = json.loads((run_dir / "metrics.json").read_text())["timing"]
     assert timing["connect_wait_seconds"] >= 0
+
+
+def test_a_sigterm_on_rank_0_stops_both_ranks_at_the_same_step(tmp_path, sphere_mesh_path):
+    # Lightning's rule (every rank stops at the same step, none waits in a collective for a
+    # rank that left), kept by the host-side check (neusdf.distributed.HostSigtermCheck)
+    run_dir, dump, stops = tmp_path / "run", tmp_path / "dump", tmp_path / "stops"
+    callback = [
+        "+callbacks.sigterm._target_=ddp_helpers.SigtermAt",
+        f"+callbacks.sigterm.out_dir={stops}",
+        "+callbacks.sigterm.step=3",
+    ]
+    proc = run_two_ranks(
+        sphere_mesh_path, run_dir, dump, "cpu", "reference", 50, True, callback, check=False
+    )
+    log = proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = [json.loads((stops / f"stop{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["host_check"] and r["exception"] == "SIGTERMException" for r in records), log
+    # rank 0 stops after the step of its signal, rank 1 before the next one
+    assert records[0]["step"] == records[1]["step"] == 3, log
 
 
 def test_torchrun_without_a_run_directory_is_refused(tmp_path, sphere_mesh_path):
