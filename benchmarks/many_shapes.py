@@ -36,6 +36,7 @@ from quality import (  # noqa: E402
     DEFAULT_MESHES,
     ROOT,
     RUN_TIMING_KEYS,
+    SETTINGS,
     SHAPES,
     SMOKE_OVERRIDES,
     build_op,
@@ -46,7 +47,10 @@ from quality import (  # noqa: E402
 
 from neusdf.mesh_io import save_json  # noqa: E402
 
-DEFAULT_INPUTS = ",".join(f"{s}/{t}" for t in ("dense", "sparse") for s in SHAPES)
+# All 28 inputs: a count the launcher's slots divide (2 jobs per GPU: 2 and 4 slots). With 14
+# inputs on 4 slots the last of four rounds runs two jobs and leaves two slots idle, which
+# alone caps two GPUs at 1.75x one (7 rounds against 4).
+DEFAULT_INPUTS = ",".join(f"{s}/{t}" for t in SETTINGS for s in SHAPES)
 
 
 def main() -> int:
