@@ -122,20 +122,31 @@ class HostSigtermCheck:
     ``_sigterm_notifier_fn`` (the SIGTERM handler). Rank 0 stops after the step in which it
     received the signal, without reaching the next check; like Lightning's, its handler
     therefore sends the set flag once more, which the other ranks' next check receives. The
-    group is made at the first check, a point every rank reaches together.
+    group is made at the first check, a point every rank reaches together; where gloo cannot
+    make it, Lightning's own two methods (``lightning_check``, ``lightning_notify``) run
+    instead.
     """
 
-    def __init__(self, trainer: L.Trainer) -> None:
+    def __init__(self, trainer: L.Trainer, lightning_check, lightning_notify) -> None:
         self.trainer = trainer
+        self.lightning_check, self.lightning_notify = lightning_check, lightning_notify
         self.group: dist.ProcessGroup | None = None
+        self.fallback = False  # True: no gloo group, Lightning's methods run
         self._sent: dist.Work | None = None  # the handler's broadcast, kept until it is done
 
     def check(self) -> None:
         """Before each training step on every rank: raises SIGTERMException on every rank
         when rank 0 received a SIGTERM, or when rank 0 cannot be heard (a rank that entered
         the step's gradient all-reduce without it would wait there forever)."""
-        if self.group is None:
-            self.group = dist.new_group(backend="gloo")
+        if self.group is None and not self.fallback:
+            try:
+                self.group = dist.new_group(backend="gloo")
+            except Exception as e:
+                log.warning("no gloo group for the SIGTERM check (%s): Lightning's instead", e)
+                self.fallback = True
+        if self.fallback:
+            self.lightning_check()
+            return
         flag = torch.tensor([1 if self.trainer.received_sigterm else 0])
         try:
             dist.broadcast(flag, src=0, group=self.group)
@@ -149,6 +160,9 @@ class HostSigtermCheck:
 
     def notify(self, signum, frame) -> None:
         """The SIGTERM handler: what Lightning's does, its broadcast on the gloo group."""
+        if self.fallback:
+            self.lightning_notify(signum, frame)
+            return
         connector = self.trainer._signal_connector
         log.info("rank %d received SIGTERM (%s)", self.rank, signum)
         launcher = self.trainer.strategy.launcher
@@ -178,7 +192,7 @@ def check_sigterm_on_host(trainer: L.Trainer) -> bool:
         and callable(getattr(connector, "_sigterm_notifier_fn", None))
     ):
         return False
-    host = HostSigtermCheck(trainer)
+    host = HostSigtermCheck(trainer, loop._broadcast_sigterm_tensor, connector._sigterm_notifier_fn)
     # instance attributes shadow the methods: the loop calls the check before each step, and
     # the connector registers the handler by attribute when fit starts
     loop._broadcast_sigterm_tensor = host.check
