@@ -9,7 +9,7 @@ their data and build their models; Lightning finds the group created and keeps i
 (``torch.distributed.is_initialized()``). Lightning's own launcher starts the other ranks
 only inside ``fit``, so there is nothing to overlap and this does nothing.
 
-Lightning (2.5 and later) also checks before every training step under DDP whether rank 0
+Recent Lightning (2.6 here) also checks before every training step under DDP whether rank 0
 received a SIGTERM, so that every rank stops at the same step instead of the others waiting
 forever in the next collective: it broadcasts a flag tensor from rank 0 through the default
 process group and reads it with ``.item()``. On GPUs that makes the host wait for the GPU at
