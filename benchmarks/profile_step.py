@@ -27,6 +27,7 @@ per-step ``.item()`` on a GPU tensor costs (diagnosis: with and without, side by
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -97,7 +98,7 @@ class StepWindows(L.Callback):
 
     def host_ms_between_step_starts(self) -> float:
         """Median host milliseconds from one step's start to the next's (timed window)."""
-        gaps = [b - a for a, b in zip(self.step_starts, self.step_starts[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(self.step_starts)]
         return 1000 * statistics.median(gaps) if gaps else float("nan")
 
     def kernel_stats(self) -> dict:

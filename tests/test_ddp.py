@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def run_two_ranks(
     backend: str,
     steps: int,
     torchrun: bool = False,
-    extra: tuple[str, ...] = (),
+    extra: Sequence[str] = (),
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     """train.py with trainer=ddp on two devices; each rank dumps its state (ddp_helpers).
@@ -137,7 +138,15 @@ def test_a_sigterm_on_rank_0_stops_both_ranks_at_the_same_step(tmp_path, sphere_
         "+callbacks.sigterm.step=3",
     ]
     proc = run_two_ranks(
-        sphere_mesh_path, run_dir, dump, "cpu", "reference", 50, True, callback, check=False
+        sphere_mesh_path,
+        run_dir,
+        dump,
+        "cpu",
+        "reference",
+        50,
+        torchrun=True,
+        extra=callback,
+        check=False,
     )
     log = proc.stdout[-2000:] + proc.stderr[-2000:]
     records = [json.loads((stops / f"stop{r}.json").read_text()) for r in (0, 1)]
