@@ -69,7 +69,7 @@ STATUS+=("benchmark: exit $rc")
 if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   stage "compute-sanitizer (logs: sanitizer-*.log)"
   cat > /tmp/neusdf_sanitize_case.py <<'PY'
-"""Search (grid and brute), forward, backward and double backward on small CUDA cases."""
+"""Search (grid, tile and brute), forward, backward and double backward on small CUDA cases."""
 import torch
 
 from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
@@ -77,7 +77,8 @@ from neusdf.ops.reference import euclidean_metric
 from neusdf.ops.testing import make_inputs, make_search_case
 
 for search, K, P, Q in (("brute", 5, 37, 45), ("brute", 16, 300, 45), ("brute", 40, 50, 45),
-                        ("grid", 8, 700, 64), ("grid", 32, 40, 33)):
+                        ("grid", 8, 700, 64), ("grid", 32, 40, 33),
+                        ("tile", 8, 700, 64), ("tile", 32, 40, 33), ("tile", 16, 3000, 300)):
     ins = make_inputs(2, Q, P, 33, device="cuda", requires_grad=True)
     f_out, w, d, idx = knn_aggregate_aniso(*ins, K, search=search)
     (gq,) = torch.autograd.grad((f_out.sum(-1) + w.sum(-1) - d[..., 0]).sum(), ins[0],
@@ -89,7 +90,8 @@ for kind in ("clusters", "far-queries", "duplicates"):
     p[1, 3] = float("nan")
     a = knn_search_aniso(q, p, sigma, R, 6, method="grid")
     b = knn_search_aniso(q, p, sigma, R, 6, method="brute")
-    assert torch.equal(a, b), kind
+    t = knn_search_aniso(q, p, sigma, R, 6, method="tile")
+    assert torch.equal(a, b) and torch.equal(t, b), kind
     e = knn_search_aniso(q, p, None, None, 6, method="brute")  # the Euclidean kernel
     assert torch.equal(e, knn_search_aniso(q, p, *euclidean_metric(p), 6)), kind
 torch.cuda.synchronize()

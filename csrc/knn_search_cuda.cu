@@ -445,6 +445,28 @@ constexpr int kGridPointsPerCellCuda = 8;
 
 int64_t grid_blocks(int64_t n) { return (n + kGridThreads - 1) / kGridThreads; }
 
+// The buffers of one call carved out of a single allocation: reserve() each size, allocate()
+// once, ptr() each buffer. Offsets are multiples of 256 bytes (the alignment cudaMalloc gives,
+// which CUB's scratch and the 16-byte records need).
+class Workspace {
+ public:
+  size_t reserve(size_t bytes) {
+    const size_t offset = size_;
+    size_ += (bytes + 255) / 256 * 256;
+    return offset;
+  }
+  at::Tensor allocate(const at::TensorOptions& opts) const {
+    return at::empty({static_cast<int64_t>(std::max<size_t>(size_, 1))}, opts.dtype(at::kByte));
+  }
+  template <typename U>
+  static U* ptr(const at::Tensor& buffer, size_t offset) {
+    return reinterpret_cast<U*>(static_cast<unsigned char*>(buffer.data_ptr()) + offset);
+  }
+
+ private:
+  size_t size_ = 0;
+};
+
 template <typename T>
 __global__ void point_lambda_kernel(const T* __restrict__ p, const T* __restrict__ sigma,
                                     const T* __restrict__ R, int64_t BP, T* __restrict__ lam) {
@@ -1082,55 +1104,61 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   TORCH_CHECK(n.B * (n.P + n.Q) < INT_MAX,
               "neusdf: the CUDA tile search supports B * (P + Q) < 2^31");
   using Bits = OrderedBits<T>;
-  const auto opts = q.options();
   const int64_t BP = n.B * n.P, total = n.B * (n.P + n.Q);
+  const int tiles = static_cast<int>((n.P + kTilePoints - 1) / kTilePoints);
+  int batch_bits = 0;
+  while ((int64_t{1} << batch_bits) < n.B) ++batch_bits;
+  const int end_bit = kMortonKeyBits + batch_bits + 1;
+  TORCH_CHECK(end_bit <= 64, "neusdf: the CUDA tile search supports B < 2^39");
+  // One allocation for every buffer of the call (each a caching-allocator call of several
+  // microseconds of host time, which a small search's kernels do not hide). The sort's
+  // scratch size is a host computation (no device work).
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, static_cast<unsigned long long*>(nullptr),
+      static_cast<unsigned long long*>(nullptr), static_cast<int*>(nullptr),
+      static_cast<int*>(nullptr), static_cast<int>(total), 0, end_bit, stream));
+  Workspace ws;
+  const size_t box_at = ws.reserve(sizeof(Bits) * 6 * n.B);
+  const size_t keys_in_at = ws.reserve(sizeof(unsigned long long) * total);
+  const size_t keys_at = ws.reserve(sizeof(unsigned long long) * total);
+  const size_t values_in_at = ws.reserve(sizeof(int) * total);
+  const size_t sorted_at = ws.reserve(sizeof(int) * total);
+  const size_t temp_at = ws.reserve(temp_bytes);
+  const size_t records_at = ws.reserve(sizeof(PointRec<T>) * BP);
+  const size_t order_at = ws.reserve(sizeof(int) * BP);
+  const size_t boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * tiles);
+  const at::Tensor buffer = ws.allocate(q.options());
+  Bits* bbits = ws.ptr<Bits>(buffer, box_at);
+  auto* kin = ws.ptr<unsigned long long>(buffer, keys_in_at);
+  auto* kout = ws.ptr<unsigned long long>(buffer, keys_at);
+  int* values_in = ws.ptr<int>(buffer, values_in_at);
+  int* sorted = ws.ptr<int>(buffer, sorted_at);
+  PointRec<T>* rec = ws.ptr<PointRec<T>>(buffer, records_at);
+  int* order = ws.ptr<int>(buffer, order_at);
+  TileBox<T>* box = ws.ptr<TileBox<T>>(buffer, boxes_at);
   // Morton box per batch
-  at::Tensor box_bits = at::empty({n.B, 6 * static_cast<int64_t>(sizeof(Bits))}, opts.dtype(at::kByte));
-  C10_CUDA_CHECK(cudaMemsetAsync(box_bits.data_ptr(), 0xff, box_bits.numel(), stream));
-  Bits* bbits = reinterpret_cast<Bits*>(box_bits.data_ptr());
+  C10_CUDA_CHECK(cudaMemsetAsync(bbits, 0xff, sizeof(Bits) * 6 * n.B, stream));
   const dim3 box_grid(static_cast<unsigned>(std::clamp<int64_t>((n.P + 4095) / 4096, 1, 64)),
                       static_cast<unsigned>(n.B));
   tile_morton_box_kernel<T><<<box_grid, 256, 0, stream>>>(p.data_ptr<T>(), n.P, bbits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // one radix sort of the points' and the queries' keys
-  int batch_bits = 0;
-  while ((int64_t{1} << batch_bits) < n.B) ++batch_bits;
-  const int end_bit = kMortonKeyBits + batch_bits + 1;
-  TORCH_CHECK(end_bit <= 64, "neusdf: the CUDA tile search supports B < 2^39");
-  const auto long_opts = opts.dtype(at::kLong), int_opts = opts.dtype(at::kInt);
-  at::Tensor keys_in = at::empty({total}, long_opts), keys = at::empty({total}, long_opts);
-  at::Tensor values_in = at::empty({total}, int_opts), sorted = at::empty({total}, int_opts);
-  auto* kin = reinterpret_cast<unsigned long long*>(keys_in.data_ptr());
-  auto* kout = reinterpret_cast<unsigned long long*>(keys.data_ptr());
   tile_keys_kernel<T><<<grid_blocks(total), kGridThreads, 0, stream>>>(
-      p.data_ptr<T>(), q.data_ptr<T>(), bbits, n.B, n.P, n.Q, batch_bits, kin,
-      values_in.data_ptr<int>());
+      p.data_ptr<T>(), q.data_ptr<T>(), bbits, n.B, n.P, n.Q, batch_bits, kin, values_in);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  size_t temp_bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, kin, kout,
-                                                 values_in.data_ptr<int>(), sorted.data_ptr<int>(),
-                                                 static_cast<int>(total), 0, end_bit, stream));
-  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, opts.dtype(at::kByte));
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, kin, kout,
-                                                 values_in.data_ptr<int>(), sorted.data_ptr<int>(),
-                                                 static_cast<int>(total), 0, end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws.ptr<void>(buffer, temp_at), temp_bytes, kin,
+                                                 kout, values_in, sorted, static_cast<int>(total),
+                                                 0, end_bit, stream));
   // the points' records, indices and tile boxes in that order
-  const int tiles = static_cast<int>((n.P + kTilePoints - 1) / kTilePoints);
-  at::Tensor records =
-      at::empty({BP * static_cast<int64_t>(sizeof(PointRec<T>))}, opts.dtype(at::kByte));
-  PointRec<T>* rec = reinterpret_cast<PointRec<T>*>(records.data_ptr());
-  at::Tensor order = at::empty({BP}, int_opts);
-  at::Tensor boxes =
-      at::empty({n.B * tiles * static_cast<int64_t>(sizeof(TileBox<T>))}, opts.dtype(at::kByte));
-  TileBox<T>* box = reinterpret_cast<TileBox<T>*>(boxes.data_ptr());
   tile_build_kernel<T><<<grid_blocks(n.B * tiles * kWarp), kGridThreads, 0, stream>>>(
-      p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), sorted.data_ptr<int>(), n.B,
-      static_cast<int>(n.P), tiles, rec, order.data_ptr<int>(), box);
+      p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), sorted, n.B, static_cast<int>(n.P),
+      tiles, rec, order, box);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t blocks = n.B * ((n.Q + kWarp - 1) / kWarp);
   const int warps = tile_search_warps<T, N>(blocks, q.get_device());
   knn_tile_search_kernel<T, N><<<blocks, warps * kWarp, tile_smem_bytes<T, N>(warps), stream>>>(
-      q.data_ptr<T>(), kout, sorted.data_ptr<int>(), rec, order.data_ptr<int>(), box, n.B,
+      q.data_ptr<T>(), kout, sorted, rec, order, box, n.B,
       static_cast<int>(n.Q), static_cast<int>(n.P), static_cast<int>(n.K),
       idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
