@@ -292,13 +292,47 @@ def test_torch_compile_fullgraph_cpu():
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
-def test_nonpositive_sigma_is_rejected(bad):
+@pytest.mark.parametrize("check_values", [None, True])
+def test_nonpositive_sigma_is_rejected(bad, check_values):
+    """On the CPU the values are checked by default (no synchronisation to pay)."""
     q, p, f, sigma, R = make_inputs(1, 5, 8, 3, seed=23)
     sigma[0, 4, 1] = bad
     with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
-        knn_aggregate_aniso(q, p, f, sigma, R, 3)
+        knn_aggregate_aniso(q, p, f, sigma, R, 3, check_values=check_values)
     with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
-        knn_search_aniso(q, p, sigma, R, 3)
+        knn_search_aniso(q, p, sigma, R, 3, check_values=check_values)
+
+
+@CUDA
+@pytest.mark.cuda
+def test_cuda_values_are_checked_only_when_asked():
+    """On CUDA the check costs a device synchronisation: off by default, on when asked."""
+    q, p, f, sigma, R = make_inputs(1, 5, 8, 3, device="cuda", seed=23)
+    sigma[0, 4, 1] = -1.0
+    idx = knn_search_aniso(q, p, sigma, R, 3)
+    knn_aggregate_aniso(q, p, f, sigma, R, 3, idx=idx)
+    with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
+        knn_aggregate_aniso(q, p, f, sigma, R, 3, check_values=True)
+    with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
+        knn_search_aniso(q, p, sigma, R, 3, check_values=True)
+
+
+def test_check_values_must_be_a_bool_or_none():
+    q, p, f, sigma, R = make_inputs(1, 5, 8, 3, seed=23)
+    with pytest.raises(TypeError, match=r"check_values must be True, False or None, got 'yes'"):
+        knn_search_aniso(q, p, sigma, R, 3, check_values="yes")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_bad_idx_gives_nan_rows(device):
+    q, p, f, sigma, R = make_inputs(1, 5, 8, 3, device=device, seed=25)
+    idx = knn_search_aniso(q, p, sigma, R, 3)
+    idx[0, 2, 1] = 8
+    f_out, w, dists, _ = knn_aggregate_aniso(q, p, f, sigma, R, 3, idx=idx, check_values=False)
+    assert torch.isnan(f_out[0, 2]).all()
+    assert torch.isnan(w[0, 2, 1]) and torch.isnan(dists[0, 2, 1])
+    rows = [0, 1, 3, 4]
+    assert torch.isfinite(f_out[0, rows]).all() and torch.isfinite(w[0, rows]).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -395,6 +429,26 @@ def test_pruning_search_non_finite_inputs(method, device):
     brute = knn_search_aniso(q, p, sigma, R, 5, method="brute")
     assert torch.equal(knn_search_aniso(q, p, sigma, R, 5, method=method), brute)
     assert brute[0, 3].tolist() == [0, 1, 2, 3, 4]  # all keys equal (NaN): lowest indices
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_unchecked_nonpositive_sigma_search_stays_exact(method, device):
+    """Unchecked sigma <= 0 or NaN: the pruning searches scan such points for every query and
+    return brute force's neighbours; a negative precision's D is below zero and sorts first,
+    as the formula says."""
+    q, p, sigma, R = make_search_case("clusters", 1, 80, 1200, device=device, seed=24)
+    sigma[0, 7] = 0.0
+    sigma[0, 8, 2] = -1e6
+    sigma[0, 9, 0] = float("nan")
+    brute = knn_search_aniso(q, p, sigma, R, 6, method="brute", check_values=False)
+    got = knn_search_aniso(q, p, sigma, R, 6, method=method, check_values=False)
+    assert torch.equal(got, brute), int((got != brute).sum())
+    dists = anisotropic_dists(q.double(), p.double(), sigma.double(), R.double())
+    assert_same_neighbours(brute, q, p, sigma, R)
+    negative = dists[0, :, 8] < 0
+    assert negative.any()
+    assert (brute[0, negative, 0] == 8).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

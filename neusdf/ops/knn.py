@@ -57,6 +57,7 @@ def knn_search_aniso(
     K: int,
     *,
     method: str = "auto",
+    check_values: bool | None = None,
 ) -> torch.Tensor:
     """The K nearest points of every query under the points' own anisotropic metrics.
 
@@ -74,6 +75,8 @@ def knn_search_aniso(
             K <= 32); ``"auto"`` (default) takes brute force unless P is large enough for
             pruning to pay off and K is small against P, then the grid on the CPU and on CUDA
             the tile search up to P = 131072, the grid above (docs/op.md).
+        check_values: whether to check sigma > 0 (see :func:`knn_aggregate_aniso`); by
+            default only tensors on the CPU are checked.
 
     Returns:
         idx (B, Q, K) int64, ascending in D = sum_j sigma_kj (R_k (q - p_k))_j^2, ties to the
@@ -82,7 +85,7 @@ def knn_search_aniso(
     _check_points(q, p, sigma, R, euclidean_ok=True)
     _check_k(K, p.shape[1])
     _check_method(method, K, q)
-    if sigma is not None:
+    if _wants_value_check(check_values, q) and sigma is not None:
         _check_values(sigma, None, p.shape[1])
     return _search(q, p, sigma, R, K, method)
 
@@ -104,6 +107,7 @@ def knn_aggregate_aniso(
     idx: torch.Tensor | None = None,
     *,
     search: str = "auto",
+    check_values: bool | None = None,
 ) -> KnnAggregateResult:
     """Sums the features of each query's K nearest points, weighted by anisotropic Gaussians.
 
@@ -121,12 +125,21 @@ def knn_aggregate_aniso(
             gives the same values and gradients as searching.
         search: the search method, ``"auto"``, ``"grid"``, ``"tile"`` or ``"brute"``
             (identical results; see :func:`knn_search_aniso`); ignored when idx is given.
+        check_values: whether to check the values sigma > 0 and idx in [0, P). None
+            (default): on CPU tensors only, where the check is free; on CUDA it needs a
+            device synchronisation, which in a loop of eager calls leaves the GPU idle while
+            the host launches the next work (about 0.1 ms per call on an H100, docs/op.md).
+            True: on every device. False: never. Unchecked values are used as given: a
+            sigma <= 0 makes its axis's term of D zero or negative (w may exceed 1; every
+            search method still returns the same exact neighbours), a NaN sigma gives a NaN
+            distance (sorted last), and an idx outside [0, P) NaN in that query's f_out, w
+            and dists.
 
     All float tensors must share one dtype (float32 or float64) and one device (CPU or CUDA).
 
     Raises:
-        TypeError, ValueError: for inputs that break the rules above, including sigma <= 0
-        (and NaN sigma) and idx values outside [0, P).
+        TypeError, ValueError: for inputs that break the rules above, and (when checked)
+        sigma <= 0, NaN sigma and idx values outside [0, P).
 
     Returns:
         A :class:`KnnAggregateResult` (a NamedTuple, so ``f_out, w, dists, idx = ...`` works):
@@ -142,7 +155,8 @@ def knn_aggregate_aniso(
         _check_idx(idx, q, K)
     else:
         _check_method(search, K, q)
-    _check_values(sigma, idx, p.shape[1])
+    if _wants_value_check(check_values, q):
+        _check_values(sigma, idx, p.shape[1])
     if idx is None:
         idx = _search(q, p, sigma, R, K, search)
     else:
@@ -246,12 +260,24 @@ def _check_idx(idx, q: torch.Tensor, K: int) -> None:
         raise ValueError(f"idx must have shape (B, Q, K) = {expected}, got {tuple(idx.shape)}")
 
 
+def _wants_value_check(check_values: bool | None, q: torch.Tensor) -> bool:
+    """Whether :func:`_check_values` runs: as asked, or by default where it needs no device
+    synchronisation (tensors on the CPU; q's device is every input's, checked before)."""
+    if check_values is None:
+        return not q.is_cuda
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values must be True, False or None, got {check_values!r}")
+    return check_values
+
+
 def _check_values(sigma: torch.Tensor, idx: torch.Tensor | None, P: int) -> None:
-    """sigma > 0 everywhere and idx (if given) in [0, P): one reduction, one device sync.
+    """sigma > 0 everywhere and idx (if given) in [0, P): one reduction, one read of its
+    result (a device synchronisation on CUDA).
 
     Why sigma must be positive: sigma are precisions (inverse squared scales). Zero is an
     infinitely wide axis and a negative one no Gaussian at all (D < 0, w = exp(-D) > 1 and
-    unbounded), and the grid and tile searches prune with a lower bound on D that needs sigma > 0.
+    unbounded). The grid and tile searches' pruning bound covers only points with sigma > 0;
+    they scan the others for every query, so unchecked values stay exact, only slower.
     Skipped while torch.compile traces (data-dependent) and while a CUDA graph is being
     captured (a device-to-host read is not allowed there; a replay runs no Python at all, so
     the eager calls before the capture are where the values get checked). The kernels never
