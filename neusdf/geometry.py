@@ -8,6 +8,7 @@ through the same :class:`Normalization`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +22,26 @@ __all__ = [
     "InputStats",
     "Normalization",
     "estimate_normals",
+    "host_threads",
     "measure_points",
     "orient_normals",
     "pca_normals",
     "sample_triangles",
 ]
+
+
+def host_threads() -> int:
+    """Threads for this process's parallel CPU work (scipy's k-d tree queries, ``workers=``).
+
+    The cores this process may run on (its CPU affinity: a SLURM allocation, ``taskset``), at
+    most ``OMP_NUM_THREADS`` where that is set. The joblib launcher sets it to each worker's
+    share of the cores; scipy's own ``workers=-1`` would take every core of the machine in every
+    job, so jobs side by side would run several times more threads than cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cores, int(omp)) if omp.isdigit() and int(omp) > 0 else cores
 
 
 @dataclass
@@ -196,7 +212,7 @@ def estimate_normals(points: np.ndarray, k: int = 16, k_tree: int = 10) -> np.nd
         (N, 3) float64 consistently oriented unit normals.
     """
     k = max(3, min(k, len(points)))
-    _, nn = cKDTree(points).query(points, k=k, workers=-1)
+    _, nn = cKDTree(points).query(points, k=k, workers=host_threads())
     normals = pca_normals(points, nn)
     return orient_normals(points, normals, nn[:, : max(2, min(k_tree, k))])
 
@@ -241,7 +257,7 @@ def measure_points(points: np.ndarray, has_normals: bool, seed: int = 0) -> Inpu
         if len(points) <= _MEASURE_SAMPLE
         else points[rng.choice(len(points), _MEASURE_SAMPLE, replace=False)]
     )
-    d, nn = cKDTree(points).query(sub, k=min(17, len(points)), workers=-1)
+    d, nn = cKDTree(points).query(sub, k=min(17, len(points)), workers=host_threads())
     nb = points[nn[:, 1:]]
     nb = nb - nb.mean(1, keepdims=True)
     smallest = np.linalg.eigvalsh(np.einsum("nki,nkj->nij", nb, nb) / nb.shape[1])[:, 0]

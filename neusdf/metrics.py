@@ -24,7 +24,7 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
-from neusdf.geometry import Normalization, sample_triangles
+from neusdf.geometry import Normalization, host_threads, sample_triangles
 from neusdf.mesh_io import Shape
 
 __all__ = ["SurfaceSet", "METRIC_KEYS", "compute_metrics", "evaluate", "format_table"]
@@ -105,7 +105,7 @@ def _directed(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Nearest-neighbour distances q -> ref and |n . n'| of the matched pairs (or None);
     ``sampled``: ``ref`` holds random samples of a mesh (see :func:`_tree`)."""
-    d, i = _tree(ref, sampled).query(q, k=1, workers=-1)
+    d, i = _tree(ref, sampled).query(q, k=1, workers=host_threads())
     if qn is None or refn is None:
         return d, None
     return d, np.abs(np.einsum("ij,ij->i", qn, refn[i]))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 from torch import nn
 
-from neusdf.geometry import estimate_normals
+from neusdf.geometry import estimate_normals, host_threads
 from neusdf.meshing import Trim
 from neusdf.ops import (
     SEARCH_METHODS,
@@ -145,7 +145,7 @@ def coverage_sample(points: np.ndarray, seed: int = 0) -> tuple[torch.Tensor, to
     if n > COVERAGE_POINTS:
         points = points[np.random.default_rng(seed).choice(n, COVERAGE_POINTS, replace=False)]
     k = min(COVERAGE_NEIGHBOUR, len(points) - 1)
-    d, _ = cKDTree(points).query(points, k=k + 1, workers=-1)
+    d, _ = cKDTree(points).query(points, k=k + 1, workers=host_threads())
     spacing = np.maximum(d[:, k], 1e-6)
     return torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(spacing).float()
 
@@ -316,7 +316,7 @@ class NeuralPointSDF(nn.Module):
         pts = init.points[sel]
         # Mean distance to the 3 nearest other points: the Gaussian's scale follows the local
         # density, so sparse regions get wide Gaussians and dense ones sharp ones.
-        d, _ = cKDTree(pts).query(pts, k=min(4, len(pts)), workers=-1)
+        d, _ = cKDTree(pts).query(pts, k=min(4, len(pts)), workers=host_threads())
         spacing = d[:, 1:].mean(1) if d.ndim == 2 and d.shape[1] > 1 else np.ones(len(pts))
         spacing = np.maximum(spacing, 1e-4)
         normals = estimate_normals(pts) if init.normals is None else init.normals[sel]

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
+from neusdf.geometry import host_threads
+
 __all__ = ["point_areas", "winding_number", "winding_grid", "sample_grid"]
 
 # Elements of the (queries x points) block evaluated at once: bounds the memory at ~64 MiB.
@@ -40,7 +42,7 @@ def point_areas(points: np.ndarray, k: int = 8) -> np.ndarray:
         (N,) float64 areas.
     """
     k = max(1, min(k, len(points) - 1))
-    d, _ = cKDTree(points).query(points, k=k + 1, workers=-1)
+    d, _ = cKDTree(points).query(points, k=k + 1, workers=host_threads())
     return math.pi * d[:, -1] ** 2 / k
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import trimesh
 from conftest import SHARED_MESHES
 
 from neusdf.data import SamplingConfig, ShapeDataModule, draw_samples
-from neusdf.geometry import Normalization, _path_parity, estimate_normals
+from neusdf.geometry import Normalization, _path_parity, estimate_normals, host_threads
 from neusdf.mesh_io import load_shape, save_mesh
 
 
@@ -100,6 +102,19 @@ def test_estimated_normals_point_outward():
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     n = estimate_normals(d)
     assert (np.einsum("ij,ij->i", n, d) > 0.95).all()
+
+
+def test_host_threads_follow_affinity_and_omp_num_threads(monkeypatch):
+    """k-d tree queries take this process's share of the cores, not every core."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert host_threads() == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert host_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 5))
+    assert host_threads() == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert host_threads() == cores
 
 
 def test_save_mesh_is_atomic_and_does_not_overwrite(tmp_path):
