@@ -128,7 +128,7 @@ def knn_aggregate_aniso(
         check_values: whether to check the values sigma > 0 and idx in [0, P). None
             (default): on CPU tensors only, where the check is free; on CUDA it needs a
             device synchronisation, which in a loop of eager calls leaves the GPU idle while
-            the host launches the next work (about 0.1 ms per call on an H100, docs/op.md).
+            the host launches the next work (0.1-0.2 ms per call on an H100, docs/op.md).
             True: on every device. False: never. Unchecked values are used as given: a
             sigma <= 0 makes its axis's term of D zero or negative (w may exceed 1; every
             search method still returns the same exact neighbours), a NaN sigma gives a NaN
