@@ -131,6 +131,17 @@ def main() -> int:
             spans = [(t["started_at"], t["finished_at"]) for t in jobs]
             first, last = min(a for a, _ in spans), max(b for _, b in spans)
             occupancy = sum(b - a for a, b in spans) / (g * per_gpu * (last - first))
+            # the start-up before the jobs, from each process's first job (the processes that
+            # ran jobs): from the process's start (the operating system's clock) to Hydra
+            # calling the job's function, and the pipeline's import
+            firsts: dict[int, dict] = {}
+            for t in sorted(jobs, key=lambda t: t["started_at"]):
+                if t.get("process_started_at") is not None:
+                    firsts.setdefault(t["process_id"], t)
+            order = sorted(firsts.values(), key=lambda t: t["process_started_at"])
+            processes = [t["process_started_at"] for t in order]
+            to_function = [t["job_function_at"] - t["process_started_at"] for t in order]
+            imported = [t["pipeline_import_seconds"] for t in order]
             rows.append(
                 {
                     "gpus": g,
@@ -142,6 +153,11 @@ def main() -> int:
                     "job_seconds_summed": parts,
                     "job_wall_seconds_summed": sum(b - a for a, b in spans),
                     "first_job_start_seconds": first - epoch0,
+                    # per process that ran jobs: its start after the command's, then the seconds
+                    # to its first job's function and of that job's pipeline import
+                    "processes_started_seconds": [x - epoch0 for x in processes],
+                    "process_to_job_function_seconds": to_function,
+                    "pipeline_import_seconds": imported,
                     # the rate once the launcher runs: a user with many more shapes pays the
                     # start-up (Python, imports, workers) once and then gets this rate
                     "steady_shapes_per_hour": 3600 * len(paths) / (last - first),
@@ -156,6 +172,15 @@ def main() -> int:
                 f"jobs summed: {summed})",
                 flush=True,
             )
+            if processes:
+                print(
+                    f"  start-up: {len(processes)} job process(es) started "
+                    f"{processes[0] - epoch0:.1f}-{processes[-1] - epoch0:.1f} s after the "
+                    f"command, reached their first job's function "
+                    f"{min(to_function):.1f}-{max(to_function):.1f} s later and imported the "
+                    f"pipeline in {min(imported):.1f}-{max(imported):.1f} s",
+                    flush=True,
+                )
     base, steady = rows[0]["shapes_per_hour"], rows[0]["steady_shapes_per_hour"]
     for r in rows:
         r["speedup_vs_first"] = r["shapes_per_hour"] / base

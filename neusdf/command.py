@@ -44,6 +44,23 @@ register_resolvers()
 _STARTED = time.time()
 
 
+def _process_started_at() -> float | None:
+    """When the operating system started this process (UNIX seconds, to about 10 ms), or None
+    where /proc does not say (not Linux).
+
+    Earlier than :data:`_STARTED` by the interpreter's start and the imports before this
+    module: for a multirun's worker process, the part of the start-up before its first job.
+    """
+    try:
+        # field 22 of /proc/self/stat, the start in clock ticks after boot (fields counted
+        # after the command name, which may hold spaces)
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _import_pipeline() -> ModuleType:
     """Imports :mod:`neusdf.pipeline` (once per process) with the cyclic garbage collector
     held off, and returns it.
@@ -191,7 +208,19 @@ def main() -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point: runs :func:`neusdf.pipeline.train`, turning bad input into a
     one-line error."""
+    entered, t0 = time.time(), time.perf_counter()
     train = _import_pipeline().train
+    # How this job's process got here, recorded in the job's metrics.json: its id and start, when
+    # Hydra called this function (after composing the job's config) and the pipeline's import
+    # (only the process's first job pays it). The start is read here, not kept in a module
+    # global: a launcher that pickles this function, as joblib's does, would carry the
+    # command's own value into its workers.
+    startup = {
+        "process_id": os.getpid(),
+        "process_started_at": _process_started_at(),
+        "job_function_at": entered,
+        "pipeline_import_seconds": time.perf_counter() - t0,
+    }
     from neusdf.checkpoint import CheckpointError
     from neusdf.mesh_io import ShapeError
 
@@ -204,7 +233,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         files.accept()
 
     try:
-        train(cfg, on_accept=accept)
+        train(cfg, on_accept=accept, startup=startup)
     except (ShapeError, CheckpointError, FileExistsError, ValueError) as e:
         if os.environ.get("NEUSDF_DEBUG") == "1":
             raise

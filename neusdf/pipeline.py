@@ -484,7 +484,11 @@ def _clear_previous_run(cfg: DictConfig) -> None:
             p.unlink()
 
 
-def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict | None:
+def train(
+    cfg: DictConfig,
+    on_accept: Callable[[], None] | None = None,
+    startup: dict[str, float | int | None] | None = None,
+) -> dict | None:
     """Trains, then (on rank 0) extracts the mesh and computes metrics.
 
     Sets the process-wide runtime first (:func:`neusdf.config.configure_runtime`). Checks
@@ -495,6 +499,11 @@ def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict 
     Args:
         cfg: the composed config (``configs/train.yaml``).
         on_accept: called once the run is accepted, before anything is written.
+        startup: what the caller measured before this call (the command line: its process's
+            id and start and when Hydra called the job's function, UNIX seconds, and the
+            pipeline's import: ``process_id``, ``process_started_at``, ``job_function_at``,
+            ``pipeline_import_seconds``), added to the timing in metrics.json; None values are
+            left out.
 
     Returns:
         On rank 0, the metrics dict (reconstruction metrics against the input unless
@@ -520,6 +529,7 @@ def train(cfg: DictConfig, on_accept: Callable[[], None] | None = None) -> dict 
         on_accept()
     # wall-clock start and end (UNIX seconds): how jobs of a multirun overlapped
     run.timing["started_at"] = started
+    run.timing.update({k: v for k, v in (startup or {}).items() if v is not None})
     fit_seconds = fit(run, cfg.ckpt_path)
     if run.trainer.global_rank != 0:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -49,12 +50,26 @@ def test_joblib_multirun_trains_every_shape_in_its_own_directory(tmp_path):
         *overrides,
         f"hydra.sweep.dir={sweep}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    started = time.time()
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, cwd=ROOT)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    imports = []
     for job, path in enumerate(paths):
         metrics = json.loads((sweep / str(job) / "metrics.json").read_text())
         assert metrics["input"]["path"] == str(path)
         assert (sweep / str(job) / "mesh.ply").is_file()
+        # the job ran in a worker process, which the command started once it had imported
+        # Hydra and composed the sweep (seconds), and which reached the job's function
+        # before the job began
+        t = metrics["timing"]
+        assert t["process_id"] != proc.pid
+        assert started + 0.3 < t["process_started_at"] < t["job_function_at"] < t["started_at"]
+        imports.append(t["pipeline_import_seconds"])
+    # a worker's first job imports the pipeline (torch, Lightning: seconds); a later job of
+    # the same process finds it imported
+    assert max(imports) > 0.5
     # each job scored its own shape: the two radii give different surfaces
     spacing = [json.loads((sweep / str(j) / "metrics.json").read_text())["input"]["spacing"]
                for j in range(2)]  # fmt: skip
