@@ -227,10 +227,35 @@ NEUSDF_HD T ring_gap2(const T q[3], const GridGeom<T>& g, const int cq[3], int r
 // Search key of the lower bound lam * gap2 of D (0 when lam or gap2 is 0), shaved by a few
 // rounding errors. A cell or ring may be skipped only when this key is strictly above the
 // current K-th best key: on equality a point with a lower index could still come first.
+// An overflowed gap2 (+inf) stands for at least the largest finite value, not for infinity:
+// lam * inf would claim a bound above every finite distance, which a small lam (a flat Gaussian
+// far away) does not give.
 template <typename T>
 NEUSDF_HD T bound_key(T lam, T gap2) {
+  gap2 = gap2 < FiniteMax<T>::value ? gap2 : static_cast<T>(FiniteMax<T>::value);
   const T b = lam > T(0) && gap2 > T(0) ? lam * gap2 * T(1 - 16 * Eps<T>::value) : T(0);
   return search_key(b);
+}
+
+// The tile search's per-point prefilter: a lower bound on one point's key, cheaper than the key
+// (7 FP32 operations instead of 18), that spares the exact distance for the points no query of
+// a warp can take. w = point_bound_weight(lam) for the point's lam > 0 (point_lambda); d = q - p
+// rounded as pair_distance rounds it, so that D_computed >= lam |d|^2 holds (point_lambda), and
+// w |d|^2 rounded stays below lam |d|^2 (w is shaved by 16 eps, the few roundings here cost at
+// most 5). An overflowed or NaN |d|^2 counts as the largest finite value (see bound_key); a
+// NaN d gives the key of a NaN distance, the largest finite value, which is no lower bound
+// problem since the exact key is that value too.
+template <typename T>
+NEUSDF_HD T point_bound_weight(T lam) {
+  return lam * T(1 - 16 * Eps<T>::value);
+}
+
+template <typename T>
+NEUSDF_HD T point_bound_key(const T q[3], const T p[3], T w) {
+  const T d0 = q[0] - p[0], d1 = q[1] - p[1], d2 = q[2] - p[2];
+  T g2 = mul_add(d2, d2, mul_add(d1, d1, d0 * d0));
+  g2 = g2 < FiniteMax<T>::value ? g2 : static_cast<T>(FiniteMax<T>::value);
+  return search_key(w * g2);
 }
 
 
@@ -316,6 +341,25 @@ NEUSDF_HD T tile_bound_key(const T q[3], const TileBox<T>& box) {
     gap2 += gap_squared(below > above ? below : above, slack);
   }
   return bound_key(box.lam, gap2);
+}
+
+// A lower bound on tile_bound_key(q, box) for every q in the box [qlo, qhi] of a group's
+// finite queries, so that one test per tile can skip it for the whole group (the per-query
+// tests then run only on the tiles this one keeps). Each step of tile_bound_key is monotone in
+// q's gap to the box and in the slack, and this takes the smallest gap and the largest slack
+// of any q in [qlo, qhi]; the key is shaved by 8 more eps for the two computations' possibly
+// different contraction of multiply-adds.
+template <typename T>
+NEUSDF_HD T group_tile_bound_key(const T qlo[3], const T qhi[3], const TileBox<T>& box) {
+  if (!(box.lam > T(0))) return -static_cast<T>(INFINITY);
+  T gap2 = 0;
+  for (int a = 0; a < 3; ++a) {
+    const T below = box.lo[a] - qhi[a], above = qlo[a] - box.hi[a];
+    const T mq = magnitude(qlo[a]) > magnitude(qhi[a]) ? magnitude(qlo[a]) : magnitude(qhi[a]);
+    const T slack = T(64 * Eps<T>::value) * (mq + magnitude(box.lo[a]) + magnitude(box.hi[a]));
+    gap2 += gap_squared(below > above ? below : above, slack);
+  }
+  return bound_key(box.lam, gap2) * T(1 - 8 * Eps<T>::value);
 }
 
 // The first of the kTileHome tiles scanned first, for queries that fall at position pos of

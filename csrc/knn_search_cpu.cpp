@@ -268,8 +268,27 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
             std::lower_bound(pcode.begin(), pcode.end(), std::make_pair(code, int64_t(0))) -
             pcode.begin();
         const int first = home_tile(pos, tiles);
+        // the box of the group's queries, for the one test per tile that the CUDA kernel runs
+        // before the per-query tests (valid only when every query is finite)
+        T qlo[3], qhi[3];
+        bool group_test = true;
+        for (int a = 0; a < 3; ++a) {
+          qlo[a] = std::numeric_limits<T>::infinity();
+          qhi[a] = -std::numeric_limits<T>::infinity();
+        }
+        for (int64_t l = 0; l < lanes; ++l) {
+          const T* qv = qb + 3 * qcode[first_query + l].second;
+          for (int a = 0; a < 3; ++a) {
+            group_test = group_test && is_finite(qv[a]);
+            qlo[a] = std::min(qlo[a], qv[a]);
+            qhi[a] = std::max(qhi[a], qv[a]);
+          }
+        }
         for (int i = 0; i < tiles; ++i) {
           const int t = tile_at(i, first, tiles);
+          T widest = -std::numeric_limits<T>::infinity();
+          for (int64_t l = 0; l < lanes; ++l) widest = std::max(widest, key[l * N + N - 1]);
+          if (group_test && group_tile_bound_key(qlo, qhi, boxes[t]) > widest) continue;
           bool need = false;
           for (int64_t l = 0; l < lanes; ++l) {
             const T* qv = qb + 3 * qcode[first_query + l].second;
@@ -286,6 +305,11 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
               int64_t j;
               if (slot < n.P) {
                 j = pcode[slot].second;
+                // the CUDA kernel's prefilter, here per query
+                if (boxes[t].lam > T(0) &&
+                    point_bound_key(qv, pb + 3 * j, point_bound_weight(lam[j])) > kl[N - 1]) {
+                  continue;
+                }
                 T d[3], u[3];
                 k = search_key(pair_distance(qv, pb + 3 * j, sb + 3 * j, Rb + 9 * j, d, u));
               } else {  // the CUDA kernel's padding record: the largest key, past every index

@@ -49,13 +49,15 @@
 namespace neusdf {
 namespace {
 
-// One point as the search reads it from shared memory: position, precisions, axes.
+// One point as the search reads it from shared memory: position, the tile search's prefilter
+// weight (point_bound_weight; position and weight are one 16-byte load for float), precisions,
+// axes. The other searches leave w at 0.
 template <typename T>
 struct alignas(16) PointRec {
   T p[3];
+  T w;
   T s[3];
   T R[9];
-  T pad;
 };
 
 // Inserts (k, j) into the sorted list (key, ind) of N entries, dropping the last one.
@@ -120,6 +122,17 @@ struct LaneList {
     }
   }
 };
+
+// The bitwise or of v over the warp (whole warp).
+__device__ __forceinline__ unsigned warp_or(unsigned v) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_or_sync(kFullMask, v);
+#else
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v |= __shfl_xor_sync(kFullMask, v, o);
+  return v;
+#endif
+}
 
 // The smallest key a candidate needs to reach to pass the bound b inclusively: k <= b is k < the
 // next float above b (search keys are finite, so an infinite b lets everything pass).
@@ -207,7 +220,7 @@ __device__ __forceinline__ void stage_tile(PointRec<T>* tile, const T* __restric
     }
 #pragma unroll
     for (int c = 0; c < 9; ++c) rec.R[c] = real ? Rb[9 * j + c] : static_cast<T>(0);
-    rec.pad = 0;
+    rec.w = 0;
     tile[t] = rec;
   }
 }
@@ -512,7 +525,7 @@ __device__ __forceinline__ PointRec<T> point_record(const T* __restrict__ p,
   }
 #pragma unroll
   for (int c = 0; c < 9; ++c) rec.R[c] = R[9 * x + c];
-  rec.pad = 0;
+  rec.w = 0;
   return rec;
 }
 
@@ -833,10 +846,12 @@ __global__ void tile_build_kernel(const T* __restrict__ p, const T* __restrict__
   TileBox<T> box = empty_tile_box<T>();
   if (s < P) {
     const int64_t x = sorted[b * P + s];  // the flat index b P + j of the point
-    const PointRec<T> rec = point_record(p, sigma, R, x);
+    PointRec<T> rec = point_record(p, sigma, R, x);
+    const T lam = point_lambda(rec.p, rec.s, rec.R);
+    rec.w = point_bound_weight(lam);  // read only in tiles whose smallest lam is > 0
     records[b * P + s] = rec;
     order[b * P + s] = static_cast<int>(x - b * P);
-    extend_tile_box(box, rec.p, point_lambda(rec.p, rec.s, rec.R));
+    extend_tile_box(box, rec.p, lam);
   }
   warp_union_box(box);
   if (lane == 0) boxes[w] = box;
@@ -895,7 +910,9 @@ __device__ __forceinline__ T union_nth_key(const T* lists, int warps, int lane) 
 // memory) only when some lane's bound on it is not above that lane's gate: the smaller of its
 // own list's N-th key and the block's shared bound, which every warp lowers (atomicMin) after
 // each tile it scans. The boxes of the warp's next 32 visits are staged together (one coalesced
-// load). At the end the W lists are merged as in the brute force.
+// load) and tested first for all 32 queries at once (group_tile_bound_key), then per query. In
+// a scanned tile the exact keys are computed only for the points under some lane's prefilter
+// bound (point_bound_key). At the end the W lists are merged as in the brute force.
 template <typename T, int N>
 __global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
     knn_tile_search_kernel(const T* __restrict__ q, const unsigned long long* __restrict__ keys,
@@ -927,6 +944,21 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
   if (active) {
 #pragma unroll
     for (int c = 0; c < 3; ++c) qv[c] = q[3 * (b * Q + qi) + c];
+  }
+  // The box of the block's queries, for one test per tile for all of them
+  // (group_tile_bound_key), which holds only when they are all finite.
+  const bool group_test =
+      __all_sync(kFullMask, !active || (is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2])));
+  T qlo[3], qhi[3];
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    qlo[a] = active ? qv[a] : static_cast<T>(INFINITY);
+    qhi[a] = active ? qv[a] : -static_cast<T>(INFINITY);
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+      qlo[a] = min(qlo[a], __shfl_xor_sync(kFullMask, qlo[a], o));
+      qhi[a] = max(qhi[a], __shfl_xor_sync(kFullMask, qhi[a], o));
+    }
   }
   LaneList<T, N> list;
   list.clear();
@@ -984,28 +1016,36 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
       }
 #pragma unroll
       for (int c = 0; c < 9; ++c) pad.R[c] = static_cast<T>(0);
-      pad.pad = 0;
+      pad.w = 1;  // any weight: the NaN position makes the bound's key the record's own key
       *dst = pad;
       staged_ind[buf * kTilePoints + lane] = P + lane;
     }
     __pipeline_commit();
   };
   // Visits [begin, end) of this warp (begin + warp, then every warps-th), 32 at a time: the
-  // chunk's boxes are staged together, the chunk is skipped whole when no lane needs the union
-  // of its boxes, else the tiles some lane needs are scanned, each one's copy overlapping the
-  // previous one's scan.
+  // chunk's boxes are staged together; lane x tests tile x for the whole block's queries (their
+  // box against the largest gate), and only the tiles that test keeps get the per-query tests.
+  // The tiles some lane needs are scanned, each one's copy overlapping the previous one's scan.
   auto visit = [&](int begin, int end) {
     for (int chunk = begin + warp; chunk < end; chunk += warps * kTilePoints) {
       __syncwarp();  // the previous chunk's boxes are no longer read
       const int mine = chunk + lane * warps;
-      TileBox<T> box = mine < end ? bb[tile_at(mine, first, tiles)] : empty_tile_box<T>();
+      const bool real = mine < end;
+      const TileBox<T> box = real ? bb[tile_at(mine, first, tiles)] : empty_tile_box<T>();
       staged_box[lane] = box;
-      warp_union_box(box);
       const T gate = min(list.key[N - 1], queue.block);
-      if (!__any_sync(kFullMask, active && !(tile_bound_key(qv, box) > gate))) continue;
+      T widest = active ? gate : -static_cast<T>(INFINITY);
+#pragma unroll
+      for (int o = kWarp / 2; o > 0; o >>= 1) {
+        widest = max(widest, __shfl_xor_sync(kFullMask, widest, o));
+      }
+      const unsigned maybe = __ballot_sync(
+          kFullMask, real && !(group_test && group_tile_bound_key(qlo, qhi, box) > widest));
+      if (maybe == 0) continue;
       __syncwarp();
       unsigned todo = 0;  // the chunk's tiles some lane needs, with today's gate
-      for (int x = 0; x < kTilePoints && chunk + x * warps < end; ++x) {
+      for (unsigned left = maybe; left != 0; left &= left - 1) {
+        const int x = __ffs(left) - 1;
         const bool need = active && !(tile_bound_key(qv, staged_box[x]) > gate);
         if (__any_sync(kFullMask, need)) todo |= 1u << x;
       }
@@ -1026,17 +1066,39 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
         if (__any_sync(kFullMask, active && !(tile_bound_key(qv, staged_box[x]) > now))) {
           const PointRec<T>* tile = staged + buf * kTilePoints;
           const int* tile_ind = staged_ind + buf * kTilePoints;
-          for (int x0 = 0; x0 < kTilePoints; x0 += kUnroll) {
+          // The points some lane may take: each lane bounds its key on every point
+          // (point_bound_key) and the exact keys are computed only for the points under some
+          // lane's gate, about a fifth of a scanned tile's. A tile with a point that has no
+          // bound (its smallest lam is not > 0) is scanned whole.
+          unsigned want = kFullMask;
+          if (staged_box[x].lam > T(0)) {
+            unsigned lane_wants = 0;
+#pragma unroll
+            for (int y = 0; y < kTilePoints; ++y) {
+              const PointRec<T>& r = tile[y];
+              if (point_bound_key(qv, r.p, r.w) < queue.gate) lane_wants |= 1u << y;
+            }
+            want = warp_or(lane_wants);
+          }
+          while (want != 0) {  // kUnroll of them at a time, for instruction-level parallelism
+            int at[kUnroll];
+            bool real_point[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              real_point[u] = want != 0;
+              at[u] = real_point[u] ? __ffs(want) - 1 : 0;
+              want &= want - 1;
+            }
             T k[kUnroll];
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
-              const PointRec<T>& r = tile[x0 + u];
+              const PointRec<T>& r = tile[at[u]];
               T d[3], e[3];
               k[u] = search_key(pair_distance(qv, r.p, r.s, r.R, d, e));
             }
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
-              if (k[u] < queue.gate) queue.push(k[u], tile_ind[x0 + u], lane);
+              if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
             }
             if (__any_sync(kFullMask, queue.queued > kQueue - kUnroll)) {
               queue.merge_into(list, lane);

@@ -433,6 +433,23 @@ def test_pruning_search_non_finite_inputs(method, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_pruning_search_queries_where_the_squared_gap_overflows(method, device):
+    """Queries 3e19 away in float32 with precisions near 1e-30: |q - p|^2 overflows while the
+    distances (about 1e9) do not. A bound must read the overflowed gap as "at least the largest
+    float", not as infinity, or it skips tiles and cells that hold the nearest points."""
+    q, p, sigma, R = make_search_case("clusters", 1, 100, 1500, device=device, seed=31)
+    sigma = sigma * 1e-30
+    q = q.clone()
+    q[..., 0] = 3e19
+    brute = knn_search_aniso(q, p, sigma, R, 6, method="brute")
+    keys = anisotropic_dists(q.double(), p.double(), sigma.double(), R.double())
+    assert torch.isfinite(keys).all() and keys.max() < 1e30  # a real distance, not an overflow
+    got = knn_search_aniso(q, p, sigma, R, 6, method=method)
+    assert torch.equal(got, brute), int((got != brute).sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", PRUNING_METHODS)
 def test_unchecked_nonpositive_sigma_search_stays_exact(method, device):
     """Unchecked sigma <= 0 or NaN: the pruning searches scan such points for every query and
     return brute force's neighbours; a negative precision's D is below zero and sorts first,
