@@ -53,6 +53,28 @@ from neusdf.mesh_io import save_json  # noqa: E402
 DEFAULT_INPUTS = ",".join(f"{s}/{t}" for t in SETTINGS for s in SHAPES)
 
 
+MEMORY_KEYS = ("host_resident_mib_at_start", "host_resident_mib_at_end")
+
+
+def worker_growth_mib(per_job: list[dict]) -> float | None:
+    """The most any process's resident memory grew from the end of its first job to the end
+    of a later one (MiB; what loky's leak guard compares), or None without the figures.
+
+    per_job: the jobs in start order, with ``process_id`` and ``host_resident_mib_at_end``.
+    """
+    first_end: dict[int, float] = {}
+    most = None
+    for j in per_job:
+        pid, end = j["process_id"], j["host_resident_mib_at_end"]
+        if pid is None or end is None:
+            continue
+        if pid not in first_end:
+            first_end[pid] = end
+        else:
+            most = max(most or 0.0, end - first_end[pid])
+    return most
+
+
 def main() -> int:
     """Command line entry point; see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -123,7 +145,8 @@ def main() -> int:
             if len(done) != len(paths):
                 raise RuntimeError(f"{len(done)} of {len(paths)} jobs wrote metrics.json")
             # where a job's time went, summed over the jobs (their own clocks)
-            jobs = [json.loads(p.read_text())["timing"] for p in done]
+            records = [json.loads(p.read_text()) for p in done]
+            jobs = [r["timing"] for r in records]
             parts = {k: sum(t[k] for t in jobs) for k in RUN_TIMING_KEYS}
             # how well the jobs filled the launcher's n_jobs slots: the jobs' own wall time (from
             # entering train() to writing metrics.json) over the slots from the first start to
@@ -142,6 +165,23 @@ def main() -> int:
             processes = [t["process_started_at"] for t in order]
             to_function = [t["job_function_at"] - t["process_started_at"] for t in order]
             imported = [t["pipeline_import_seconds"] for t in order]
+            # each job: which process ran it, when, and that process's resident memory before
+            # and after it (a pool that restarts a worker whose memory grew, as loky does where
+            # psutil is installed, shows as more processes than slots)
+            per_job = sorted(
+                (
+                    {
+                        "input": Path(r["input"]["path"]).stem,
+                        "process_id": r["timing"].get("process_id"),
+                        "started_seconds": r["timing"]["started_at"] - epoch0,
+                        "finished_seconds": r["timing"]["finished_at"] - epoch0,
+                        **{k: r.get("memory", {}).get(k) for k in MEMORY_KEYS},
+                    }
+                    for r in records
+                ),
+                key=lambda j: j["started_seconds"],
+            )
+            growth = worker_growth_mib(per_job)
             rows.append(
                 {
                     "gpus": g,
@@ -162,6 +202,9 @@ def main() -> int:
                     # start-up (Python, imports, workers) once and then gets this rate
                     "steady_shapes_per_hour": 3600 * len(paths) / (last - first),
                     "slot_occupancy": occupancy,
+                    "processes_beyond_slots": max(0, len(firsts) - g * per_gpu),
+                    "worker_growth_mib": growth,
+                    "jobs": per_job,
                 }
             )
             summed = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in parts.items())
@@ -179,6 +222,12 @@ def main() -> int:
                     f"command, reached their first job's function "
                     f"{min(to_function):.1f}-{max(to_function):.1f} s later and imported the "
                     f"pipeline in {min(imported):.1f}-{max(imported):.1f} s",
+                    flush=True,
+                )
+            if growth is not None:
+                print(
+                    f"  memory: {len(firsts)} process(es) for {g * per_gpu} slots; a process's "
+                    f"resident memory grew by at most {growth:.0f} MiB after its first job",
                     flush=True,
                 )
     base, steady = rows[0]["shapes_per_hour"], rows[0]["steady_shapes_per_hour"]

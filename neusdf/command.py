@@ -31,6 +31,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from neusdf.config import CONFIG_DIR, compose_config, is_main_process, register_resolvers
+from neusdf.process_info import process_started_at
 
 __all__ = ["main"]
 
@@ -42,23 +43,6 @@ register_resolvers()
 # When this process started: a run directory created after it (by Hydra) and left empty by a
 # refusal is removed again.
 _STARTED = time.time()
-
-
-def _process_started_at() -> float | None:
-    """When the operating system started this process (UNIX seconds, to about 10 ms), or None
-    where /proc does not say (not Linux).
-
-    Earlier than :data:`_STARTED` by the interpreter's start and the imports before this
-    module: for a multirun's worker process, the part of the start-up before its first job.
-    """
-    try:
-        # field 22 of /proc/self/stat, the start in clock ticks after boot (fields counted
-        # after the command name, which may hold spaces)
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _import_pipeline() -> ModuleType:
@@ -217,7 +201,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     # command's own value into its workers.
     startup = {
         "process_id": os.getpid(),
-        "process_started_at": _process_started_at(),
+        "process_started_at": process_started_at(),
         "job_function_at": entered,
         "pipeline_import_seconds": time.perf_counter() - t0,
     }

@@ -56,6 +56,7 @@ from neusdf.metrics import SurfaceSet, evaluate, format_table
 from neusdf.model import PointInit
 from neusdf.module import SDFModule
 from neusdf.ops.build import load_library
+from neusdf.process_info import resident_memory_mib
 
 __all__ = [
     "MIN_SURFACE_POINTS",
@@ -99,6 +100,8 @@ class Run:
     # seconds of build's parts: "load" (read, normalise, measure, estimate normals) and
     # "init" (op, neural points, winding-number grid, module and trainer)
     timing: dict[str, float]
+    # the process's resident host memory when train() began (MiB; None off Linux)
+    host_memory_mib_at_start: float | None = None
 
 
 def _build_op(backend: str) -> None:
@@ -263,12 +266,12 @@ def _deterministic_backend(cfg: DictConfig) -> None:
 
 
 def multirun_device(job_num: int, device_count: int) -> list[int]:
-    """The GPU of job ``job_num`` of a multirun: round robin over ``device_count`` GPUs.
+    """The GPU of a multirun's worker process whose first job is ``job_num``: round robin over
+    ``device_count`` GPUs.
 
-    With a parallel launcher running as many jobs at once as there are GPUs (e.g.
-    ``hydra/launcher=joblib hydra.launcher.n_jobs=<GPUs>``), jobs that run side by side get
-    different GPUs as long as they take about equally long (a job that starts while a slower
-    job of the same residue still runs shares that job's GPU: slower, still correct).
+    A launcher that runs n jobs side by side in n worker processes (``hydra/launcher=local``)
+    hands them jobs 0 to n - 1 first, so the workers spread evenly over the GPUs; each keeps
+    its GPU for its later jobs (:func:`_assign_multirun_device`).
 
     Returns:
         ``[job_num % device_count]``, a ``trainer.devices`` value (a list of one index).
@@ -278,13 +281,23 @@ def multirun_device(job_num: int, device_count: int) -> list[int]:
     return [job_num % device_count]
 
 
+# The GPU this process trains its multirun jobs on, fixed by its first job. Taking the GPU by
+# job number instead sent a worker's later jobs to the other GPUs too: each worker then made a
+# CUDA context on every GPU (host memory and set-up time per context; measured on two H100s,
+# 28 shapes, four workers: 100-290 MiB more host memory per worker after its first job, the
+# jobs' initialisation 28-30 s summed against 19-21 s with one GPU).
+_process_gpu: int | None = None
+
+
 def _assign_multirun_device(cfg: DictConfig) -> None:
-    """In a Hydra multirun on a machine with several GPUs, gives each single-GPU job its GPU
-    (:func:`multirun_device`); a job that asks for several devices or names them keeps its
-    setting, and nothing changes outside a multirun or on the CPU."""
+    """In a Hydra multirun on a machine with several GPUs, gives each single-GPU job its
+    process's GPU (:func:`multirun_device` of the process's first job); a job that asks for
+    several devices or names them keeps its setting, and nothing changes outside a multirun
+    or on the CPU."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    global _process_gpu
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     if not on_gpu(str(cfg.trainer.accelerator)) or cfg.trainer.devices not in (1, "1"):
@@ -292,9 +305,11 @@ def _assign_multirun_device(cfg: DictConfig) -> None:
     count = torch.cuda.device_count()
     if count > 1:
         job = int(HydraConfig.get().job.num)
+        if _process_gpu is None or _process_gpu >= count:
+            _process_gpu = multirun_device(job, count)[0]
         with open_dict(cfg):
-            cfg.trainer.devices = multirun_device(job, count)
-        log.info("multirun job %d: GPU %d of %d", job, cfg.trainer.devices[0], count)
+            cfg.trainer.devices = [_process_gpu]
+        log.info("multirun job %d: GPU %d of %d (this process's)", job, _process_gpu, count)
 
 
 def _resume_args(cfg: DictConfig) -> list[str]:
@@ -450,6 +465,12 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
         "spacing": dm.stats.spacing,
         "noise": dm.stats.noise,
     }
+    # the process's resident host memory (MiB): what a multirun's worker process carries from
+    # one job to the next
+    metrics["memory"] = {
+        "host_resident_mib_at_start": run.host_memory_mib_at_start,
+        "host_resident_mib_at_end": resident_memory_mib(),
+    }
     metrics["timing"]["finished_at"] = time.time()
     save_json(metrics_path, metrics, overwrite=cfg.overwrite)
     scores = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -507,13 +528,14 @@ def train(
 
     Returns:
         On rank 0, the metrics dict (reconstruction metrics against the input unless
-        ``extract.score`` is false, plus ``timing`` and ``input``); None on other ranks.
+        ``extract.score`` is false, plus ``timing``, ``memory`` and ``input``); None on other
+        ranks.
 
     Raises:
         ShapeError, CheckpointError, FileExistsError, ValueError: bad input, with a message
         naming the option or file.
     """
-    started = time.time()
+    started, memory_at_start = time.time(), resident_memory_mib()
     configure_runtime(deterministic=bool(cfg.get("deterministic", False)))
     _assign_multirun_device(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -521,6 +543,7 @@ def train(
     check_outputs(cfg)
     connect = start_early_connect(cfg)  # under torchrun: overlaps the data loading
     run = build(cfg)
+    run.host_memory_mib_at_start = memory_at_start
     if connect is not None:
         run.timing["connect_wait_seconds"] = connect.wait()
     if is_main_process():

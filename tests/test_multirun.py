@@ -24,6 +24,34 @@ def test_jobs_take_the_gpus_round_robin():
         multirun_device(0, 0)
 
 
+def test_a_worker_process_keeps_the_gpu_of_its_first_job(monkeypatch):
+    """A multirun worker trains every job on its first job's GPU: taking a GPU by job number
+    would make each worker a CUDA context on every GPU (memory, set-up time)."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    import neusdf.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(pipeline, "on_gpu", lambda accelerator: True)
+    monkeypatch.setattr(pipeline, "_process_gpu", None)
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    devices = []
+    for job in (1, 2, 5, 6):
+        hydra = SimpleNamespace(mode=RunMode.MULTIRUN, job=SimpleNamespace(num=job))
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda hydra=hydra: hydra))
+        cfg = OmegaConf.create({"trainer": {"accelerator": "gpu", "devices": 1}})
+        pipeline._assign_multirun_device(cfg)
+        devices.append(list(cfg.trainer.devices))
+    assert devices == [[1], [1], [1], [1]]
+    # a job that names its devices keeps them
+    cfg = OmegaConf.create({"trainer": {"accelerator": "gpu", "devices": [0]}})
+    pipeline._assign_multirun_device(cfg)
+    assert list(cfg.trainer.devices) == [0]
+
+
 def test_local_launcher_runs_two_jobs_per_gpu():
     register_resolvers()
     n_jobs = OmegaConf.create({"n": "${gpu_jobs:2}"}).n
@@ -67,6 +95,10 @@ def test_joblib_multirun_trains_every_shape_in_its_own_directory(tmp_path):
         assert t["process_id"] != proc.pid
         assert started + 0.3 < t["process_started_at"] < t["job_function_at"] < t["started_at"]
         imports.append(t["pipeline_import_seconds"])
+        # the worker's resident memory around the job (Linux /proc): torch alone is > 100 MiB
+        memory = metrics["memory"]
+        assert memory["host_resident_mib_at_start"] > 100
+        assert memory["host_resident_mib_at_end"] > 100
     # a worker's first job imports the pipeline (torch, Lightning: seconds); a later job of
     # the same process finds it imported
     assert max(imports) > 0.5
