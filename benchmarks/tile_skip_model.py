@@ -21,6 +21,10 @@ This script computes that fraction exactly (float64) on the op benchmark's input
 Gates start at +inf and tighten as tiles are scanned, as they would in a kernel. Large sizes
 sample every n-th warp (``--warps``).
 
+For the ``home`` order it also counts ``home_points_marked``: the fraction of a scanned tile's
+points whose per-point bound (lam |q - p|^2, the tile kernel's prefilter) is at or under some
+lane's gate when the tile starts, i.e. the points whose exact distance the kernel computes.
+
     python benchmarks/tile_skip_model.py results.json
     python benchmarks/tile_skip_model.py results.json --sizes reference --tile 64
 """
@@ -59,10 +63,11 @@ def morton(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 def kept_fraction(B: int, Q: int, P: int, K: int, tile: int, home: int, warps, seed=0) -> dict:
-    """Fraction of (warp, tile) pairs scanned under each visiting order, over all batches."""
+    """Fraction of (warp, tile) pairs scanned under each visiting order, over all batches, and
+    ``home_points_marked`` (see the module docstring)."""
     q, p, _, sigma, R = make_inputs(B, Q, P, 1, seed=seed)
     scanned = dict.fromkeys(ORDERS, 0)
-    total = 0
+    total = marked = 0
     for b in range(B):
         qb, pb = q[b].double(), p[b].double()
         both = torch.cat([qb, pb])
@@ -100,10 +105,15 @@ def kept_fraction(B: int, Q: int, P: int, K: int, tile: int, home: int, warps, s
                     scanned[name] += 1
                     sl = slice(t * tile, (t + 1) * tile)
                     d = qw[:, None, :] - pb[sl][None]
+                    if name == "home":
+                        under = lam[sl][None] * (d**2).sum(-1) <= gate[:, None]  # (32, T)
+                        marked += int(under.any(0).sum())
                     D = torch.einsum("qpi,pij,qpj->qp", d, M[sl], d)
                     best = torch.cat([best, D], 1).sort(1).values[:, :K]
             total += nt
-    return {name: scanned[name] / total for name in ORDERS}
+    kept = {name: scanned[name] / total for name in ORDERS}
+    kept["home_points_marked"] = marked / max(scanned["home"] * tile, 1)
+    return kept
 
 
 def main() -> int:
@@ -130,6 +140,7 @@ def main() -> int:
         print(
             f"{s:14s} (B={B}, Q={Q}, P={P}, K={K}), tiles of {args.tile}: kept "
             + ", ".join(f"{o} {kept[o]:.3f}" for o in ORDERS)
+            + f"; points marked in home's scanned tiles {kept['home_points_marked']:.3f}"
             + f"  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )

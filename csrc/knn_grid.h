@@ -238,7 +238,7 @@ NEUSDF_HD T bound_key(T lam, T gap2) {
 }
 
 // The tile search's per-point prefilter: a lower bound on one point's key, cheaper than the key
-// (7 FP32 operations instead of 18), that spares the exact distance for the points no query of
+// (9 FP32 operations after one load, against 18 after four), that spares the exact distance for the points no query of
 // a warp can take. w = point_bound_weight(lam) for the point's lam > 0 (point_lambda); d = q - p
 // rounded as pair_distance rounds it, so that D_computed >= lam |d|^2 holds (point_lambda), and
 // w |d|^2 rounded stays below lam |d|^2 (w is shaved by 16 eps, the few roundings here cost at
