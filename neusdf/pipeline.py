@@ -411,7 +411,7 @@ def finalise(run: Run, cfg: DictConfig, fit_seconds: float) -> dict:
     """Extracts the mesh, scores it and writes ``mesh.<format>`` and ``metrics.json``.
 
     Call on rank 0 only. Returns the metrics (scores unless ``extract.score`` is false, plus
-    ``timing`` and ``input``).
+    ``timing``, ``memory`` and ``input``).
     """
     dm, trainer, x = run.data, run.trainer, cfg.extract
     mesh_path, metrics_path = _output_paths(cfg)
