@@ -224,27 +224,33 @@ NEUSDF_HD T ring_gap2(const T q[3], const GridGeom<T>& g, const int cq[3], int r
   return any ? best : T(-1);
 }
 
+// A squared gap x that overflowed (+inf, or NaN from one) as the largest finite value: the gap
+// is at least that large, but not infinite, and lam * inf would claim a bound above every
+// finite distance, which a small lam (a flat Gaussian far away) does not give.
+template <typename T>
+NEUSDF_HD T overflowed_as_finite(T x) {
+  return x < FiniteMax<T>::value ? x : static_cast<T>(FiniteMax<T>::value);
+}
+
 // Search key of the lower bound lam * gap2 of D (0 when lam or gap2 is 0), shaved by a few
 // rounding errors. A cell or ring may be skipped only when this key is strictly above the
 // current K-th best key: on equality a point with a lower index could still come first.
-// An overflowed gap2 (+inf) stands for at least the largest finite value, not for infinity:
-// lam * inf would claim a bound above every finite distance, which a small lam (a flat Gaussian
-// far away) does not give.
+// An overflowed gap2 counts as the largest finite value (overflowed_as_finite).
 template <typename T>
 NEUSDF_HD T bound_key(T lam, T gap2) {
-  gap2 = gap2 < FiniteMax<T>::value ? gap2 : static_cast<T>(FiniteMax<T>::value);
+  gap2 = overflowed_as_finite(gap2);
   const T b = lam > T(0) && gap2 > T(0) ? lam * gap2 * T(1 - 16 * Eps<T>::value) : T(0);
   return search_key(b);
 }
 
 // The tile search's per-point prefilter: a lower bound on one point's key, cheaper than the key
-// (9 FP32 operations after one load, against 18 after four), that spares the exact distance for the points no query of
-// a warp can take. w = point_bound_weight(lam) for the point's lam > 0 (point_lambda); d = q - p
-// rounded as pair_distance rounds it, so that D_computed >= lam |d|^2 holds (point_lambda), and
-// w |d|^2 rounded stays below lam |d|^2 (w is shaved by 16 eps, the few roundings here cost at
-// most 5). An overflowed or NaN |d|^2 counts as the largest finite value (see bound_key); a
-// NaN d gives the key of a NaN distance, the largest finite value, which is no lower bound
-// problem since the exact key is that value too.
+// (9 FP32 operations after one load, against 18 after four), that spares the exact distance
+// for the points no query of a warp can take. w = point_bound_weight(lam) for the point's
+// lam > 0 (point_lambda); d = q - p rounded as pair_distance rounds it, so that
+// D_computed >= lam |d|^2 holds (point_lambda), and w |d|^2 rounded stays below lam |d|^2 (w is
+// shaved by 16 eps, the few roundings here cost at most 5). An overflowed |d|^2 counts as the
+// largest finite value (overflowed_as_finite); a NaN d gives the key of a NaN distance, the
+// largest finite value, which is no lower bound problem since the exact key is that value too.
 template <typename T>
 NEUSDF_HD T point_bound_weight(T lam) {
   return lam * T(1 - 16 * Eps<T>::value);
@@ -253,8 +259,7 @@ NEUSDF_HD T point_bound_weight(T lam) {
 template <typename T>
 NEUSDF_HD T point_bound_key(const T q[3], const T p[3], T w) {
   const T d0 = q[0] - p[0], d1 = q[1] - p[1], d2 = q[2] - p[2];
-  T g2 = mul_add(d2, d2, mul_add(d1, d1, d0 * d0));
-  g2 = g2 < FiniteMax<T>::value ? g2 : static_cast<T>(FiniteMax<T>::value);
+  const T g2 = overflowed_as_finite(mul_add(d2, d2, mul_add(d1, d1, d0 * d0)));
   return search_key(w * g2);
 }
 

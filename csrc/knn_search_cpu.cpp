@@ -270,25 +270,20 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
         const int first = home_tile(pos, tiles);
         // the box of the group's queries, for the one test per tile that the CUDA kernel runs
         // before the per-query tests (valid only when every query is finite)
-        T qlo[3], qhi[3];
+        TileBox<T> group = empty_tile_box<T>();
         bool group_test = true;
-        for (int a = 0; a < 3; ++a) {
-          qlo[a] = std::numeric_limits<T>::infinity();
-          qhi[a] = -std::numeric_limits<T>::infinity();
-        }
         for (int64_t l = 0; l < lanes; ++l) {
           const T* qv = qb + 3 * qcode[first_query + l].second;
-          for (int a = 0; a < 3; ++a) {
-            group_test = group_test && is_finite(qv[a]);
-            qlo[a] = std::min(qlo[a], qv[a]);
-            qhi[a] = std::max(qhi[a], qv[a]);
-          }
+          group_test = group_test && is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2]);
+          extend_tile_box(group, qv, T(0));
         }
         for (int i = 0; i < tiles; ++i) {
           const int t = tile_at(i, first, tiles);
-          T widest = -std::numeric_limits<T>::infinity();
-          for (int64_t l = 0; l < lanes; ++l) widest = std::max(widest, key[l * N + N - 1]);
-          if (group_test && group_tile_bound_key(qlo, qhi, boxes[t]) > widest) continue;
+          if (group_test) {
+            T widest = -std::numeric_limits<T>::infinity();
+            for (int64_t l = 0; l < lanes; ++l) widest = std::max(widest, key[l * N + N - 1]);
+            if (group_tile_bound_key(group.lo, group.hi, boxes[t]) > widest) continue;
+          }
           bool need = false;
           for (int64_t l = 0; l < lanes; ++l) {
             const T* qv = qb + 3 * qcode[first_query + l].second;

@@ -305,7 +305,7 @@ def _assign_multirun_device(cfg: DictConfig) -> None:
     count = torch.cuda.device_count()
     if count > 1:
         job = int(HydraConfig.get().job.num)
-        if _process_gpu is None or _process_gpu >= count:
+        if _process_gpu is None:
             _process_gpu = multirun_device(job, count)[0]
         with open_dict(cfg):
             cfg.trainer.devices = [_process_gpu]
