@@ -78,7 +78,8 @@ ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::
   return n;
 }
 
-SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n, bool cuda) {
+SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n, bool cuda,
+                                  bool euclidean) {
   if (method == "brute") return SearchMethod::kBrute;
   if (method == "grid" || method == "tile") {
     TORCH_CHECK(!cuda || n.K <= kGridMaxKCuda, "neusdf: method=\"",
@@ -88,7 +89,8 @@ SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n,
   }
   TORCH_CHECK(method == "auto", "neusdf: knn_search method must be \"auto\", \"brute\", "
               "\"grid\" or \"tile\", got \"", std::string(method.data(), method.size()), "\"");
-  const int64_t min_points = cuda ? 8192 : 1024;
+  const bool tiles_pay_early = cuda && !euclidean && n.B * n.Q >= kTileEarlyQueries;
+  const int64_t min_points = !cuda ? 1024 : tiles_pay_early ? kTileEarlyPoints : 8192;
   const bool prune = n.P >= min_points && 16 * n.K <= n.P && (!cuda || n.K <= kGridMaxKCuda);
   if (!prune) return SearchMethod::kBrute;
   return cuda && n.P <= kTileMaxAutoPoints ? SearchMethod::kTile : SearchMethod::kGrid;

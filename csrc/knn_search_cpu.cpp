@@ -337,7 +337,8 @@ at::Tensor knn_search_cpu(const at::Tensor& q_in, const at::Tensor& p_in,
                           c10::string_view method) {
   auto [sigma_in, R_in] = search_metric(sigma_opt, R_opt);
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
-  const SearchMethod how = choose_search_method(method, n, /*cuda=*/false);
+  const SearchMethod how =
+      choose_search_method(method, n, /*cuda=*/false, /*euclidean=*/!sigma_in.defined());
   at::Tensor idx = at::empty({n.B, n.Q, K}, q_in.options().dtype(at::kLong));
   if (n.B * n.Q == 0) return idx;
   // the Euclidean metric runs the general kernels on the identity (bit for bit the same keys)

@@ -134,11 +134,32 @@ __device__ __forceinline__ unsigned warp_or(unsigned v) {
 #endif
 }
 
+// Search keys as unsigned integers of the same order (a larger key, a larger integer), so that
+// the warps of a block can lower a shared bound with an integer atomicMin.
+__device__ __forceinline__ unsigned int ordered_bits(float k) {
+  const unsigned int b = __float_as_uint(k);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ unsigned long long ordered_bits(double k) {
+  const unsigned long long b = static_cast<unsigned long long>(__double_as_longlong(k));
+  return (b >> 63) ? ~b : (b | (1ull << 63));
+}
+__device__ __forceinline__ float from_ordered_bits(unsigned int o) {
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
+__device__ __forceinline__ double from_ordered_bits(unsigned long long o) {
+  return __longlong_as_double(static_cast<long long>((o >> 63) ? (o & ~(1ull << 63)) : ~o));
+}
+template <typename T>
+using OrderedBits = std::conditional_t<sizeof(T) == 4, unsigned int, unsigned long long>;
+
 // The smallest key a candidate needs to reach to pass the bound b inclusively: k <= b is k < the
 // next float above b (search keys are finite, so an infinite b lets everything pass).
+// The same value as nextafter(b, +inf), without its branches: one step up in the keys'
+// integer order (-0 first becomes +0, whose successor is the smallest subnormal).
 template <typename T>
 __device__ __forceinline__ T next_key_above(T b) {
-  return nextafter(b, static_cast<T>(INFINITY));
+  return b < static_cast<T>(INFINITY) ? from_ordered_bits(ordered_bits(b + T(0)) + 1) : b;
 }
 
 // Candidates that pass the gate wait in a per-lane queue in shared memory; the list is updated
@@ -177,7 +198,9 @@ struct LaneQueue {
   // Inserts the queued candidates into the list (their indices exceed every index in it, so
   // "comes before" is "smaller key"), empties the queue and raises the gate.
   __device__ __forceinline__ void merge_into(LaneList<T, N>& list, int lane) {
-#pragma unroll
+    // The tile search's kernel is large enough that fetching instructions stalls it, so there
+    // the slots share one copy of the insertion (kLex); the brute force's keeps kQueue.
+#pragma unroll(kLex ? 1 : kQueue)
     for (int s = 0; s < kQueue; ++s) {
       if (s < queued) {
         const T k = key[s * kWarp + lane];
@@ -254,8 +277,31 @@ __device__ __forceinline__ void scan_tile(const PointRec<T>* tile, int start, co
   }
 }
 
+// Sorts a bitonic sequence of N (key, index) pairs into ascending (key, index) order (Batcher's
+// bitonic merge: log2 N rounds of N / 2 compare-exchanges, compile-time indices only).
+template <typename T, int N>
+__device__ __forceinline__ void sort_bitonic(T (&key)[N], int (&ind)[N]) {
+#pragma unroll
+  for (int j = N / 2; j > 0; j /= 2) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if ((i & j) == 0) {
+        const bool swap = comes_before<T>(key[i + j], ind[i + j], key[i], ind[i]);
+        const T k = key[i];
+        const int x = ind[i];
+        key[i] = swap ? key[i + j] : k;
+        ind[i] = swap ? ind[i + j] : x;
+        key[i + j] = swap ? k : key[i + j];
+        ind[i + j] = swap ? x : ind[i + j];
+      }
+    }
+  }
+}
+
 // Merges the other warps' lists into warp 0's, one warp at a time, through shared memory
-// (buf: N * kWarp keys, then N * kWarp indices). Whole block.
+// (buf: N * kWarp keys, then N * kWarp indices). Whole block. Of two sorted lists a and b, the
+// N first of their union are min(a_s, b_(N-1-s)) over s, a bitonic sequence (Batcher's
+// half-cleaner), which sort_bitonic then orders: no data-dependent branches.
 template <typename T, int N>
 __device__ __forceinline__ void merge_warp_lists(unsigned char* buf, int warp, int warps,
                                                  int lane, bool active, LaneList<T, N>& list) {
@@ -272,12 +318,16 @@ __device__ __forceinline__ void merge_warp_lists(unsigned char* buf, int warp, i
     }
     __syncthreads();
     if (warp == 0 && active) {
+#pragma unroll
       for (int s = 0; s < N; ++s) {
-        const T k = buf_key[s * kWarp + lane];
-        const int j = buf_ind[s * kWarp + lane];
-        if (!comes_before<T>(k, j, list.key[N - 1], list.ind[N - 1])) break;  // the rest is worse
-        insert_sorted<T, N, true>(list.key, list.ind, k, j);
+        const T k = buf_key[(N - 1 - s) * kWarp + lane];
+        const int j = buf_ind[(N - 1 - s) * kWarp + lane];
+        if (comes_before<T>(k, j, list.key[s], list.ind[s])) {
+          list.key[s] = k;
+          list.ind[s] = j;
+        }
       }
+      sort_bitonic(list.key, list.ind);
     }
   }
 }
@@ -738,24 +788,6 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // from shared memory) only when some lane's bound on it reaches that lane's gate.
 constexpr int kTileWarpsMax = 4;  // warps per block, at most (8 do not fit 48 KiB for float)
 
-// Search keys as unsigned integers of the same order (a larger key, a larger integer), so that
-// the warps of a block can lower a shared bound with an integer atomicMin.
-__device__ __forceinline__ unsigned int ordered_bits(float k) {
-  const unsigned int b = __float_as_uint(k);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-__device__ __forceinline__ unsigned long long ordered_bits(double k) {
-  const unsigned long long b = static_cast<unsigned long long>(__double_as_longlong(k));
-  return (b >> 63) ? ~b : (b | (1ull << 63));
-}
-__device__ __forceinline__ float from_ordered_bits(unsigned int o) {
-  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
-}
-__device__ __forceinline__ double from_ordered_bits(unsigned long long o) {
-  return __longlong_as_double(static_cast<long long>((o >> 63) ? (o & ~(1ull << 63)) : ~o));
-}
-template <typename T>
-using OrderedBits = std::conditional_t<sizeof(T) == 4, unsigned int, unsigned long long>;
 
 // The Morton box of each batch: the finite points' smallest and largest coordinates, kept as
 // ordered bits of lo and of -hi (so that one atomicMin serves both; box_bits starts all ones,
@@ -878,26 +910,58 @@ size_t tile_smem_bytes(int warps) {
          sizeof(OrderedBits<T>) * kWarp;
 }
 
+// The first position in pc[0, n) whose Morton code (the key's low kMortonKeyBits bits, ascending
+// there) is not below code. The warp's lanes probe 32 positions a round, so it takes about
+// log_32 n dependent loads rather than a binary search's log_2 n (14 at P = 16384, a stall at the
+// tile kernel's start). Whole warp, the same pc, n and code in every lane.
+__device__ __forceinline__ int warp_lower_bound(const unsigned long long* __restrict__ pc, int n,
+                                                unsigned long long code, int lane) {
+  constexpr unsigned long long kCode = (1ull << kMortonKeyBits) - 1;
+  int lo = 0, hi = n;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const int step = (hi - lo + kWarp - 1) / kWarp;
+    const int m = lo + lane * step;
+    // the lanes below code are a prefix: lanes 0 .. c - 1
+    const int c = __popc(__ballot_sync(kFullMask, m < hi && (pc[m] & kCode) < code));
+    if (c == 0) {
+      hi = lo;  // pc[lo] is not below code
+    } else {
+      hi = min(hi, lo + c * step);  // lane c's probe, where it lies below hi, is not below code
+      lo += (c - 1) * step + 1;
+    }
+  }
+  return lo;
+}
+
+// Blocks of kTileWarpsMax warps the tile kernel must fit on one multiprocessor: four (a
+// budget of 128 registers a thread) for float lists up to 16, which fit it without spilling;
+// left to the compiler otherwise.
+template <typename T, int N>
+__host__ __device__ constexpr int tile_min_blocks() {
+  return sizeof(T) == 4 && N <= 16 ? 4 : 1;
+}
+
 // The N-th smallest key of the union of the warps' lists for query lane (each list sorted, N
 // keys, in lists[w][s][lane]): the warps scanned disjoint points, so the union holds N distinct
-// points at or below it.
+// points at or below it. The lists are merged pairwise as in merge_warp_lists (keys only).
 template <typename T, int N>
 __device__ __forceinline__ T union_nth_key(const T* lists, int warps, int lane) {
-  T top[N];  // the N smallest keys seen, ascending (compile-time indices only: registers)
+  T top[N];  // the N smallest keys of the lists merged so far, ascending
 #pragma unroll
-  for (int s = 0; s < N; ++s) top[s] = static_cast<T>(INFINITY);
-  for (int w = 0; w < warps; ++w) {
-    for (int s = 0; s < N; ++s) {
-      const T k = lists[(w * N + s) * kWarp + lane];
-      if (!(k < top[N - 1])) break;  // this list's later keys are no smaller
-      bool c_hi = true;
+  for (int s = 0; s < N; ++s) top[s] = lists[s * kWarp + lane];
+  for (int w = 1; w < warps; ++w) {
 #pragma unroll
-      for (int x = N - 1; x > 0; --x) {
-        const bool c_lo = k < top[x - 1];
-        top[x] = c_lo ? top[x - 1] : (c_hi ? k : top[x]);
-        c_hi = c_lo;
+    for (int s = 0; s < N; ++s) top[s] = min(top[s], lists[(w * N + N - 1 - s) * kWarp + lane]);
+#pragma unroll
+    for (int j = N / 2; j > 0; j /= 2) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if ((i & j) == 0) {
+          const T lo = min(top[i], top[i + j]);
+          top[i + j] = max(top[i], top[i + j]);
+          top[i] = lo;
+        }
       }
-      if (c_hi) top[0] = k;
     }
   }
   return top[N - 1];
@@ -914,7 +978,7 @@ __device__ __forceinline__ T union_nth_key(const T* lists, int warps, int lane) 
 // a scanned tile the exact keys are computed only for the points under some lane's prefilter
 // bound (point_bound_key). At the end the W lists are merged as in the brute force.
 template <typename T, int N>
-__global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
+__global__ void __launch_bounds__(kTileWarpsMax* kWarp, tile_min_blocks<T, N>())
     knn_tile_search_kernel(const T* __restrict__ q, const unsigned long long* __restrict__ keys,
                            const int* __restrict__ sorted, const PointRec<T>* __restrict__ records,
                            const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
@@ -978,17 +1042,7 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
   const int home = tiles < kTileHome ? tiles : kTileHome;
   constexpr unsigned long long kCode = (1ull << kMortonKeyBits) - 1;
   const unsigned long long code = keys[BP + b * Q + min(first_query + kWarp / 2, Q - 1)] & kCode;
-  const unsigned long long* pc = keys + b * P;
-  int lo = 0, hi = P;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if ((pc[mid] & kCode) < code) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  const int first = home_tile(lo, tiles);
+  const int first = home_tile(warp_lower_bound(keys + b * P, P, code, lane), tiles);
 
   const TileBox<T>* bb = boxes + b * tiles;
   const PointRec<T>* rb = records + b * P;
@@ -1073,7 +1127,7 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
           unsigned want = kFullMask;
           if (staged_box[x].lam > T(0)) {
             unsigned lane_wants = 0;
-#pragma unroll
+#pragma unroll 8
             for (int y = 0; y < kTilePoints; ++y) {
               const PointRec<T>& r = tile[y];
               if (point_bound_key(qv, r.p, r.w) < queue.gate) lane_wants |= 1u << y;
@@ -1117,19 +1171,25 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, 1)
       }
     }
   };
-  visit(0, home);
-  // Every warp gates from now on with the N-th key over all the warps' home lists.
-  __syncthreads();  // the staged tiles and boxes are no longer read
-  T* lists = reinterpret_cast<T*>(smem_raw);
+  // The home tiles, then the others: one call of visit, so that its (large) body is compiled
+  // once; the kernel's most frequent stall was the instruction fetch (docs/op.md).
+#pragma unroll 1
+  for (int phase = 0; phase < 2; ++phase) {
+    if (phase == 1) {
+      // Every warp gates from now on with the N-th key over all the warps' home lists.
+      __syncthreads();  // the staged tiles and boxes are no longer read
+      T* lists = reinterpret_cast<T*>(smem_raw);
 #pragma unroll
-  for (int x = 0; x < N; ++x) lists[(warp * N + x) * kWarp + lane] = list.key[x];
-  __syncthreads();
-  if (active) {
-    const T home_nth = union_nth_key<T, N>(lists, warps, lane);
-    queue.set_block_bound(min(queue.block, next_key_above(home_nth)));
+      for (int x = 0; x < N; ++x) lists[(warp * N + x) * kWarp + lane] = list.key[x];
+      __syncthreads();
+      if (active) {
+        const T home_nth = union_nth_key<T, N>(lists, warps, lane);
+        queue.set_block_bound(min(queue.block, next_key_above(home_nth)));
+      }
+      __syncthreads();  // the lists are no longer read: the region holds staged tiles again
+    }
+    visit(phase == 0 ? 0 : home, phase == 0 ? home : tiles);
   }
-  __syncthreads();  // the lists are no longer read: the region holds staged tiles again
-  visit(home, tiles);
   merge_warp_lists(smem_raw, warp, warps, lane, active, list);
   if (warp == 0 && active) {
 #pragma unroll
@@ -1251,7 +1311,8 @@ at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
   const c10::cuda::CUDAGuard guard(q_in.device());
   auto [sigma_in, R_in] = search_metric(sigma_opt, R_opt);
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
-  const SearchMethod how = choose_search_method(method, n, /*cuda=*/true);
+  const SearchMethod how =
+      choose_search_method(method, n, /*cuda=*/true, /*euclidean=*/!sigma_in.defined());
   // the brute force's padded last tile numbers its records up to P + 255
   TORCH_CHECK(n.P < INT_MAX - 256 && n.Q < INT_MAX,
               "neusdf: knn_search supports P < 2^31 - 256 and Q < 2^31 on CUDA");
