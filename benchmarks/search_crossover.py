@@ -1,0 +1,126 @@
+"""Where the CUDA tile search overtakes brute force at small P (what "auto" is set from).
+
+For every (distribution, P, Q, K) times ``torch.ops.neusdf.knn_search`` with ``"brute"`` and
+``"tile"`` as CUDA-graph replays (the GPU time alone, as a training step replays it), checks that
+both return the same indices, and prints the ratio tile / brute. Two distributions of the op
+benchmark's inputs (``neusdf.ops.testing.make_inputs``, B = 2): ``cube`` as they are (points in
+the cube, 70% of the queries near points), ``sphere`` with the points projected on the unit
+sphere and 70% of the queries drawn near them (a surface, like a shape's neural points).
+
+    python benchmarks/search_crossover.py crossover.json
+    python benchmarks/search_crossover.py crossover.json --points 4096 --queries 2048,12288
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from neusdf.ops.benchmark import write_json
+from neusdf.ops.knn import ensure_registered
+from neusdf.ops.testing import make_inputs
+
+B = 2
+
+
+def graph_ms(fn, reps: int = 10, rounds: int = 9) -> float:
+    """Median milliseconds per call of fn over ``rounds`` replays of a graph of ``reps`` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy loading)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def inputs(dist: str, P: int, Q: int):
+    """(q, p, sigma, R) on the GPU for one distribution (see the module docstring)."""
+    q, p, _, sigma, R = make_inputs(B, Q, P, 1, device="cuda", seed=0)
+    if dist == "sphere":
+        g = torch.Generator(device="cuda").manual_seed(1)
+        p = torch.nn.functional.normalize(p, dim=-1)
+        near = p[:, torch.randint(0, P, (Q,), device="cuda", generator=g)]
+        near = near + 0.05 * torch.randn(near.shape, device="cuda", generator=g)
+        q = torch.where(torch.rand(B, Q, 1, device="cuda", generator=g) < 0.7, near, q)
+    return q, p, sigma, R
+
+
+def compare(q, p, sigma, R, K: int) -> dict:
+    """Graph milliseconds of both methods for one input, and whether their indices agree."""
+    search = torch.ops.neusdf.knn_search
+    times = {m: graph_ms(lambda m=m: search(q, p, sigma, R, K, m)) for m in ("brute", "tile")}
+    same = torch.equal(search(q, p, sigma, R, K, "tile"), search(q, p, sigma, R, K, "brute"))
+    return {**times, "equal": same}
+
+
+def ints(text: str) -> list[int]:
+    """A comma list of positive integers (argparse type)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        message = f"expected a comma list of integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; see the module docstring."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", type=Path, help="output JSON (written atomically)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
+    ap.add_argument("--points", type=ints, default=[2048, 4096, 8192], help="P values")
+    ap.add_argument("--queries", type=ints, default=[2048, 12288], help="Q values (per batch)")
+    ap.add_argument("--k", type=ints, default=[8, 16, 32], help="K values (at most 32)")
+    args = ap.parse_args(argv)
+    if max(args.k) > 32:
+        ap.error("--k: the tile search takes K <= 32")
+    if args.json.exists() and not args.overwrite:
+        ap.error(f"{args.json} exists; pass --overwrite to replace it")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    ensure_registered()
+    rows = []
+    for dist in ("cube", "sphere"):
+        for P in args.points:
+            for Q in args.queries:
+                q, p, sigma, R = inputs(dist, P, Q)
+                for K in (k for k in args.k if k <= P):
+                    row = {"dist": dist, "B": B, "P": P, "Q": Q, "K": K}
+                    row.update(compare(q, p, sigma, R, K))
+                    rows.append(row)
+                    print(
+                        f"{dist:6s} P={P:6d} Q={Q:6d} K={K:2d}  brute {row['brute']:.4f} ms  "
+                        f"tile {row['tile']:.4f} ms  tile/brute {row['tile'] / row['brute']:.2f}  "
+                        f"identical {row['equal']}",
+                        flush=True,
+                    )
+    write_json(
+        args.json,
+        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.json}")
+    return 0 if all(r["equal"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
