@@ -74,9 +74,9 @@ constexpr int64_t kTileMaxAutoPoints = 131072;
 
 // On CUDA "auto" takes the tile search from P = 8192, and already from kTileEarlyPoints when the
 // metric is anisotropic and the call holds at least kTileEarlyQueries queries (B * Q), enough
-// blocks to repay the tile search's build (H100, P = 4096, GPU time: 3-19% faster than brute
-// force with 24576 queries, 8-53% slower with 4096; the Euclidean brute force is faster still
-// there; docs/op.md).
+// blocks to repay the tile search's build (H100, P = 4096, GPU time over three runs: 3-20%
+// faster than brute force with 24576 queries, 8-53% slower with 4096; the Euclidean brute force
+// is faster still there; docs/op.md).
 constexpr int64_t kTileEarlyPoints = 4096;
 constexpr int64_t kTileEarlyQueries = 16384;
 
