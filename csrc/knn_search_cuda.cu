@@ -154,9 +154,9 @@ template <typename T>
 using OrderedBits = std::conditional_t<sizeof(T) == 4, unsigned int, unsigned long long>;
 
 // The smallest key a candidate needs to reach to pass the bound b inclusively: k <= b is k < the
-// next float above b (search keys are finite, so an infinite b lets everything pass).
-// The same value as nextafter(b, +inf), without its branches: one step up in the keys'
-// integer order (-0 first becomes +0, whose successor is the smallest subnormal).
+// next float above b (search keys are finite, so an infinite b lets everything pass). The value
+// of nextafter(b, +inf) without its branches: one step up in the keys' integer order (-0 first
+// becomes +0, whose successor is the smallest subnormal).
 template <typename T>
 __device__ __forceinline__ T next_key_above(T b) {
   return b < static_cast<T>(INFINITY) ? from_ordered_bits(ordered_bits(b + T(0)) + 1) : b;
@@ -195,8 +195,9 @@ struct LaneQueue {
     ++queued;
   }
 
-  // Inserts the queued candidates into the list (their indices exceed every index in it, so
-  // "comes before" is "smaller key"), empties the queue and raises the gate.
+  // Inserts the queued candidates into the list, empties the queue and raises the gate. Without
+  // kLex the candidates' indices exceed every index in the list, so "comes before" is "smaller
+  // key".
   __device__ __forceinline__ void merge_into(LaneList<T, N>& list, int lane) {
     // The tile search's kernel is large enough that fetching instructions stalls it, so there
     // the slots share one copy of the insertion (kLex); the brute force's keeps kQueue.
@@ -787,7 +788,6 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // share the tiles; a warp scans a tile like the brute force does (every lane reads every point
 // from shared memory) only when some lane's bound on it reaches that lane's gate.
 constexpr int kTileWarpsMax = 4;  // warps per block, at most (8 do not fit 48 KiB for float)
-
 
 // The Morton box of each batch: the finite points' smallest and largest coordinates, kept as
 // ordered bits of lo and of -hi (so that one atomicMin serves both; box_bits starts all ones,
