@@ -910,19 +910,21 @@ size_t tile_smem_bytes(int warps) {
          sizeof(OrderedBits<T>) * kWarp;
 }
 
+// The Morton code in a tile search key (its low bits; the batch and the query flag above them).
+constexpr unsigned long long kMortonCodeMask = (1ull << kMortonKeyBits) - 1;
+
 // The first position in pc[0, n) whose Morton code (the key's low kMortonKeyBits bits, ascending
 // there) is not below code. The warp's lanes probe 32 positions a round, so it takes about
 // log_32 n dependent loads rather than a binary search's log_2 n (14 at P = 16384, a stall at the
 // tile kernel's start). Whole warp, the same pc, n and code in every lane.
 __device__ __forceinline__ int warp_lower_bound(const unsigned long long* __restrict__ pc, int n,
                                                 unsigned long long code, int lane) {
-  constexpr unsigned long long kCode = (1ull << kMortonKeyBits) - 1;
   int lo = 0, hi = n;  // the answer lies in [lo, hi]
   while (lo < hi) {
     const int step = (hi - lo + kWarp - 1) / kWarp;
     const int m = lo + lane * step;
     // the lanes below code are a prefix: lanes 0 .. c - 1
-    const int c = __popc(__ballot_sync(kFullMask, m < hi && (pc[m] & kCode) < code));
+    const int c = __popc(__ballot_sync(kFullMask, m < hi && (pc[m] & kMortonCodeMask) < code));
     if (c == 0) {
       hi = lo;  // pc[lo] is not below code
     } else {
@@ -952,6 +954,8 @@ __device__ __forceinline__ T union_nth_key(const T* lists, int warps, int lane) 
   for (int w = 1; w < warps; ++w) {
 #pragma unroll
     for (int s = 0; s < N; ++s) top[s] = min(top[s], lists[(w * N + N - 1 - s) * kWarp + lane]);
+    // sort_bitonic's network on keys alone, as min / max pairs (sort_bitonic with equal dummy
+    // indices compiles to a compare and two selects per pair: 0.3-0.8% slower, measured)
 #pragma unroll
     for (int j = N / 2; j > 0; j /= 2) {
 #pragma unroll
@@ -1013,6 +1017,8 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, tile_min_blocks<T, N>())
   // (group_tile_bound_key), which holds only when they are all finite.
   const bool group_test =
       __all_sync(kFullMask, !active || (is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2])));
+  // (Its own loop rather than extend_tile_box and warp_union_box, which also reduce lam: with
+  // them the float N = 16 kernel needed 128 registers and spilled.)
   T qlo[3], qhi[3];
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
@@ -1040,8 +1046,8 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, tile_min_blocks<T, N>())
   // Home: the tiles around where the block's middle query falls in the points' order.
   const int tiles = (P + kTilePoints - 1) / kTilePoints;
   const int home = tiles < kTileHome ? tiles : kTileHome;
-  constexpr unsigned long long kCode = (1ull << kMortonKeyBits) - 1;
-  const unsigned long long code = keys[BP + b * Q + min(first_query + kWarp / 2, Q - 1)] & kCode;
+  const unsigned long long code =
+      keys[BP + b * Q + min(first_query + kWarp / 2, Q - 1)] & kMortonCodeMask;
   const int first = home_tile(warp_lower_bound(keys + b * P, P, code, lane), tiles);
 
   const TileBox<T>* bb = boxes + b * tiles;
