@@ -16,17 +16,26 @@ This script computes that fraction exactly (float64) on the op benchmark's input
   once that bound exceeds every lane's gate (the best order; a kernel would need a per-warp
   sort of the tile bounds);
 - ``home``: each warp first scans the H tiles around where its queries fall in the points'
-  Morton order, then every other tile in index order with the skip test (no sort).
+  Morton order, then every other tile in index order with the skip test (no sort);
+- ``oracle``: every lane's gate is its exact K-th distance from the start, so a tile is kept
+  exactly when the bound does not rule it out for some lane at the end of the search: the
+  least any visiting order can keep with this bound (a kernel cannot know these gates).
 
-Gates start at +inf and tighten as tiles are scanned, as they would in a kernel. Large sizes
-sample every n-th warp (``--warps``).
+In ``sorted`` and ``home`` gates start at +inf and tighten as tiles are scanned, as they would
+in a kernel.
 
-For the ``home`` order it also counts ``home_points_marked``: the fraction of a scanned tile's
-points whose per-point bound (lam |q - p|^2, the tile kernel's prefilter) is at or under some
-lane's gate when the tile starts, i.e. the points whose exact distance the kernel computes.
+``--lam-classes C`` (``oracle`` only) orders the points by the class of their lam (C classes
+of equal count, smallest lam first) and along the Morton curve inside a class, so that a
+tile's smallest lam bounds points of similar lam.
+
+For the ``home`` and ``oracle`` orders it also counts ``<order>_points_marked``: the fraction
+of a scanned tile's points whose per-point bound (lam |q - p|^2, the tile kernel's prefilter)
+is at or under some lane's gate when the tile starts, i.e. the points whose exact distance the
+kernel computes.
 
     python benchmarks/tile_skip_model.py results.json
     python benchmarks/tile_skip_model.py results.json --sizes reference --tile 64
+    python benchmarks/tile_skip_model.py results.json --orders oracle --lam-classes 4
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ SIZES = {
     "P=65536": ((2, 12288, 65536, 16), None),
     "training size": ((1, 32768, 16384, 8), None),
 }
-ORDERS = ("sorted", "home")
+ORDERS = ("sorted", "home", "oracle")
 MORTON_BITS = 10
 
 
@@ -62,22 +71,28 @@ def morton(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return code
 
 
-def kept_fraction(B: int, Q: int, P: int, K: int, tile: int, home: int, warps, seed=0) -> dict:
-    """Fraction of (warp, tile) pairs scanned under each visiting order, over all batches, and
-    ``home_points_marked`` (see the module docstring)."""
+def kept_fraction(
+    B: int, Q: int, P: int, K: int, tile: int, home: int, warps, orders, lam_classes=1, seed=0
+) -> dict:
+    """Fraction of (warp, tile) pairs scanned under each of ``orders``, over all batches, and
+    ``<order>_points_marked`` for home and oracle (see the module docstring)."""
     q, p, _, sigma, R = make_inputs(B, Q, P, 1, seed=seed)
-    scanned = dict.fromkeys(ORDERS, 0)
-    total = marked = 0
+    scanned = dict.fromkeys(orders, 0)
+    marked = dict.fromkeys(orders, 0)
+    total = 0
     for b in range(B):
         qb, pb = q[b].double(), p[b].double()
         both = torch.cat([qb, pb])
         lo, hi = both.min(0).values, both.max(0).values
         qc, pc = morton(qb, lo, hi), morton(pb, lo, hi)
-        qo, po = torch.argsort(qc), torch.argsort(pc)
-        qb, qc, pb, pc = qb[qo], qc[qo], pb[po], pc[po]
-        M = R[b][po].double().transpose(1, 2) @ torch.diag_embed(sigma[b][po].double())
-        M = M @ R[b][po].double()
-        lam = torch.linalg.eigvalsh(M)[:, 0]
+        M = R[b].double().transpose(1, 2) @ torch.diag_embed(sigma[b].double()) @ R[b].double()
+        lam = torch.linalg.eigvalsh(M)[:, 0].contiguous()
+        rank = torch.zeros(P, dtype=torch.long)
+        if lam_classes > 1:
+            cuts = torch.quantile(lam, torch.linspace(0, 1, lam_classes + 1)[1:-1].double())
+            rank = torch.bucketize(lam, cuts)
+        qo, po = torch.argsort(qc), torch.argsort(rank * 2 ** (3 * MORTON_BITS) + pc)
+        qb, qc, pb, pc, M, lam = qb[qo], qc[qo], pb[po], pc[po], M[po], lam[po]
         nt = P // tile
         pts = pb[: nt * tile].view(nt, tile, 3)
         tlo, thi = pts.min(1).values, pts.max(1).values
@@ -87,17 +102,23 @@ def kept_fraction(B: int, Q: int, P: int, K: int, tile: int, home: int, warps, s
             qw = qb[w * 32 : (w + 1) * 32]
             gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
             bound = tlam[None] * (gap**2).sum(-1)  # (32, tiles)
-            start = int(torch.searchsorted(pc, qc[w * 32 + 16])) // tile
-            first = max(0, min(start - home // 2, nt - home))
-            rest = [t for t in range(nt) if not first <= t < first + home]
-            orders = {
-                "sorted": torch.argsort(bound.min(0).values).tolist(),
-                "home": list(range(first, first + home)) + rest,
-            }
-            for name, order in orders.items():
+            visits = {}
+            if "sorted" in orders:
+                visits["sorted"] = torch.argsort(bound.min(0).values).tolist()
+            if "home" in orders:
+                start = int(torch.searchsorted(pc, qc[w * 32 + 16])) // tile
+                first = max(0, min(start - home // 2, nt - home))
+                rest = [t for t in range(nt) if not first <= t < first + home]
+                visits["home"] = list(range(first, first + home)) + rest
+            final = None
+            if "oracle" in orders:
+                d = qw[:, None, :] - pb[None]
+                final = torch.einsum("qpi,pij,qpj->qp", d, M, d).sort(1).values[:, K - 1]
+                visits["oracle"] = range(nt)
+            for name, order in visits.items():
                 best = torch.full((32, K), float("inf"), dtype=torch.float64)
                 for t in order:
-                    gate = best[:, -1]
+                    gate = final if name == "oracle" else best[:, -1]
                     if name == "sorted" and bool(bound[:, t].min() > gate.max()):
                         break  # the tiles left are farther still for every lane
                     if not bool((bound[:, t] <= gate).any()):
@@ -105,14 +126,17 @@ def kept_fraction(B: int, Q: int, P: int, K: int, tile: int, home: int, warps, s
                     scanned[name] += 1
                     sl = slice(t * tile, (t + 1) * tile)
                     d = qw[:, None, :] - pb[sl][None]
-                    if name == "home":
+                    if name in ("home", "oracle"):
                         under = lam[sl][None] * (d**2).sum(-1) <= gate[:, None]  # (32, T)
-                        marked += int(under.any(0).sum())
-                    D = torch.einsum("qpi,pij,qpj->qp", d, M[sl], d)
-                    best = torch.cat([best, D], 1).sort(1).values[:, :K]
+                        marked[name] += int(under.any(0).sum())
+                    if name != "oracle":
+                        D = torch.einsum("qpi,pij,qpj->qp", d, M[sl], d)
+                        best = torch.cat([best, D], 1).sort(1).values[:, :K]
             total += nt
-    kept = {name: scanned[name] / total for name in ORDERS}
-    kept["home_points_marked"] = marked / max(scanned["home"] * tile, 1)
+    kept = {name: scanned[name] / total for name in orders}
+    for name in orders:
+        if name != "sorted":
+            kept[f"{name}_points_marked"] = marked[name] / max(scanned[name] * tile, 1)
     return kept
 
 
@@ -123,8 +147,19 @@ def main() -> int:
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {list(SIZES)}")
     ap.add_argument("--tile", type=int, default=32, help="points per tile")
     ap.add_argument("--home", type=int, default=8, help="tiles scanned first in 'home' order")
+    ap.add_argument("--orders", default=",".join(ORDERS), help=f"comma list of {list(ORDERS)}")
+    ap.add_argument(
+        "--lam-classes", type=int, default=1, help="points ordered by lam class first (oracle)"
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
     args = ap.parse_args()
+    orders = [o for o in args.orders.split(",") if o]
+    if not orders or any(o not in ORDERS for o in orders):
+        ap.error(f"--orders: expected a comma list of {list(ORDERS)}, got '{args.orders}'")
+    if args.lam_classes < 1:
+        ap.error(f"--lam-classes must be >= 1, got {args.lam_classes}")
+    if args.lam_classes > 1 and orders != ["oracle"]:
+        ap.error("--lam-classes > 1 needs --orders oracle (home and sorted assume Morton order)")
     sizes = [s for s in args.sizes.split(",") if s]
     for s in sizes:
         if s not in SIZES:
@@ -135,16 +170,22 @@ def main() -> int:
     for s in sizes:
         (B, Q, P, K), warps = SIZES[s]
         t0 = time.perf_counter()
-        kept = kept_fraction(B, Q, P, K, args.tile, args.home, warps)
+        kept = kept_fraction(
+            B, Q, P, K, args.tile, args.home, warps, orders, lam_classes=args.lam_classes
+        )
         rows.append({"size": s, "B": B, "Q": Q, "P": P, "K": K, "warps_sampled": warps, **kept})
         print(
             f"{s:14s} (B={B}, Q={Q}, P={P}, K={K}), tiles of {args.tile}: kept "
-            + ", ".join(f"{o} {kept[o]:.3f}" for o in ORDERS)
-            + f"; points marked in home's scanned tiles {kept['home_points_marked']:.3f}"
+            + ", ".join(f"{o} {kept[o]:.3f}" for o in orders)
+            + "".join(
+                f"; points marked in {o}'s scanned tiles {kept[o + '_points_marked']:.3f}"
+                for o in orders
+                if o != "sorted"
+            )
             + f"  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-    result = {"tile": args.tile, "home": args.home, "rows": rows}
+    result = {"tile": args.tile, "home": args.home, "lam_classes": args.lam_classes, "rows": rows}
     save_json(args.json, result, overwrite=args.overwrite)
     return 0
 
