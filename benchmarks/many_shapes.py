@@ -6,12 +6,13 @@ Runs, for each GPU count G, the one command a user types for many shapes,
 
 (the joblib launcher runs two jobs at once per GPU by default, job k on GPU k mod G, each with
 an equal share of the host's cores), with the default config otherwise, and records the wall
-time from the command to its end and the rate from the first job's start to the last job's end
-(what many more shapes would get, the start-up paid once). Inputs are EVAL.md benchmark inputs
-(the points of ``benchmarks/quality.py``). A job is mostly host work (start-up, data,
-extraction, scoring) around a short GPU phase, so several jobs share a GPU: ``--jobs-per-gpu``
-sets how many (the launcher's default, 2, otherwise), and ``--threads`` each job's OpenMP
-threads (otherwise joblib's default for its workers, cores / jobs).
+time from the command to its end, the rate from the first job's start to the last job's end
+(the start-up paid once) and the rate with every job process busy (``busy_shapes_per_hour``:
+without the ramp and the last round's idle slots either, what many more shapes approach).
+Inputs are the benchmark inputs of ``benchmarks/quality.py`` (its points). A job is mostly host
+work (start-up, data, extraction, scoring) around a short GPU phase, so several jobs share a
+GPU: ``--jobs-per-gpu`` sets how many (the launcher's default, 2, otherwise), and ``--threads``
+each job's OpenMP threads (otherwise joblib's default for its workers, cores / jobs).
 
     python benchmarks/many_shapes.py results.json --gpus 1,2 --python /tmp/lean/bin/python
     python benchmarks/many_shapes.py results.json --gpus 1,2 --jobs-per-gpu 1 --threads 16
@@ -73,6 +74,28 @@ def worker_growth_mib(per_job: list[dict]) -> float | None:
         else:
             most = max(most or 0.0, end - first_end[pid])
     return most
+
+
+def busy_shapes_per_hour(per_job: list[dict]) -> float | None:
+    """Shapes per hour with every job process kept busy: the sum over the processes that ran
+    two or more jobs of their jobs over the time from their first job's start to their last
+    job's end (None if no process ran two).
+
+    It leaves out what a sweep's length decides, the ramp before the slots fill and the idle
+    slots of its last round, and keeps each process's first-job start-up and the gaps between
+    its jobs, so a sweep of many more shapes gets at least about this rate.
+    per_job: the jobs, with ``process_id``, ``started_seconds`` and ``finished_seconds``.
+    """
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for j in per_job:
+        if j["process_id"] is not None:
+            spans.setdefault(j["process_id"], []).append(
+                (j["started_seconds"], j["finished_seconds"])
+            )
+    rates = [
+        len(s) / (max(b for _, b in s) - min(a for a, _ in s)) for s in spans.values() if len(s) > 1
+    ]
+    return 3600 * sum(rates) if rates else None
 
 
 def main() -> int:
@@ -182,6 +205,7 @@ def main() -> int:
                 key=lambda j: j["started_seconds"],
             )
             growth = worker_growth_mib(per_job)
+            busy = busy_shapes_per_hour(per_job)
             rows.append(
                 {
                     "gpus": g,
@@ -202,6 +226,7 @@ def main() -> int:
                     # start-up (Python, imports, workers) once and then gets this rate
                     "steady_shapes_per_hour": 3600 * len(paths) / (last - first),
                     "slot_occupancy": occupancy,
+                    "busy_shapes_per_hour": busy,
                     "processes_beyond_slots": max(0, len(firsts) - g * per_gpu),
                     "worker_growth_mib": growth,
                     "jobs": per_job,
@@ -231,13 +256,17 @@ def main() -> int:
                     flush=True,
                 )
     base, steady = rows[0]["shapes_per_hour"], rows[0]["steady_shapes_per_hour"]
+    busy = rows[0]["busy_shapes_per_hour"]
     for r in rows:
         r["speedup_vs_first"] = r["shapes_per_hour"] / base
         r["steady_speedup_vs_first"] = r["steady_shapes_per_hour"] / steady
+        both = busy is not None and r["busy_shapes_per_hour"] is not None
+        r["busy_speedup_vs_first"] = r["busy_shapes_per_hour"] / busy if both else None
         print(
             f"{r['gpus']} GPU(s): {r['speedup_vs_first']:.2f}x the shapes per hour of the first "
             f"row over the whole command, {r['steady_speedup_vs_first']:.2f}x from the first "
-            "job's start to the last job's end",
+            "job's start to the last job's end"
+            + (f", {r['busy_speedup_vs_first']:.2f}x with every job process busy" if both else ""),
             flush=True,
         )
     result = {
