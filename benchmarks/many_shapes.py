@@ -83,7 +83,7 @@ def busy_shapes_per_hour(per_job: list[dict]) -> float | None:
 
     It leaves out what a sweep's length decides, the ramp before the slots fill and the idle
     slots of its last round, and keeps each process's first-job start-up and the gaps between
-    its jobs, so a sweep of many more shapes gets at least about this rate.
+    its jobs, so a sweep of many more shapes gets about this rate or more.
     per_job: the jobs, with ``process_id``, ``started_seconds`` and ``finished_seconds``.
     """
     spans: dict[int, list[tuple[float, float]]] = {}
