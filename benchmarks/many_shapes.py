@@ -256,12 +256,12 @@ def main() -> int:
                     flush=True,
                 )
     base, steady = rows[0]["shapes_per_hour"], rows[0]["steady_shapes_per_hour"]
-    busy = rows[0]["busy_shapes_per_hour"]
+    busy_base = rows[0]["busy_shapes_per_hour"]
     for r in rows:
         r["speedup_vs_first"] = r["shapes_per_hour"] / base
         r["steady_speedup_vs_first"] = r["steady_shapes_per_hour"] / steady
-        both = busy is not None and r["busy_shapes_per_hour"] is not None
-        r["busy_speedup_vs_first"] = r["busy_shapes_per_hour"] / busy if both else None
+        both = busy_base is not None and r["busy_shapes_per_hour"] is not None
+        r["busy_speedup_vs_first"] = r["busy_shapes_per_hour"] / busy_base if both else None
         print(
             f"{r['gpus']} GPU(s): {r['speedup_vs_first']:.2f}x the shapes per hour of the first "
             f"row over the whole command, {r['steady_speedup_vs_first']:.2f}x from the first "
