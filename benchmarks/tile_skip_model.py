@@ -24,6 +24,10 @@ This script computes that fraction exactly (float64) on the op benchmark's input
 In ``sorted`` and ``home`` gates start at +inf and tighten as tiles are scanned, as they would
 in a kernel.
 
+``--group G`` lets G consecutive queries walk the tiles together instead of 32 (a design
+question: the tiles a group scans are the union of what its queries need, which
+``<order>_points_per_query`` measures as the points each query scans).
+
 ``--lam-classes C`` (``oracle`` only) orders the points by the class of their lam (C classes
 of equal count, smallest lam first) and along the Morton curve inside a class, so that a
 tile's smallest lam bounds points of similar lam.
@@ -36,6 +40,7 @@ kernel computes.
     python benchmarks/tile_skip_model.py results.json
     python benchmarks/tile_skip_model.py results.json --sizes reference --tile 64
     python benchmarks/tile_skip_model.py results.json --orders oracle --lam-classes 4
+    python benchmarks/tile_skip_model.py results.json --orders oracle --group 8 --tile 16
 """
 
 from __future__ import annotations
@@ -72,14 +77,27 @@ def morton(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 def kept_fraction(
-    B: int, Q: int, P: int, K: int, tile: int, home: int, warps, orders, lam_classes=1, seed=0
+    B: int,
+    Q: int,
+    P: int,
+    K: int,
+    tile: int,
+    home: int,
+    warps,
+    orders,
+    lam_classes=1,
+    seed=0,
+    group=32,
 ) -> dict:
-    """Fraction of (warp, tile) pairs scanned under each of ``orders``, over all batches, and
-    ``<order>_points_marked`` for home and oracle (see the module docstring)."""
+    """Fraction of (group, tile) pairs scanned under each of ``orders``, over all batches;
+    ``<order>_points_per_query``, the points a query scans (its group's scanned tiles times
+    their points); and ``<order>_points_marked`` for home and oracle (see the module docstring).
+    ``group``: queries walking the tiles together (a warp's 32 lanes in the kernel)."""
     q, p, _, sigma, R = make_inputs(B, Q, P, 1, seed=seed)
     scanned = dict.fromkeys(orders, 0)
     marked = dict.fromkeys(orders, 0)
     total = 0
+    queries = 0
     for b in range(B):
         qb, pb = q[b].double(), p[b].double()
         both = torch.cat([qb, pb])
@@ -97,16 +115,17 @@ def kept_fraction(
         pts = pb[: nt * tile].view(nt, tile, 3)
         tlo, thi = pts.min(1).values, pts.max(1).values
         tlam = lam[: nt * tile].view(nt, tile).min(1).values
-        step = 1 if warps is None else max(Q // 32 // warps, 1)
-        for w in range(0, Q // 32, step):
-            qw = qb[w * 32 : (w + 1) * 32]
+        step = 1 if warps is None else max(Q // group // warps, 1)
+        for w in range(0, Q // group, step):
+            qw = qb[w * group : (w + 1) * group]
+            queries += group
             gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
-            bound = tlam[None] * (gap**2).sum(-1)  # (32, tiles)
+            bound = tlam[None] * (gap**2).sum(-1)  # (group, tiles)
             visits = {}
             if "sorted" in orders:
                 visits["sorted"] = torch.argsort(bound.min(0).values).tolist()
             if "home" in orders:
-                start = int(torch.searchsorted(pc, qc[w * 32 + 16])) // tile
+                start = int(torch.searchsorted(pc, qc[w * group + group // 2])) // tile
                 first = max(0, min(start - home // 2, nt - home))
                 rest = [t for t in range(nt) if not first <= t < first + home]
                 visits["home"] = list(range(first, first + home)) + rest
@@ -116,7 +135,7 @@ def kept_fraction(
                 final = torch.einsum("qpi,pij,qpj->qp", d, M, d).sort(1).values[:, K - 1]
                 visits["oracle"] = range(nt)
             for name, order in visits.items():
-                best = torch.full((32, K), float("inf"), dtype=torch.float64)
+                best = torch.full((group, K), float("inf"), dtype=torch.float64)
                 for t in order:
                     gate = final if name == "oracle" else best[:, -1]
                     if name == "sorted" and bool(bound[:, t].min() > gate.max()):
@@ -127,7 +146,7 @@ def kept_fraction(
                     sl = slice(t * tile, (t + 1) * tile)
                     d = qw[:, None, :] - pb[sl][None]
                     if name in ("home", "oracle"):
-                        under = lam[sl][None] * (d**2).sum(-1) <= gate[:, None]  # (32, T)
+                        under = lam[sl][None] * (d**2).sum(-1) <= gate[:, None]  # (group, T)
                         marked[name] += int(under.any(0).sum())
                     if name != "oracle":
                         D = torch.einsum("qpi,pij,qpj->qp", d, M[sl], d)
@@ -135,6 +154,7 @@ def kept_fraction(
             total += nt
     kept = {name: scanned[name] / total for name in orders}
     for name in orders:
+        kept[f"{name}_points_per_query"] = scanned[name] * tile * group / queries
         if name != "sorted":
             kept[f"{name}_points_marked"] = marked[name] / max(scanned[name] * tile, 1)
     return kept
@@ -147,6 +167,7 @@ def main() -> int:
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {list(SIZES)}")
     ap.add_argument("--tile", type=int, default=32, help="points per tile")
     ap.add_argument("--home", type=int, default=8, help="tiles scanned first in 'home' order")
+    ap.add_argument("--group", type=int, default=32, help="queries walking the tiles together")
     ap.add_argument("--orders", default=",".join(ORDERS), help=f"comma list of {list(ORDERS)}")
     ap.add_argument(
         "--lam-classes", type=int, default=1, help="points ordered by lam class first (oracle)"
@@ -164,19 +185,31 @@ def main() -> int:
     for s in sizes:
         if s not in SIZES:
             ap.error(f"--sizes: unknown size '{s}', expected some of {list(SIZES)}")
-    if args.tile < 1 or args.home < 1:
-        ap.error("--tile and --home must be >= 1")
+    if args.tile < 1 or args.home < 1 or args.group < 1:
+        ap.error("--tile, --home and --group must be >= 1")
     rows = []
     for s in sizes:
         (B, Q, P, K), warps = SIZES[s]
         t0 = time.perf_counter()
         kept = kept_fraction(
-            B, Q, P, K, args.tile, args.home, warps, orders, lam_classes=args.lam_classes
+            B,
+            Q,
+            P,
+            K,
+            args.tile,
+            args.home,
+            warps,
+            orders,
+            lam_classes=args.lam_classes,
+            group=args.group,
         )
         rows.append({"size": s, "B": B, "Q": Q, "P": P, "K": K, "warps_sampled": warps, **kept})
         print(
-            f"{s:14s} (B={B}, Q={Q}, P={P}, K={K}), tiles of {args.tile}: kept "
+            f"{s:14s} (B={B}, Q={Q}, P={P}, K={K}), tiles of {args.tile}, groups of "
+            f"{args.group}: kept "
             + ", ".join(f"{o} {kept[o]:.3f}" for o in orders)
+            + "; points per query "
+            + ", ".join(f"{o} {kept[o + '_points_per_query']:.0f}" for o in orders)
             + "".join(
                 f"; points marked in {o}'s scanned tiles {kept[o + '_points_marked']:.3f}"
                 for o in orders
@@ -185,7 +218,13 @@ def main() -> int:
             + f"  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-    result = {"tile": args.tile, "home": args.home, "lam_classes": args.lam_classes, "rows": rows}
+    result = {
+        "tile": args.tile,
+        "home": args.home,
+        "group": args.group,
+        "lam_classes": args.lam_classes,
+        "rows": rows,
+    }
     save_json(args.json, result, overwrite=args.overwrite)
     return 0
 
