@@ -185,6 +185,8 @@ def main() -> int:
     for s in sizes:
         if s not in SIZES:
             ap.error(f"--sizes: unknown size '{s}', expected some of {list(SIZES)}")
+        if args.group > SIZES[s][0][1]:
+            ap.error(f"--group {args.group} exceeds the {SIZES[s][0][1]} queries of '{s}'")
     if args.tile < 1 or args.home < 1 or args.group < 1:
         ap.error("--tile, --home and --group must be >= 1")
     rows = []
