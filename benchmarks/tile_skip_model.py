@@ -56,11 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neusdf.mesh_io import save_json  # noqa: E402
 from neusdf.ops.testing import make_inputs  # noqa: E402
 
-# the op benchmark's sizes (B, Q, P, K) and the warps sampled per batch (None: all)
+# the op benchmark's sizes (B, Q, P, K); every group of every batch is computed
 SIZES = {
-    "reference": ((2, 12288, 4096, 16), None),
-    "P=65536": ((2, 12288, 65536, 16), None),
-    "training size": ((1, 32768, 16384, 8), None),
+    "reference": (2, 12288, 4096, 16),
+    "P=65536": (2, 12288, 65536, 16),
+    "training size": (1, 32768, 16384, 8),
 }
 ORDERS = ("sorted", "home", "oracle")
 MORTON_BITS = 10
@@ -83,7 +83,6 @@ def kept_fraction(
     K: int,
     tile: int,
     home: int,
-    warps,
     orders,
     lam_classes=1,
     seed=0,
@@ -115,8 +114,7 @@ def kept_fraction(
         pts = pb[: nt * tile].view(nt, tile, 3)
         tlo, thi = pts.min(1).values, pts.max(1).values
         tlam = lam[: nt * tile].view(nt, tile).min(1).values
-        step = 1 if warps is None else max(Q // group // warps, 1)
-        for w in range(0, Q // group, step):
+        for w in range(Q // group):
             qw = qb[w * group : (w + 1) * group]
             queries += group
             gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
@@ -185,13 +183,13 @@ def main() -> int:
     for s in sizes:
         if s not in SIZES:
             ap.error(f"--sizes: unknown size '{s}', expected some of {list(SIZES)}")
-        if args.group > SIZES[s][0][1]:
-            ap.error(f"--group {args.group} exceeds the {SIZES[s][0][1]} queries of '{s}'")
+        if args.group > SIZES[s][1]:
+            ap.error(f"--group {args.group} exceeds the {SIZES[s][1]} queries of '{s}'")
     if args.tile < 1 or args.home < 1 or args.group < 1:
         ap.error("--tile, --home and --group must be >= 1")
     rows = []
     for s in sizes:
-        (B, Q, P, K), warps = SIZES[s]
+        B, Q, P, K = SIZES[s]
         t0 = time.perf_counter()
         kept = kept_fraction(
             B,
@@ -200,12 +198,11 @@ def main() -> int:
             K,
             args.tile,
             args.home,
-            warps,
             orders,
             lam_classes=args.lam_classes,
             group=args.group,
         )
-        rows.append({"size": s, "B": B, "Q": Q, "P": P, "K": K, "warps_sampled": warps, **kept})
+        rows.append({"size": s, "B": B, "Q": Q, "P": P, "K": K, **kept})
         print(
             f"{s:14s} (B={B}, Q={Q}, P={P}, K={K}), tiles of {args.tile}, groups of "
             f"{args.group}: kept "
