@@ -267,13 +267,13 @@ NEUSDF_HD T point_bound_key(const T q[3], const T p[3], T w) {
 // ------------------------------------------------------------------------------ tiles
 //
 // The tile search (method "tile"; docs/op.md, "The tile search"): queries and points sorted
-// along one Morton curve, 32 consecutive queries walking the points in tiles of 32 consecutive
-// points, a tile skipped when every query's bound on it is above that query's current N-th best
-// key. These pieces are shared by both devices; the CPU runs the 32 queries of a group in
-// lockstep, as a CUDA warp does.
+// along one Morton curve, groups of consecutive queries walking the points in tiles of 32
+// consecutive points, a tile skipped when every query's bound on it is above that query's
+// current N-th best key. These pieces are shared by both devices; the CPU runs the 32 queries
+// of a group in lockstep, the CUDA kernel gives a warp 8 queries (4 lanes each).
 
 constexpr int kTilePoints = 32;  // points per tile (one per lane when a warp stages a tile)
-constexpr int kTileQueries = 32;  // queries walking the tiles together (a warp)
+constexpr int kTileQueries = 32;  // queries walking the tiles together on the CPU
 constexpr int kTileHome = 8;      // tiles scanned first, around the queries' place
 constexpr int kMortonBits = 8;                     // per axis
 constexpr int kMortonKeyBits = 3 * kMortonBits;  // bits of a Morton code

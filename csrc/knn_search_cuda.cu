@@ -18,9 +18,9 @@
 // sorted by cell the same way, so that neighbouring threads walk neighbouring cells; each thread
 // then runs the ring search of one query with its list in registers.
 //
-// Tile (knn_grid.h; K <= 32): the points and queries in Morton order, a block of 32 queries
-// scanning only the tiles of 32 points that some query's bound does not rule out (see "tile
-// search" below).
+// Tile (knn_grid.h; K <= 32): the points and queries in Morton order, a warp of 8 queries (4
+// lanes each) scanning only the tiles of 32 points that some query's bound does not rule out
+// (see "tile search" below).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -200,10 +200,11 @@ struct LaneQueue {
   // key".
   __device__ __forceinline__ void merge_into(LaneList<T, N>& list, int lane) {
     // The tile search's kernel is large enough that fetching instructions stalls it, so there
-    // the slots share one copy of the insertion (kLex); the brute force's keeps kQueue.
+    // the slots share one copy of the insertion (kLex), in a loop over the queued slots only
+    // (over all kQueue with a predicate it was 3-6% slower); the brute force's keeps kQueue.
 #pragma unroll(kLex ? 1 : kQueue)
-    for (int s = 0; s < kQueue; ++s) {
-      if (s < queued) {
+    for (int s = 0; s < (kLex ? queued : kQueue); ++s) {
+      if (kLex || s < queued) {
         const T k = key[s * kWarp + lane];
         const int j = ind[s * kWarp + lane];
         if (kLex ? comes_before<T>(k, j, list.key[N - 1], list.ind[N - 1]) : k < list.key[N - 1]) {
@@ -783,11 +784,9 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // a host synchronisation: the points' Morton box per batch (one reduction kernel, atomicMin on
 // ordered bits), the Morton keys of the points and the queries in one array ([is a query |
 // batch | code]), one CUB radix sort of that array, then one warp per tile of 32 points gathers
-// the tile's records in Morton order and reduces its bounding box and smallest lam. The search
-// kernel gives a block 32 queries consecutive in Morton order (one per lane) and W warps that
-// share the tiles; a warp scans a tile like the brute force does (every lane reads every point
-// from shared memory) only when some lane's bound on it reaches that lane's gate.
-constexpr int kTileWarpsMax = 4;  // warps per block, at most (8 do not fit 48 KiB for float)
+// the tile's records in Morton order and reduces its bounding box and smallest lam, and one warp
+// per chunk of 32 tiles the union of their boxes. The search kernel gives a warp 8 queries
+// consecutive in Morton order, 4 lanes each (below, "tile search, 4 lanes a query").
 
 // The Morton box of each batch: the finite points' smallest and largest coordinates, kept as
 // ordered bits of lo and of -hi (so that one atomicMin serves both; box_bits starts all ones,
@@ -889,25 +888,19 @@ __global__ void tile_build_kernel(const T* __restrict__ p, const T* __restrict__
   if (lane == 0) boxes[w] = box;
 }
 
-// Shared memory of the tile search, per warp unless said: [two buffers of staged point records
-// (kTilePoints each), their indices, the boxes of the next kTilePoints tiles the warp visits] -- reused for the
-// warps' lists after the home tiles and for the final merge -- then the candidate queues, then
-// one shared bound per query (the block's smallest published N-th key, as ordered bits).
+// One warp per chunk of 32 tiles (the last one may be shorter): the union of their boxes
+// (warp_union_box), which the tile search tests before the tiles' own boxes.
 template <typename T>
-__host__ __device__ constexpr size_t tile_stage_bytes() {
-  return (sizeof(PointRec<T>) + sizeof(int)) * 2 * kTilePoints + sizeof(TileBox<T>) * kTilePoints;
-}
-template <typename T, int N>
-__host__ __device__ constexpr size_t tile_region_bytes(int warps) {
-  const size_t stage = tile_stage_bytes<T>() * warps;
-  const size_t lists = sizeof(T) * N * kWarp * warps;
-  const size_t merge = (sizeof(T) + sizeof(int)) * N * kWarp;
-  return stage > lists ? (stage > merge ? stage : merge) : (lists > merge ? lists : merge);
-}
-template <typename T, int N>
-size_t tile_smem_bytes(int warps) {
-  return tile_region_bytes<T, N>(warps) + search_queue_bytes<T>(warps) +
-         sizeof(OrderedBits<T>) * kWarp;
+__global__ void tile_chunk_box_kernel(const TileBox<T>* __restrict__ boxes, int64_t B, int tiles,
+                                      int chunks, TileBox<T>* __restrict__ chunk_boxes) {
+  const int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (w >= B * chunks) return;  // a whole warp
+  const int64_t b = w / chunks;
+  const int t = static_cast<int>(w % chunks) * kTilePoints + lane;
+  TileBox<T> box = t < tiles ? boxes[b * tiles + t] : empty_tile_box<T>();
+  warp_union_box(box);
+  if (lane == 0) chunk_boxes[w] = box;
 }
 
 // The Morton code in a tile search key (its low bits; the batch and the query flag above them).
@@ -935,27 +928,67 @@ __device__ __forceinline__ int warp_lower_bound(const unsigned long long* __rest
   return lo;
 }
 
-// Blocks of kTileWarpsMax warps the tile kernel must fit on one multiprocessor: four (a
-// budget of 128 registers a thread) for float lists up to 16, which fit it without spilling;
-// left to the compiler otherwise.
-template <typename T, int N>
-__host__ __device__ constexpr int tile_min_blocks() {
-  return sizeof(T) == 4 && N <= 16 ? 4 : 1;
+// ------------------------------------------------------------- tile search, 4 lanes a query
+//
+// A warp owns 8 queries consecutive in Morton order, 4 lanes each (lane = 4 * slot + sub), and
+// walks the tiles alone (a block is one warp: no barrier, and an SM takes a new group as soon as
+// one ends). Lane sub of a query takes points sub, sub + 4, ... of each tile the warp scans and
+// keeps its own list of them; the query's gate is shared by its 4 lanes through shuffles (the
+// N-th key of the union of their lists). Against a block of 32 queries walking the tiles
+// together (the kernel before this one), a warp of 8 scans fewer tiles (the union of 8 queries'
+// needs is smaller) and a lane bounds 8 points of a scanned tile instead of 32 (docs/op.md,
+// "The tile search with 4 lanes a query").
+constexpr int kLanesPerQuery = 4;
+constexpr int kGroupQueries = kWarp / kLanesPerQuery;             // queries per warp
+constexpr int kLanePoints = kTilePoints / kLanesPerQuery;         // points of a tile per lane
+
+// A point record's two parts, read at different times: the position and the prefilter's weight
+// (staged in shared memory, for every scanned point) and the precisions and axes (read from
+// global memory for the points under some lane's prefilter bound only: about a tenth to a fifth
+// of them).
+template <typename T>
+struct alignas(16) PointPos {
+  T p[3];
+  T w;
+};
+template <typename T>
+struct alignas(16) PointShape {
+  T s[3];
+  T R[9];
+};
+static_assert(sizeof(PointPos<float>) + sizeof(PointShape<float>) == sizeof(PointRec<float>));
+static_assert(sizeof(PointPos<double>) + sizeof(PointShape<double>) == sizeof(PointRec<double>));
+
+// Shared memory of one warp: kTileStages staging buffers of a tile's positions, the boxes of the
+// chunk of tiles being planned, the staged tiles' indices, then the lanes' candidate queues
+// (each part a multiple of 16 bytes).
+constexpr int kTileStages = 2;
+template <typename T>
+__host__ __device__ constexpr size_t group_stage_bytes() {
+  return (sizeof(PointPos<T>) + sizeof(int)) * kTileStages * kTilePoints +
+         sizeof(TileBox<T>) * kTilePoints;
+}
+template <typename T>
+__host__ __device__ constexpr size_t group_warp_bytes() {
+  return group_stage_bytes<T>() + search_queue_bytes<T>(1);
 }
 
-// The N-th smallest key of the union of the warps' lists for query lane (each list sorted, N
-// keys, in lists[w][s][lane]): the warps scanned disjoint points, so the union holds N distinct
-// points at or below it. The lists are merged pairwise as in merge_warp_lists (keys only).
+// The N-th smallest key of the union of the lists of a query's 4 lanes (each sorted, N keys;
+// the lanes hold disjoint points, so the union holds N distinct points at or below it): the
+// lists merged pairwise through shuffles (Batcher's half-cleaner, then a bitonic network on the
+// keys as min / max pairs). Whole warp; every lane of the query gets the same key.
 template <typename T, int N>
-__device__ __forceinline__ T union_nth_key(const T* lists, int warps, int lane) {
-  T top[N];  // the N smallest keys of the lists merged so far, ascending
+__device__ __forceinline__ T group_union_nth_key(const T (&key)[N]) {
+  T top[N];
 #pragma unroll
-  for (int s = 0; s < N; ++s) top[s] = lists[s * kWarp + lane];
-  for (int w = 1; w < warps; ++w) {
+  for (int s = 0; s < N; ++s) top[s] = key[s];
 #pragma unroll
-    for (int s = 0; s < N; ++s) top[s] = min(top[s], lists[(w * N + N - 1 - s) * kWarp + lane]);
-    // sort_bitonic's network on keys alone, as min / max pairs (sort_bitonic with equal dummy
-    // indices compiles to a compare and two selects per pair: 0.3-0.8% slower, measured)
+  for (int o = 1; o < kLanesPerQuery; o *= 2) {
+    T other[N];
+#pragma unroll
+    for (int s = 0; s < N; ++s) other[s] = __shfl_xor_sync(kFullMask, top[N - 1 - s], o);
+#pragma unroll
+    for (int s = 0; s < N; ++s) top[s] = min(top[s], other[s]);
 #pragma unroll
     for (int j = N / 2; j > 0; j /= 2) {
 #pragma unroll
@@ -971,40 +1004,68 @@ __device__ __forceinline__ T union_nth_key(const T* lists, int warps, int lane) 
   return top[N - 1];
 }
 
-// A block owns 32 queries consecutive in Morton order (one per lane) and W warps. The tiles are
-// visited in tile_at order, warp w taking visits w, w + W, ...: first the home tiles, after
-// which the block computes each query's N-th key over all warps' lists (a bound every warp may
-// gate with), then the others. A warp scans a tile (every lane every point, staged in shared
-// memory) only when some lane's bound on it is not above that lane's gate: the smaller of its
-// own list's N-th key and the block's shared bound, which every warp lowers (atomicMin) after
-// each tile it scans. The boxes of the warp's next 32 visits are staged together (one coalesced
-// load) and tested first for all 32 queries at once (group_tile_bound_key), then per query. In
-// a scanned tile the exact keys are computed only for the points under some lane's prefilter
-// bound (point_bound_key). At the end the W lists are merged as in the brute force.
+// The lists of a query's 4 lanes merged into one (every lane of the query gets it), with
+// Batcher's half-cleaner and sort_bitonic as in merge_warp_lists. Whole warp.
 template <typename T, int N>
-__global__ void __launch_bounds__(kTileWarpsMax* kWarp, tile_min_blocks<T, N>())
-    knn_tile_search_kernel(const T* __restrict__ q, const unsigned long long* __restrict__ keys,
-                           const int* __restrict__ sorted, const PointRec<T>* __restrict__ records,
-                           const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
-                           int64_t B, int Q, int P, int K, int64_t* __restrict__ idx) {
-  using Bits = OrderedBits<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warps = blockDim.x / kWarp;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  unsigned char* stage = smem_raw + tile_stage_bytes<T>() * warp;
-  PointRec<T>* staged = reinterpret_cast<PointRec<T>*>(stage);
-  int* staged_ind = reinterpret_cast<int*>(stage + sizeof(PointRec<T>) * 2 * kTilePoints);
-  TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(
-      stage + (sizeof(PointRec<T>) + sizeof(int)) * 2 * kTilePoints);
-  unsigned char* after_region = smem_raw + tile_region_bytes<T, N>(warps);
-  Bits* shared_bound =
-      reinterpret_cast<Bits*>(after_region + search_queue_bytes<T>(warps));
+__device__ __forceinline__ void merge_group_lists(LaneList<T, N>& list) {
+#pragma unroll
+  for (int o = 1; o < kLanesPerQuery; o *= 2) {
+    T k[N];
+    int j[N];
+#pragma unroll
+    for (int s = 0; s < N; ++s) {
+      k[s] = __shfl_xor_sync(kFullMask, list.key[N - 1 - s], o);
+      j[s] = __shfl_xor_sync(kFullMask, list.ind[N - 1 - s], o);
+    }
+#pragma unroll
+    for (int s = 0; s < N; ++s) {
+      if (comes_before<T>(k[s], j[s], list.key[s], list.ind[s])) {
+        list.key[s] = k[s];
+        list.ind[s] = j[s];
+      }
+    }
+    sort_bitonic(list.key, list.ind);
+  }
+}
 
-  const int qwarps = (Q + kWarp - 1) / kWarp;
-  const int64_t b = blockIdx.x / qwarps;
-  const int first_query = static_cast<int>(blockIdx.x % qwarps) * kWarp;
-  const int s = first_query + lane;
+// Blocks (one warp each) the kernel must fit on one multiprocessor: sixteen (a budget of 128
+// registers a thread) for float lists up to 16; left to the compiler otherwise.
+template <typename T, int N>
+__host__ __device__ constexpr int group_min_blocks() {
+  return sizeof(T) == 4 && N <= 16 ? 16 : 1;
+}
+
+// One warp (block) per group of 8 queries. The tiles in chunks: first the home tiles (around
+// where the group's middle query falls in the points' order), then the others 32 at a time in
+// order; a chunk's box, then its tiles' boxes, are tested for the 8 queries at once
+// (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some query
+// needs are copied (cp.async, while the previous tile is scanned); each lane bounds its 8 points
+// (point_bound_key) and computes exact keys for the ones under its gate; after a tile that
+// changed some list, each query's gate becomes the N-th key of its lanes' lists' union. At the
+// end the 4 lists of a query are merged.
+template <typename T, int N>
+__global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
+    knn_tile_search_kernel(const T* __restrict__ q, const unsigned long long* __restrict__ keys,
+                            const int* __restrict__ sorted, const PointRec<T>* __restrict__ records,
+                            const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
+                            const TileBox<T>* __restrict__ chunk_boxes, int64_t B, int Q, int P,
+                            int K, int64_t* __restrict__ idx) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int lane = threadIdx.x;
+  const int qgroups = (Q + kGroupQueries - 1) / kGroupQueries;
+  const int64_t group = blockIdx.x;
+  const int64_t b = group / qgroups;
+  const int first_query = static_cast<int>(group % qgroups) * kGroupQueries;
+  const int sub = lane % kLanesPerQuery;
+  const int s = first_query + lane / kLanesPerQuery;
   const bool active = s < Q;
+  unsigned char* stage = smem_raw;
+  constexpr int kStaged = kTileStages * kTilePoints;
+  PointPos<T>* staged_pos = reinterpret_cast<PointPos<T>*>(stage);
+  TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(stage + sizeof(PointPos<T>) * kStaged);
+  int* staged_ind = reinterpret_cast<int*>(staged_box + kTilePoints);
+  unsigned char* queue_at = stage + group_stage_bytes<T>();
+
   const int64_t BP = B * P;
   // the query's index in its batch (the queries' sorted values follow the points')
   const int64_t qi = active ? sorted[BP + b * Q + s] - BP - b * Q : 0;
@@ -1013,19 +1074,17 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, tile_min_blocks<T, N>())
 #pragma unroll
     for (int c = 0; c < 3; ++c) qv[c] = q[3 * (b * Q + qi) + c];
   }
-  // The box of the block's queries, for one test per tile for all of them
+  // The box of the warp's queries, for one test per tile for all of them
   // (group_tile_bound_key), which holds only when they are all finite.
   const bool group_test =
       __all_sync(kFullMask, !active || (is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2])));
-  // (Its own loop rather than extend_tile_box and warp_union_box, which also reduce lam: with
-  // them the float N = 16 kernel needed 128 registers and spilled.)
   T qlo[3], qhi[3];
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     qlo[a] = active ? qv[a] : static_cast<T>(INFINITY);
     qhi[a] = active ? qv[a] : -static_cast<T>(INFINITY);
 #pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) {
+    for (int o = kWarp / 2; o >= kLanesPerQuery; o >>= 1) {  // the 4 lanes of a query agree
       qlo[a] = min(qlo[a], __shfl_xor_sync(kFullMask, qlo[a], o));
       qhi[a] = max(qhi[a], __shfl_xor_sync(kFullMask, qhi[a], o));
     }
@@ -1033,196 +1092,161 @@ __global__ void __launch_bounds__(kTileWarpsMax* kWarp, tile_min_blocks<T, N>())
   LaneList<T, N> list;
   list.clear();
   LaneQueue<T, N, true> queue;
-  queue.key = reinterpret_cast<T*>(after_region) + warp * kQueue * kWarp;
-  queue.ind = reinterpret_cast<int*>(after_region + sizeof(T) * warps * kQueue * kWarp) +
-              warp * kQueue * kWarp;
+  queue.key = reinterpret_cast<T*>(queue_at);
+  queue.ind = reinterpret_cast<int*>(queue_at + sizeof(T) * kQueue * kWarp);
   queue.queued = 0;
   queue.own = list.key[N - 1];
   // an inactive lane never queues (its list is never read)
   queue.set_block_bound(active ? static_cast<T>(INFINITY) : -static_cast<T>(INFINITY));
-  if (warp == 0) shared_bound[lane] = ordered_bits(static_cast<T>(INFINITY));
-  __syncthreads();  // shared_bound is set before any warp lowers it
 
-  // Home: the tiles around where the block's middle query falls in the points' order.
+  // Home: the tiles around where the warp's middle query falls in the points' order.
   const int tiles = (P + kTilePoints - 1) / kTilePoints;
   const int home = tiles < kTileHome ? tiles : kTileHome;
   const unsigned long long code =
-      keys[BP + b * Q + min(first_query + kWarp / 2, Q - 1)] & kMortonCodeMask;
+      keys[BP + b * Q + min(first_query + kGroupQueries / 2, Q - 1)] & kMortonCodeMask;
   const int first = home_tile(warp_lower_bound(keys + b * P, P, code, lane), tiles);
 
+  const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
   const TileBox<T>* bb = boxes + b * tiles;
+  const TileBox<T>* cb = chunk_boxes + b * chunks;
   const PointRec<T>* rb = records + b * P;
   const int* ob = order + b * P;
-  // Visits [begin, end) of this warp (begin + warp, then every warps-th), boxes staged by 32.
-  // Starts copying tile t's records and indices into staging buffer buf (cp.async: the copy
-  // runs while the warp scans the other buffer); past the last point, a NaN record, after every
-  // real point (see stage_tile).
+  constexpr int kPosChunks = static_cast<int>(sizeof(PointPos<T>)) / 16;
+  // Starts copying tile t's positions and indices into staging buffer buf (cp.async: the copy
+  // runs while the warp scans the other buffer); past the last point, a NaN position, after
+  // every real point (see stage_tile).
   auto prefetch = [&](int t, int buf) {
     const int slot = t * kTilePoints + lane;
-    PointRec<T>* dst = staged + buf * kTilePoints + lane;
+    const int at = buf * kTilePoints + lane;
     if (slot < P) {
-      const char* from = reinterpret_cast<const char*>(rb + slot);
 #pragma unroll
-      for (int c = 0; c < static_cast<int>(sizeof(PointRec<T>)) / 16; ++c) {
-        __pipeline_memcpy_async(reinterpret_cast<char*>(dst) + 16 * c, from + 16 * c, 16);
+      for (int c = 0; c < kPosChunks; ++c) {
+        __pipeline_memcpy_async(reinterpret_cast<char*>(staged_pos + at) + 16 * c,
+                                reinterpret_cast<const char*>(rb + slot) + 16 * c, 16);
       }
-      __pipeline_memcpy_async(staged_ind + buf * kTilePoints + lane, ob + slot, sizeof(int));
+      __pipeline_memcpy_async(staged_ind + at, ob + slot, sizeof(int));
     } else {
-      PointRec<T> pad;
 #pragma unroll
-      for (int c = 0; c < 3; ++c) {
-        pad.p[c] = static_cast<T>(NAN);
-        pad.s[c] = static_cast<T>(1);
-      }
-#pragma unroll
-      for (int c = 0; c < 9; ++c) pad.R[c] = static_cast<T>(0);
-      pad.w = 1;  // any weight: the NaN position makes the bound's key the record's own key
-      *dst = pad;
-      staged_ind[buf * kTilePoints + lane] = P + lane;
+      for (int c = 0; c < 3; ++c) staged_pos[at].p[c] = static_cast<T>(NAN);
+      staged_pos[at].w = 1;  // any weight: the NaN position makes the bound's key the record's own key
+      staged_ind[at] = P + lane;
     }
     __pipeline_commit();
   };
-  // Visits [begin, end) of this warp (begin + warp, then every warps-th), 32 at a time: the
-  // chunk's boxes are staged together; lane x tests tile x for the whole block's queries (their
-  // box against the largest gate), and only the tiles that test keeps get the per-query tests.
-  // The tiles some lane needs are scanned, each one's copy overlapping the previous one's scan.
-  auto visit = [&](int begin, int end) {
-    for (int chunk = begin + warp; chunk < end; chunk += warps * kTilePoints) {
-      __syncwarp();  // the previous chunk's boxes are no longer read
-      const int mine = chunk + lane * warps;
-      const bool real = mine < end;
-      const TileBox<T> box = real ? bb[tile_at(mine, first, tiles)] : empty_tile_box<T>();
-      staged_box[lane] = box;
-      const T gate = min(list.key[N - 1], queue.block);
-      T widest = active ? gate : -static_cast<T>(INFINITY);
+  // The query's gate: one past the N-th key of its 4 lanes' lists' union.
+  auto share_gate = [&]() {
+    const T nth = group_union_nth_key<T, N>(list.key);
+    if (active) queue.set_block_bound(min(queue.block, next_key_above(nth)));
+  };
+  // The tiles in chunks of up to 32: first the home tiles [first, first + home), then tiles
+  // [32 c, 32 c + 32) for c = 0, 1, ... without the home tiles. A chunk whose box (the union of
+  // its tiles' boxes, chunk_boxes) is out of every query's reach is skipped with one test. Else
+  // its tiles' boxes are staged together; lane x tests tile x for the warp's queries (their box
+  // against the largest gate), the tiles that test keeps get the per-query tests (lane sub of a
+  // query tests tiles sub, sub + 4, ...), and the tiles some query needs are scanned, each one's
+  // copy overlapping the previous one's scan.
+#pragma unroll 1
+  for (int c = -1; c < chunks; ++c) {
+    const bool home_chunk = c < 0;
+    const int base = home_chunk ? first : c * kTilePoints;
+    const int count = home_chunk ? home : min(kTilePoints, tiles - base);
+    // Each lane's gate bounds its query's N-th key (its list holds N distinct points at or
+    // below it, and so do its query's lanes together below the shared bound); the widest over
+    // the warp, the same in every lane, so that skipping a chunk is a uniform branch.
+    const T gate = min(list.key[N - 1], queue.block);
+    T widest = active ? gate : -static_cast<T>(INFINITY);
 #pragma unroll
-      for (int o = kWarp / 2; o > 0; o >>= 1) {
-        widest = max(widest, __shfl_xor_sync(kFullMask, widest, o));
-      }
-      const unsigned maybe = __ballot_sync(
-          kFullMask, real && !(group_test && group_tile_bound_key(qlo, qhi, box) > widest));
-      if (maybe == 0) continue;
-      __syncwarp();
-      unsigned todo = 0;  // the chunk's tiles some lane needs, with today's gate
-      for (unsigned left = maybe; left != 0; left &= left - 1) {
+    for (int o = kWarp / 2; o > 0; o >>= 1) widest = max(widest, __shfl_xor_sync(kFullMask, widest, o));
+    if (!home_chunk && group_test && group_tile_bound_key(qlo, qhi, cb[c]) > widest) continue;
+    const int tile = base + lane;
+    const bool real = lane < count && (home_chunk || tile < first || tile >= first + home);
+    const TileBox<T> box = real ? bb[tile] : empty_tile_box<T>();
+    __syncwarp();  // the previous chunk's boxes are no longer read
+    staged_box[lane] = box;
+    const unsigned maybe = __ballot_sync(
+        kFullMask, real && !(group_test && group_tile_bound_key(qlo, qhi, box) > widest));
+    if (maybe == 0) continue;
+    __syncwarp();
+    unsigned needs = 0;  // of the tiles this lane tests, those its query needs
+    if (active) {
+      for (unsigned left = maybe & (0x11111111u << sub); left != 0; left &= left - 1) {
         const int x = __ffs(left) - 1;
-        const bool need = active && !(tile_bound_key(qv, staged_box[x]) > gate);
-        if (__any_sync(kFullMask, need)) todo |= 1u << x;
+        if (!(tile_bound_key(qv, staged_box[x]) > gate)) needs |= 1u << x;
       }
+    }
+      unsigned todo = warp_or(needs);
       int buf = 0;
-      if (todo != 0) prefetch(tile_at(chunk + (__ffs(todo) - 1) * warps, first, tiles), buf);
+      if (todo != 0) prefetch(base + __ffs(todo) - 1, buf);
       while (todo != 0) {
         const int x = __ffs(todo) - 1;
         todo &= todo - 1;
         if (todo != 0) {
-          prefetch(tile_at(chunk + (__ffs(todo) - 1) * warps, first, tiles), buf ^ 1);
+          prefetch(base + __ffs(todo) - 1, buf ^ 1);
           __pipeline_wait_prior(1);
         } else {
           __pipeline_wait_prior(0);
         }
         __syncwarp();  // every lane's copy of this tile has landed
-        // the gate may have tightened since the chunk was planned
-        const T now = min(list.key[N - 1], queue.block);
-        if (__any_sync(kFullMask, active && !(tile_bound_key(qv, staged_box[x]) > now))) {
-          const PointRec<T>* tile = staged + buf * kTilePoints;
-          const int* tile_ind = staged_ind + buf * kTilePoints;
-          // The points some lane may take: each lane bounds its key on every point
-          // (point_bound_key) and the exact keys are computed only for the points under some
-          // lane's gate, about a fifth of a scanned tile's. A tile with a point that has no
-          // bound (its smallest lam is not > 0) is scanned whole.
-          unsigned want = kFullMask;
+        const PointPos<T>* pos = staged_pos + buf * kTilePoints;
+        const int* tile_ind = staged_ind + buf * kTilePoints;
+        const int tile_slot = (base + x) * kTilePoints;
+        // This lane's points under its gate (point_bound_key); a tile with a point that has no
+        // bound (its smallest lam is not > 0) is scanned whole.
+        unsigned marked = 0;  // bit i: point sub + 4 i
+        if (active) {
           if (staged_box[x].lam > T(0)) {
-            unsigned lane_wants = 0;
-#pragma unroll 8
-            for (int y = 0; y < kTilePoints; ++y) {
-              const PointRec<T>& r = tile[y];
-              if (point_bound_key(qv, r.p, r.w) < queue.gate) lane_wants |= 1u << y;
+#pragma unroll
+            for (int i = 0; i < kLanePoints; ++i) {
+              const PointPos<T>& r = pos[sub + kLanesPerQuery * i];
+              if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
             }
-            want = warp_or(lane_wants);
+          } else {
+            marked = (1u << kLanePoints) - 1;
           }
-          while (want != 0) {  // kUnroll of them at a time, for instruction-level parallelism
-            int at[kUnroll];
-            bool real_point[kUnroll];
+        }
+        while (__any_sync(kFullMask, marked != 0)) {  // two at a time, for instruction-level parallelism
+          constexpr int kPair = 2;
+          int at[kPair];
+          bool real_point[kPair];
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              real_point[u] = want != 0;
-              at[u] = real_point[u] ? __ffs(want) - 1 : 0;
-              want &= want - 1;
-            }
-            T k[kUnroll];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              const PointRec<T>& r = tile[at[u]];
-              T d[3], e[3];
-              k[u] = search_key(pair_distance(qv, r.p, r.s, r.R, d, e));
-            }
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
-            }
-            if (__any_sync(kFullMask, queue.queued > kQueue - kUnroll)) {
-              queue.merge_into(list, lane);
-            }
+          for (int u = 0; u < kPair; ++u) {
+            real_point[u] = marked != 0;
+            at[u] = sub + kLanesPerQuery * (real_point[u] ? __ffs(marked) - 1 : 0);
+            marked &= marked - 1;
           }
+          T k[kPair];
+#pragma unroll
+          for (int u = 0; u < kPair; ++u) {
+            T d[3], e[3];
+            PointShape<T> sh;
+            if (tile_slot + at[u] < P) {
+              sh = *reinterpret_cast<const PointShape<T>*>(
+                  reinterpret_cast<const char*>(rb + tile_slot + at[u]) + sizeof(PointPos<T>));
+            } else {
+              for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
+              for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
+            }
+            k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
+          }
+#pragma unroll
+          for (int u = 0; u < kPair; ++u) {
+            if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
+          }
+          if (__any_sync(kFullMask, queue.queued > kQueue - kPair)) queue.merge_into(list, lane);
+        }
+        if (__any_sync(kFullMask, queue.queued > 0)) {  // else no list and no gate changed
           queue.merge_into(list, lane);
-          if (active) {
-            const Bits mine_bits = ordered_bits(list.key[N - 1]);
-            const Bits seen = atomicMin(shared_bound + lane, mine_bits);
-            const Bits lowest = seen < mine_bits ? seen : mine_bits;
-            queue.set_block_bound(next_key_above(from_ordered_bits(lowest)));
-          }
+          share_gate();
         }
         __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
         buf ^= 1;
       }
-    }
-  };
-  // The home tiles, then the others: one call of visit, so that its (large) body is compiled
-  // once; the kernel's most frequent stall was the instruction fetch (docs/op.md).
-#pragma unroll 1
-  for (int phase = 0; phase < 2; ++phase) {
-    if (phase == 1) {
-      // Every warp gates from now on with the N-th key over all the warps' home lists.
-      __syncthreads();  // the staged tiles and boxes are no longer read
-      T* lists = reinterpret_cast<T*>(smem_raw);
-#pragma unroll
-      for (int x = 0; x < N; ++x) lists[(warp * N + x) * kWarp + lane] = list.key[x];
-      __syncthreads();
-      if (active) {
-        const T home_nth = union_nth_key<T, N>(lists, warps, lane);
-        queue.set_block_bound(min(queue.block, next_key_above(home_nth)));
-      }
-      __syncthreads();  // the lists are no longer read: the region holds staged tiles again
-    }
-    visit(phase == 0 ? 0 : home, phase == 0 ? home : tiles);
   }
-  merge_warp_lists(smem_raw, warp, warps, lane, active, list);
-  if (warp == 0 && active) {
+  merge_group_lists(list);
 #pragma unroll
-    for (int x = 0; x < N; ++x) {
-      if (x < K) idx[(b * Q + qi) * K + x] = list.ind[x];
-    }
+  for (int x = 0; x < N; ++x) {
+    if (active && x < K && x % kLanesPerQuery == sub) idx[(b * Q + qi) * K + x] = list.ind[x];
   }
-}
-
-// Warps per tile-search block: enough blocks x warps for kTileTargetWarps resident warps per
-// SM, a power of two <= kTileWarpsMax, within 48 KiB of shared memory. NEUSDF_TILE_WARPS (1..4)
-// overrides the choice, for tuning; it is read once per process.
-constexpr int kTileTargetWarps = 48;
-
-template <typename T, int N>
-int tile_search_warps(int64_t blocks, c10::DeviceIndex device) {
-  static const int forced = [] {
-    const char* env = std::getenv("NEUSDF_TILE_WARPS");
-    const int w = env ? std::atoi(env) : 0;
-    return w >= 1 && w <= kTileWarpsMax ? power_of_two_floor(w) : 0;
-  }();
-  const int64_t target = static_cast<int64_t>(multiprocessor_count(device)) * kTileTargetWarps;
-  int warps = forced ? forced
-                     : power_of_two_floor(std::min<int64_t>(
-                           kTileWarpsMax, std::max<int64_t>(1, (target + blocks - 1) / blocks)));
-  while (warps > 1 && tile_smem_bytes<T, N>(warps) > 48 * 1024) warps /= 2;
-  return warps;
 }
 
 template <typename T, int N>
@@ -1256,6 +1280,8 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   const size_t records_at = ws.reserve(sizeof(PointRec<T>) * BP);
   const size_t order_at = ws.reserve(sizeof(int) * BP);
   const size_t boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * tiles);
+  const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
+  const size_t chunk_boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * chunks);
   const at::Tensor buffer = ws.allocate(q.options());
   Bits* bbits = ws.ptr<Bits>(buffer, box_at);
   auto* kin = ws.ptr<unsigned long long>(buffer, keys_in_at);
@@ -1265,6 +1291,7 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   PointRec<T>* rec = ws.ptr<PointRec<T>>(buffer, records_at);
   int* order = ws.ptr<int>(buffer, order_at);
   TileBox<T>* box = ws.ptr<TileBox<T>>(buffer, boxes_at);
+  TileBox<T>* chunk_box = ws.ptr<TileBox<T>>(buffer, chunk_boxes_at);
   // Morton box per batch
   C10_CUDA_CHECK(cudaMemsetAsync(bbits, 0xff, sizeof(Bits) * 6 * n.B, stream));
   const dim3 box_grid(static_cast<unsigned>(std::clamp<int64_t>((n.P + 4095) / 4096, 1, 64)),
@@ -1283,12 +1310,14 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
       p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), sorted, n.B, static_cast<int>(n.P),
       tiles, rec, order, box);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t blocks = n.B * ((n.Q + kWarp - 1) / kWarp);
-  const int warps = tile_search_warps<T, N>(blocks, q.get_device());
-  knn_tile_search_kernel<T, N><<<blocks, warps * kWarp, tile_smem_bytes<T, N>(warps), stream>>>(
-      q.data_ptr<T>(), kout, sorted, rec, order, box, n.B,
-      static_cast<int>(n.Q), static_cast<int>(n.P), static_cast<int>(n.K),
-      idx.data_ptr<int64_t>());
+  tile_chunk_box_kernel<T><<<grid_blocks(n.B * chunks * kWarp), kGridThreads, 0, stream>>>(
+      box, n.B, tiles, chunks, chunk_box);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t groups = n.B * ((n.Q + kGroupQueries - 1) / kGroupQueries);  // a block each
+  TORCH_CHECK(groups < INT_MAX, "neusdf: the CUDA tile search supports B * Q / 8 < 2^31");
+  knn_tile_search_kernel<T, N><<<groups, kWarp, group_warp_bytes<T>(), stream>>>(
+      q.data_ptr<T>(), kout, sorted, rec, order, box, chunk_box, n.B, static_cast<int>(n.Q),
+      static_cast<int>(n.P), static_cast<int>(n.K), idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -690,39 +690,6 @@ def test_tile_search_equals_brute_force(dtype, device):
             assert torch.equal(brute, knn_search_aniso(q, p, sigma, R, K, method="tile")), K
 
 
-# Run in a fresh process: the warps per block are read once per process.
-_TILE_WARPS_CHECK = """
-import torch
-from neusdf.ops import knn_search_aniso
-from neusdf.ops.testing import SEARCH_CASES, make_inputs, make_search_case
-
-for dtype in (torch.float32, torch.float64):
-    q, p, _, sigma, R = make_inputs(2, 700, 5000, 1, dtype=dtype, device="cuda", seed=19)
-    cases = [(q, p, sigma, R)]
-    cases += [make_search_case(kind, 2, 300, 1100, dtype=dtype, device="cuda", seed=3)
-              for kind in SEARCH_CASES]
-    for q, p, sigma, R in cases:
-        for K in (1, 5, 16, 32):
-            brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
-            assert torch.equal(brute, knn_search_aniso(q, p, sigma, R, K, method="tile")), K
-print("same neighbours")
-"""
-
-
-@pytest.mark.cuda
-@CUDA
-@pytest.mark.parametrize("warps", [1, 2, 4])
-def test_cuda_tile_search_any_warps_per_block(warps):
-    """The CUDA tile search is exact however many warps share a group's tiles (they lower
-    each other's gates through shared memory and merge their lists at the end)."""
-    env = {**os.environ, "NEUSDF_TILE_WARPS": str(warps)}
-    done = subprocess.run(
-        [sys.executable, "-c", _TILE_WARPS_CHECK], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "same neighbours" in done.stdout
-
-
 @pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES)
