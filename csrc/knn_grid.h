@@ -314,6 +314,17 @@ NEUSDF_HD void extend_tile_box(TileBox<T>& box, const T p[3], T lam) {
   box.lam = lam < box.lam ? lam : box.lam;  // -1 or 0 (no bound) stays below every bound
 }
 
+// Extends box to the union of itself and other (extend_tile_box's rules: a NaN bound changes
+// nothing, lam is the smaller).
+template <typename T>
+NEUSDF_HD void union_tile_box(TileBox<T>& box, const TileBox<T>& other) {
+  for (int a = 0; a < 3; ++a) {
+    box.lo[a] = other.lo[a] < box.lo[a] ? other.lo[a] : box.lo[a];
+    box.hi[a] = other.hi[a] > box.hi[a] ? other.hi[a] : box.hi[a];
+  }
+  box.lam = other.lam < box.lam ? other.lam : box.lam;
+}
+
 template <typename T>
 NEUSDF_HD TileBox<T> empty_tile_box() {
   TileBox<T> box;

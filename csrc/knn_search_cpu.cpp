@@ -254,6 +254,11 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
       const int64_t j = pcode[s].second;
       extend_tile_box(boxes[s / kTilePoints], pb + 3 * j, lam[j]);
     }
+    // the boxes of the chunks of 32 tiles, which the CUDA kernel tests before their tiles' boxes
+    std::vector<TileBox<T>> chunk_boxes((tiles + kTilePoints - 1) / kTilePoints,
+                                        empty_tile_box<T>());
+    for (int t = 0; t < tiles; ++t) union_tile_box(chunk_boxes[t / kTilePoints], boxes[t]);
+    const int home = tiles < kTileHome ? tiles : kTileHome;
     const int64_t groups = (n.Q + kTileQueries - 1) / kTileQueries;
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> key(kTileQueries * N);
@@ -282,6 +287,12 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
           if (group_test) {
             T widest = -std::numeric_limits<T>::infinity();
             for (int64_t l = 0; l < lanes; ++l) widest = std::max(widest, key[l * N + N - 1]);
+            // after the home tiles the chunk's box first, as the CUDA kernel does (it skips
+            // nothing the tile's own test keeps, unless a bound's rounding is not monotone)
+            if (i >= home &&
+                group_tile_bound_key(group.lo, group.hi, chunk_boxes[t / kTilePoints]) > widest) {
+              continue;
+            }
             if (group_tile_bound_key(group.lo, group.hi, boxes[t]) > widest) continue;
           }
           bool need = false;
