@@ -1128,7 +1128,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     } else {
 #pragma unroll
       for (int c = 0; c < 3; ++c) staged_pos[at].p[c] = static_cast<T>(NAN);
-      staged_pos[at].w = 1;  // any weight: the NaN position makes the bound's key the record's own key
+      staged_pos[at].w = 1;  // any weight: with a NaN position the bound's key is the key's
       staged_ind[at] = P + lane;
     }
     __pipeline_commit();
@@ -1156,7 +1156,9 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     const T gate = min(list.key[N - 1], queue.block);
     T widest = active ? gate : -static_cast<T>(INFINITY);
 #pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) widest = max(widest, __shfl_xor_sync(kFullMask, widest, o));
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+      widest = max(widest, __shfl_xor_sync(kFullMask, widest, o));
+    }
     if (!home_chunk && group_test && group_tile_bound_key(qlo, qhi, cb[c]) > widest) continue;
     const int tile = base + lane;
     const bool real = lane < count && (home_chunk || tile < first || tile >= first + home);
@@ -1174,73 +1176,74 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
         if (!(tile_bound_key(qv, staged_box[x]) > gate)) needs |= 1u << x;
       }
     }
-      unsigned todo = warp_or(needs);
-      int buf = 0;
-      if (todo != 0) prefetch(base + __ffs(todo) - 1, buf);
-      while (todo != 0) {
-        const int x = __ffs(todo) - 1;
-        todo &= todo - 1;
-        if (todo != 0) {
-          prefetch(base + __ffs(todo) - 1, buf ^ 1);
-          __pipeline_wait_prior(1);
-        } else {
-          __pipeline_wait_prior(0);
-        }
-        __syncwarp();  // every lane's copy of this tile has landed
-        const PointPos<T>* pos = staged_pos + buf * kTilePoints;
-        const int* tile_ind = staged_ind + buf * kTilePoints;
-        const int tile_slot = (base + x) * kTilePoints;
-        // This lane's points under its gate (point_bound_key); a tile with a point that has no
-        // bound (its smallest lam is not > 0) is scanned whole.
-        unsigned marked = 0;  // bit i: point sub + 4 i
-        if (active) {
-          if (staged_box[x].lam > T(0)) {
-#pragma unroll
-            for (int i = 0; i < kLanePoints; ++i) {
-              const PointPos<T>& r = pos[sub + kLanesPerQuery * i];
-              if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
-            }
-          } else {
-            marked = (1u << kLanePoints) - 1;
-          }
-        }
-        while (__any_sync(kFullMask, marked != 0)) {  // two at a time, for instruction-level parallelism
-          constexpr int kPair = 2;
-          int at[kPair];
-          bool real_point[kPair];
-#pragma unroll
-          for (int u = 0; u < kPair; ++u) {
-            real_point[u] = marked != 0;
-            at[u] = sub + kLanesPerQuery * (real_point[u] ? __ffs(marked) - 1 : 0);
-            marked &= marked - 1;
-          }
-          T k[kPair];
-#pragma unroll
-          for (int u = 0; u < kPair; ++u) {
-            T d[3], e[3];
-            PointShape<T> sh;
-            if (tile_slot + at[u] < P) {
-              sh = *reinterpret_cast<const PointShape<T>*>(
-                  reinterpret_cast<const char*>(rb + tile_slot + at[u]) + sizeof(PointPos<T>));
-            } else {
-              for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
-              for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
-            }
-            k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
-          }
-#pragma unroll
-          for (int u = 0; u < kPair; ++u) {
-            if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
-          }
-          if (__any_sync(kFullMask, queue.queued > kQueue - kPair)) queue.merge_into(list, lane);
-        }
-        if (__any_sync(kFullMask, queue.queued > 0)) {  // else no list and no gate changed
-          queue.merge_into(list, lane);
-          share_gate();
-        }
-        __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
-        buf ^= 1;
+    unsigned todo = warp_or(needs);
+    int buf = 0;
+    if (todo != 0) prefetch(base + __ffs(todo) - 1, buf);
+    while (todo != 0) {
+      const int x = __ffs(todo) - 1;
+      todo &= todo - 1;
+      if (todo != 0) {
+        prefetch(base + __ffs(todo) - 1, buf ^ 1);
+        __pipeline_wait_prior(1);
+      } else {
+        __pipeline_wait_prior(0);
       }
+      __syncwarp();  // every lane's copy of this tile has landed
+      const PointPos<T>* pos = staged_pos + buf * kTilePoints;
+      const int* tile_ind = staged_ind + buf * kTilePoints;
+      const int tile_slot = (base + x) * kTilePoints;
+      // This lane's points under its gate (point_bound_key); a tile with a point that has no
+      // bound (its smallest lam is not > 0) is scanned whole.
+      unsigned marked = 0;  // bit i: point sub + 4 i
+      if (active) {
+        if (staged_box[x].lam > T(0)) {
+#pragma unroll
+          for (int i = 0; i < kLanePoints; ++i) {
+            const PointPos<T>& r = pos[sub + kLanesPerQuery * i];
+            if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
+          }
+        } else {
+          marked = (1u << kLanePoints) - 1;
+        }
+      }
+      // two at a time, for instruction-level parallelism
+      while (__any_sync(kFullMask, marked != 0)) {
+        constexpr int kPair = 2;
+        int at[kPair];
+        bool real_point[kPair];
+#pragma unroll
+        for (int u = 0; u < kPair; ++u) {
+          real_point[u] = marked != 0;
+          at[u] = sub + kLanesPerQuery * (real_point[u] ? __ffs(marked) - 1 : 0);
+          marked &= marked - 1;
+        }
+        T k[kPair];
+#pragma unroll
+        for (int u = 0; u < kPair; ++u) {
+          T d[3], e[3];
+          PointShape<T> sh;
+          if (tile_slot + at[u] < P) {
+            sh = *reinterpret_cast<const PointShape<T>*>(
+                reinterpret_cast<const char*>(rb + tile_slot + at[u]) + sizeof(PointPos<T>));
+          } else {
+            for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
+            for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
+          }
+          k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
+        }
+#pragma unroll
+        for (int u = 0; u < kPair; ++u) {
+          if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
+        }
+        if (__any_sync(kFullMask, queue.queued > kQueue - kPair)) queue.merge_into(list, lane);
+      }
+      if (__any_sync(kFullMask, queue.queued > 0)) {  // else no list and no gate changed
+        queue.merge_into(list, lane);
+        share_gate();
+      }
+      __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
+      buf ^= 1;
+    }
   }
   merge_group_lists(list);
 #pragma unroll
