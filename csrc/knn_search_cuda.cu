@@ -168,10 +168,11 @@ __device__ __forceinline__ T next_key_above(T b) {
 // write consecutive words.
 //
 // The gate is the smaller of two bounds. The lane's own N-th key when the queue was last merged:
-// a later point (higher index) needs a strictly smaller key to enter. And one past the smallest
-// N-th key the block's warps published after the previous tile: that warp holds N distinct points
-// at or below it, so a point above it is in no query's best N, while one equal to it could still
-// win on its index.
+// a later point (higher index) needs a strictly smaller key to enter. And one past a bound that
+// the query's other lists share (the brute force: the smallest N-th key the block's warps
+// published after the previous tile; the tile search: the N-th key of the union of the query's
+// 4 lanes' lists): N distinct points lie at or below it, so a point above it is in no query's
+// best N, while one equal to it could still win on its index.
 //
 // kLex: indices arrive in no particular order (the tile search), so "comes before" compares
 // (key, index) and a candidate may tie the N-th key.
@@ -181,7 +182,7 @@ struct LaneQueue {
   int* ind;
   int queued;
   T own;    // the list's N-th key at the last merge
-  T block;  // one past the block's smallest published N-th key (-inf: an inactive lane)
+  T block;  // one past the bound the query's other lists share (-inf: an inactive lane)
   T gate;   // min(own, block): a candidate enters when its key is below it
 
   __device__ __forceinline__ void set_block_bound(T b) {
@@ -959,14 +960,12 @@ struct alignas(16) PointShape {
 static_assert(sizeof(PointPos<float>) + sizeof(PointShape<float>) == sizeof(PointRec<float>));
 static_assert(sizeof(PointPos<double>) + sizeof(PointShape<double>) == sizeof(PointRec<double>));
 
-// Shared memory of one warp: kTileStages staging buffers of a tile's positions, the boxes of the
-// chunk of tiles being planned, the staged tiles' indices, then the lanes' candidate queues
-// (each part a multiple of 16 bytes).
-constexpr int kTileStages = 2;
+// Shared memory of one warp: two staging buffers of a tile's positions (one copied while the
+// other is scanned), the boxes of the chunk of tiles being planned, the two buffers' indices,
+// then the lanes' candidate queues (each part a multiple of 16 bytes).
 template <typename T>
 __host__ __device__ constexpr size_t group_stage_bytes() {
-  return (sizeof(PointPos<T>) + sizeof(int)) * kTileStages * kTilePoints +
-         sizeof(TileBox<T>) * kTilePoints;
+  return (sizeof(PointPos<T>) + sizeof(int)) * 2 * kTilePoints + sizeof(TileBox<T>) * kTilePoints;
 }
 template <typename T>
 __host__ __device__ constexpr size_t group_warp_bytes() {
@@ -1059,12 +1058,10 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
   const int sub = lane % kLanesPerQuery;
   const int s = first_query + lane / kLanesPerQuery;
   const bool active = s < Q;
-  unsigned char* stage = smem_raw;
-  constexpr int kStaged = kTileStages * kTilePoints;
-  PointPos<T>* staged_pos = reinterpret_cast<PointPos<T>*>(stage);
-  TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(stage + sizeof(PointPos<T>) * kStaged);
+  PointPos<T>* staged_pos = reinterpret_cast<PointPos<T>*>(smem_raw);
+  TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(staged_pos + 2 * kTilePoints);
   int* staged_ind = reinterpret_cast<int*>(staged_box + kTilePoints);
-  unsigned char* queue_at = stage + group_stage_bytes<T>();
+  unsigned char* queue_at = smem_raw + group_stage_bytes<T>();
 
   const int64_t BP = B * P;
   // the query's index in its batch (the queries' sorted values follow the points')
