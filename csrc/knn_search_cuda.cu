@@ -785,8 +785,8 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // a host synchronisation: the points' Morton box per batch (one reduction kernel, atomicMin on
 // ordered bits), the Morton keys of the points and the queries in one array ([is a query |
 // batch | code]), one CUB radix sort of that array, then one warp per tile of 32 points gathers
-// the tile's records in Morton order and reduces its bounding box and smallest lam, and one warp
-// per chunk of 32 tiles the union of their boxes. The search kernel gives a warp 8 queries
+// the tile's positions and shapes in Morton order and reduces its bounding box and smallest lam,
+// and one warp per chunk of 32 tiles the union of their boxes. The search kernel gives a warp 8 queries
 // consecutive in Morton order, 4 lanes each (below, "tile search, 4 lanes a query").
 
 // The Morton box of each batch: the finite points' smallest and largest coordinates, kept as
@@ -844,32 +844,47 @@ __global__ void tile_keys_kernel(const T* __restrict__ p, const T* __restrict__ 
   values[x] = static_cast<int>(x);
 }
 
-template <typename T>
-__device__ __forceinline__ T smaller(T a, T b) {
-  return b < a ? b : a;  // NaN in b changes nothing
-}
-
-// Every lane's box becomes the union of the warp's boxes (extend_tile_box's rules). Whole warp.
+// Every lane's box becomes the union of the warp's boxes (union_tile_box). Whole warp.
 template <typename T>
 __device__ __forceinline__ void warp_union_box(TileBox<T>& box) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) {
+    TileBox<T> other;
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-      box.lo[a] = smaller(box.lo[a], __shfl_xor_sync(kFullMask, box.lo[a], o));
-      box.hi[a] = -smaller(-box.hi[a], -__shfl_xor_sync(kFullMask, box.hi[a], o));
+      other.lo[a] = __shfl_xor_sync(kFullMask, box.lo[a], o);
+      other.hi[a] = __shfl_xor_sync(kFullMask, box.hi[a], o);
     }
-    box.lam = smaller(box.lam, __shfl_xor_sync(kFullMask, box.lam, o));
+    other.lam = __shfl_xor_sync(kFullMask, box.lam, o);
+    union_tile_box(box, other);
   }
 }
 
-// One warp per tile of points: the tile's records and indices in Morton order (slot s of batch b
-// holds the point sorted[b P + s]), and the tile's box and smallest lam (extend_tile_box's rules).
+// A point's two parts as the tile search reads them, in two arrays in the tiles' order: the
+// position and the prefilter's weight (copied to shared memory for every scanned point: a
+// tile's 32 are 512 contiguous bytes for float) and the precisions and axes (read from global
+// memory only for the points under some lane's prefilter bound: about a tenth to a fifth of
+// them).
+template <typename T>
+struct alignas(16) PointPos {
+  T p[3];
+  T w;
+};
+template <typename T>
+struct alignas(16) PointShape {
+  T s[3];
+  T R[9];
+};
+
+// One warp per tile of points: the tile's positions, shapes and indices in Morton order (slot s
+// of batch b holds the point sorted[b P + s]), and the tile's box and smallest lam
+// (extend_tile_box's rules).
 template <typename T>
 __global__ void tile_build_kernel(const T* __restrict__ p, const T* __restrict__ sigma,
                                   const T* __restrict__ R, const int* __restrict__ sorted,
-                                  int64_t B, int P, int tiles, PointRec<T>* __restrict__ records,
-                                  int* __restrict__ order, TileBox<T>* __restrict__ boxes) {
+                                  int64_t B, int P, int tiles, PointPos<T>* __restrict__ positions,
+                                  PointShape<T>* __restrict__ shapes, int* __restrict__ order,
+                                  TileBox<T>* __restrict__ boxes) {
   const int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (w >= B * tiles) return;  // a whole warp
@@ -878,10 +893,20 @@ __global__ void tile_build_kernel(const T* __restrict__ p, const T* __restrict__
   TileBox<T> box = empty_tile_box<T>();
   if (s < P) {
     const int64_t x = sorted[b * P + s];  // the flat index b P + j of the point
-    PointRec<T> rec = point_record(p, sigma, R, x);
+    const PointRec<T> rec = point_record(p, sigma, R, x);
     const T lam = point_lambda(rec.p, rec.s, rec.R);
-    rec.w = point_bound_weight(lam);  // read only in tiles whose smallest lam is > 0
-    records[b * P + s] = rec;
+    PointPos<T> pos;
+    PointShape<T> shape;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      pos.p[a] = rec.p[a];
+      shape.s[a] = rec.s[a];
+    }
+#pragma unroll
+    for (int a = 0; a < 9; ++a) shape.R[a] = rec.R[a];
+    pos.w = point_bound_weight(lam);  // read only in tiles whose smallest lam is > 0
+    positions[b * P + s] = pos;
+    shapes[b * P + s] = shape;
     order[b * P + s] = static_cast<int>(x - b * P);
     extend_tile_box(box, rec.p, lam);
   }
@@ -942,23 +967,6 @@ __device__ __forceinline__ int warp_lower_bound(const unsigned long long* __rest
 constexpr int kLanesPerQuery = 4;
 constexpr int kGroupQueries = kWarp / kLanesPerQuery;             // queries per warp
 constexpr int kLanePoints = kTilePoints / kLanesPerQuery;         // points of a tile per lane
-
-// A point record's two parts, read at different times: the position and the prefilter's weight
-// (staged in shared memory, for every scanned point) and the precisions and axes (read from
-// global memory for the points under some lane's prefilter bound only: about a tenth to a fifth
-// of them).
-template <typename T>
-struct alignas(16) PointPos {
-  T p[3];
-  T w;
-};
-template <typename T>
-struct alignas(16) PointShape {
-  T s[3];
-  T R[9];
-};
-static_assert(sizeof(PointPos<float>) + sizeof(PointShape<float>) == sizeof(PointRec<float>));
-static_assert(sizeof(PointPos<double>) + sizeof(PointShape<double>) == sizeof(PointRec<double>));
 
 // Shared memory of one warp: two staging buffers of a tile's positions (one copied while the
 // other is scanned), the boxes of the chunk of tiles being planned, the two buffers' indices,
@@ -1045,8 +1053,9 @@ __host__ __device__ constexpr int group_min_blocks() {
 template <typename T, int N>
 __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     knn_tile_search_kernel(const T* __restrict__ q, const unsigned long long* __restrict__ keys,
-                            const int* __restrict__ sorted, const PointRec<T>* __restrict__ records,
-                            const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
+                            const int* __restrict__ sorted,
+                            const PointPos<T>* __restrict__ positions,
+                            const PointShape<T>* __restrict__ shapes, const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
                             const TileBox<T>* __restrict__ chunk_boxes, int64_t B, int Q, int P,
                             int K, int64_t* __restrict__ idx) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1106,7 +1115,8 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
   const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
   const TileBox<T>* bb = boxes + b * tiles;
   const TileBox<T>* cb = chunk_boxes + b * chunks;
-  const PointRec<T>* rb = records + b * P;
+  const PointPos<T>* pb = positions + b * P;
+  const PointShape<T>* shb = shapes + b * P;
   const int* ob = order + b * P;
   constexpr int kPosChunks = static_cast<int>(sizeof(PointPos<T>)) / 16;
   // Starts copying tile t's positions and indices into staging buffer buf (cp.async: the copy
@@ -1119,7 +1129,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
 #pragma unroll
       for (int c = 0; c < kPosChunks; ++c) {
         __pipeline_memcpy_async(reinterpret_cast<char*>(staged_pos + at) + 16 * c,
-                                reinterpret_cast<const char*>(rb + slot) + 16 * c, 16);
+                                reinterpret_cast<const char*>(pb + slot) + 16 * c, 16);
       }
       __pipeline_memcpy_async(staged_ind + at, ob + slot, sizeof(int));
     } else {
@@ -1220,8 +1230,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
           T d[3], e[3];
           PointShape<T> sh;
           if (tile_slot + at[u] < P) {
-            sh = *reinterpret_cast<const PointShape<T>*>(
-                reinterpret_cast<const char*>(rb + tile_slot + at[u]) + sizeof(PointPos<T>));
+            sh = shb[tile_slot + at[u]];
           } else {
             for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
             for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
@@ -1277,7 +1286,8 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   const size_t values_in_at = ws.reserve(sizeof(int) * total);
   const size_t sorted_at = ws.reserve(sizeof(int) * total);
   const size_t temp_at = ws.reserve(temp_bytes);
-  const size_t records_at = ws.reserve(sizeof(PointRec<T>) * BP);
+  const size_t positions_at = ws.reserve(sizeof(PointPos<T>) * BP);
+  const size_t shapes_at = ws.reserve(sizeof(PointShape<T>) * BP);
   const size_t order_at = ws.reserve(sizeof(int) * BP);
   const size_t boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * tiles);
   const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
@@ -1288,7 +1298,8 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   auto* kout = ws.ptr<unsigned long long>(buffer, keys_at);
   int* values_in = ws.ptr<int>(buffer, values_in_at);
   int* sorted = ws.ptr<int>(buffer, sorted_at);
-  PointRec<T>* rec = ws.ptr<PointRec<T>>(buffer, records_at);
+  PointPos<T>* positions = ws.ptr<PointPos<T>>(buffer, positions_at);
+  PointShape<T>* shapes = ws.ptr<PointShape<T>>(buffer, shapes_at);
   int* order = ws.ptr<int>(buffer, order_at);
   TileBox<T>* box = ws.ptr<TileBox<T>>(buffer, boxes_at);
   TileBox<T>* chunk_box = ws.ptr<TileBox<T>>(buffer, chunk_boxes_at);
@@ -1305,10 +1316,10 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws.ptr<void>(buffer, temp_at), temp_bytes, kin,
                                                  kout, values_in, sorted, static_cast<int>(total),
                                                  0, end_bit, stream));
-  // the points' records, indices and tile boxes in that order
+  // the points' positions, shapes, indices and tile boxes in that order
   tile_build_kernel<T><<<grid_blocks(n.B * tiles * kWarp), kGridThreads, 0, stream>>>(
       p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), sorted, n.B, static_cast<int>(n.P),
-      tiles, rec, order, box);
+      tiles, positions, shapes, order, box);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tile_chunk_box_kernel<T><<<grid_blocks(n.B * chunks * kWarp), kGridThreads, 0, stream>>>(
       box, n.B, tiles, chunks, chunk_box);
@@ -1316,7 +1327,7 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   const int64_t groups = n.B * ((n.Q + kGroupQueries - 1) / kGroupQueries);  // a block each
   TORCH_CHECK(groups < INT_MAX, "neusdf: the CUDA tile search supports B * Q / 8 < 2^31");
   knn_tile_search_kernel<T, N><<<groups, kWarp, group_warp_bytes<T>(), stream>>>(
-      q.data_ptr<T>(), kout, sorted, rec, order, box, chunk_box, n.B, static_cast<int>(n.Q),
+      q.data_ptr<T>(), kout, sorted, positions, shapes, order, box, chunk_box, n.B, static_cast<int>(n.Q),
       static_cast<int>(n.P), static_cast<int>(n.K), idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
