@@ -18,9 +18,9 @@
 // sorted by cell the same way, so that neighbouring threads walk neighbouring cells; each thread
 // then runs the ring search of one query with its list in registers.
 //
-// Tile (knn_grid.h; K <= 32): the points and queries in Morton order, a warp of 8 queries (4
-// lanes each) scanning only the tiles of 32 points that some query's bound does not rule out
-// (see "tile search" below).
+// Tile (knn_grid.h; K <= 32): the points and queries in Morton order, a warp of 16 or 8 queries
+// (2 or 4 lanes each) scanning only the tiles of 32 points that some query's bound does not
+// rule out (see "tile search" below).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -171,7 +171,7 @@ __device__ __forceinline__ T next_key_above(T b) {
 // a later point (higher index) needs a strictly smaller key to enter. And one past a bound that
 // the query's other lists share (the brute force: the smallest N-th key the block's warps
 // published after the previous tile; the tile search: the N-th key of the union of the query's
-// 4 lanes' lists): N distinct points lie at or below it, so a point above it is in no query's
+// lanes' lists): N distinct points lie at or below it, so a point above it is in no query's
 // best N, while one equal to it could still win on its index.
 //
 // kLex: indices arrive in no particular order (the tile search), so "comes before" compares
@@ -786,8 +786,9 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // ordered bits), the Morton keys of the points and the queries in one array ([is a query |
 // batch | code]), one CUB radix sort of that array, then one warp per tile of 32 points gathers
 // the tile's positions and shapes in Morton order and reduces its bounding box and smallest lam,
-// and one warp per chunk of 32 tiles the union of their boxes. The search kernel gives a warp 8 queries
-// consecutive in Morton order, 4 lanes each (below, "tile search, 4 lanes a query").
+// and one warp per chunk of 32 tiles the union of their boxes. The search kernel gives a warp 16
+// or 8 queries consecutive in Morton order, 2 or 4 lanes each (below, "tile search, L lanes a
+// query").
 
 // The Morton box of each batch: the finite points' smallest and largest coordinates, kept as
 // ordered bits of lo and of -hi (so that one atomicMin serves both; box_bits starts all ones,
@@ -954,19 +955,29 @@ __device__ __forceinline__ int warp_lower_bound(const unsigned long long* __rest
   return lo;
 }
 
-// ------------------------------------------------------------- tile search, 4 lanes a query
+// ------------------------------------------------------ tile search, L lanes a query (2 or 4)
 //
-// A warp owns 8 queries consecutive in Morton order, 4 lanes each (lane = 4 * slot + sub), and
-// walks the tiles alone (a block is one warp: no barrier, and an SM takes a new group as soon as
-// one ends). Lane sub of a query takes points sub, sub + 4, ... of each tile the warp scans and
-// keeps its own list of them; the query's gate is shared by its 4 lanes through shuffles (the
-// N-th key of the union of their lists). Against a block of 32 queries walking the tiles
-// together (the kernel before this one), a warp of 8 scans fewer tiles (the union of 8 queries'
-// needs is smaller) and a lane bounds 8 points of a scanned tile instead of 32 (docs/op.md,
-// "The tile search with 4 lanes a query").
-constexpr int kLanesPerQuery = 4;
-constexpr int kGroupQueries = kWarp / kLanesPerQuery;             // queries per warp
-constexpr int kLanePoints = kTilePoints / kLanesPerQuery;         // points of a tile per lane
+// A warp owns 32 / L queries consecutive in Morton order, L lanes each (lane = L * slot + sub),
+// and walks the tiles alone (a block is one warp: no barrier, and an SM takes a new group as
+// soon as one ends). Lane sub of a query takes points sub, sub + L, ... of each tile the warp
+// scans and keeps its own list of them; the query's gate is shared by its L lanes through
+// shuffles (the N-th key of the union of their lists). Against a block of 32 queries walking
+// the tiles together (the kernel before this one), a warp of 8 or 16 scans fewer tiles (the
+// union of fewer queries' needs is smaller) and a lane bounds 32 / L points of a scanned tile
+// instead of 32 (docs/op.md, "The tile search with 4 lanes a query"). Fewer lanes a query mean
+// fewer groups, each with its own tile tests and merges, but also fewer warps to fill the GPU
+// and wider groups where the queries are sparse among the points; the launch picks L
+// (tile_lanes_per_query).
+template <int L>
+struct GroupLayout {
+  static_assert(L == 2 || L == 4, "2 or 4 lanes a query");
+  static constexpr int kQueries = kWarp / L;       // queries a warp
+  static constexpr int kPoints = kTilePoints / L;  // points of a tile a lane bounds
+  // Bits 0, L, 2 L, ... of a word: shifted by sub, the tiles of a chunk that lane sub tests.
+  static constexpr unsigned kTileBits = L == 2 ? 0x55555555u : 0x11111111u;
+  // The bits of a lane's points in a tile (bit i: point sub + L i).
+  static constexpr unsigned kPointBits = (1u << kPoints) - 1;
+};
 
 // Shared memory of one warp: two staging buffers of a tile's positions (one copied while the
 // other is scanned), the boxes of the chunk of tiles being planned, the two buffers' indices,
@@ -980,17 +991,17 @@ __host__ __device__ constexpr size_t group_warp_bytes() {
   return group_stage_bytes<T>() + search_queue_bytes<T>(1);
 }
 
-// The N-th smallest key of the union of the lists of a query's 4 lanes (each sorted, N keys;
+// The N-th smallest key of the union of the lists of a query's L lanes (each sorted, N keys;
 // the lanes hold disjoint points, so the union holds N distinct points at or below it): the
 // lists merged pairwise through shuffles (Batcher's half-cleaner, then a bitonic network on the
 // keys as min / max pairs). Whole warp; every lane of the query gets the same key.
-template <typename T, int N>
+template <typename T, int N, int L>
 __device__ __forceinline__ T group_union_nth_key(const T (&key)[N]) {
   T top[N];
 #pragma unroll
   for (int s = 0; s < N; ++s) top[s] = key[s];
 #pragma unroll
-  for (int o = 1; o < kLanesPerQuery; o *= 2) {
+  for (int o = 1; o < L; o *= 2) {
     T other[N];
 #pragma unroll
     for (int s = 0; s < N; ++s) other[s] = __shfl_xor_sync(kFullMask, top[N - 1 - s], o);
@@ -1011,12 +1022,12 @@ __device__ __forceinline__ T group_union_nth_key(const T (&key)[N]) {
   return top[N - 1];
 }
 
-// The lists of a query's 4 lanes merged into one (every lane of the query gets it), with
+// The lists of a query's L lanes merged into one (every lane of the query gets it), with
 // Batcher's half-cleaner and sort_bitonic as in merge_warp_lists. Whole warp.
-template <typename T, int N>
+template <typename T, int N, int L>
 __device__ __forceinline__ void merge_group_lists(LaneList<T, N>& list) {
 #pragma unroll
-  for (int o = 1; o < kLanesPerQuery; o *= 2) {
+  for (int o = 1; o < L; o *= 2) {
     T k[N];
     int j[N];
 #pragma unroll
@@ -1042,30 +1053,32 @@ __host__ __device__ constexpr int group_min_blocks() {
   return sizeof(T) == 4 && N <= 16 ? 16 : 1;
 }
 
-// One warp (block) per group of 8 queries. The tiles in chunks: first the home tiles (around
-// where the group's middle query falls in the points' order), then the others 32 at a time in
-// order; a chunk's box, then its tiles' boxes, are tested for the 8 queries at once
-// (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some query
-// needs are copied (cp.async, while the previous tile is scanned); each lane bounds its 8 points
-// (point_bound_key) and computes exact keys for the ones under its gate; after a tile that
-// changed some list, each query's gate becomes the N-th key of its lanes' lists' union. At the
-// end the 4 lists of a query are merged.
-template <typename T, int N>
+// One warp (block) per group of 32 / L queries. The tiles in chunks: first the home tiles
+// (around where the group's middle query falls in the points' order), then the others 32 at a
+// time in order; a chunk's box, then its tiles' boxes, are tested for the group's queries at
+// once (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some
+// query needs are copied (cp.async, while the previous tile is scanned); each lane bounds its
+// 32 / L points (point_bound_key) and computes exact keys for the ones under its gate; after a
+// tile that changed some list, each query's gate becomes the N-th key of its lanes' lists'
+// union. At the end the L lists of a query are merged.
+template <typename T, int N, int L>
 __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     knn_tile_search_kernel(const T* __restrict__ q, const unsigned long long* __restrict__ keys,
                             const int* __restrict__ sorted,
                             const PointPos<T>* __restrict__ positions,
-                            const PointShape<T>* __restrict__ shapes, const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
+                            const PointShape<T>* __restrict__ shapes,
+                            const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
                             const TileBox<T>* __restrict__ chunk_boxes, int64_t B, int Q, int P,
                             int K, int64_t* __restrict__ idx) {
+  using Layout = GroupLayout<L>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x;
-  const int qgroups = (Q + kGroupQueries - 1) / kGroupQueries;
+  const int qgroups = (Q + Layout::kQueries - 1) / Layout::kQueries;
   const int64_t group = blockIdx.x;
   const int64_t b = group / qgroups;
-  const int first_query = static_cast<int>(group % qgroups) * kGroupQueries;
-  const int sub = lane % kLanesPerQuery;
-  const int s = first_query + lane / kLanesPerQuery;
+  const int first_query = static_cast<int>(group % qgroups) * Layout::kQueries;
+  const int sub = lane % L;
+  const int s = first_query + lane / L;
   const bool active = s < Q;
   PointPos<T>* staged_pos = reinterpret_cast<PointPos<T>*>(smem_raw);
   TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(staged_pos + 2 * kTilePoints);
@@ -1090,7 +1103,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     qlo[a] = active ? qv[a] : static_cast<T>(INFINITY);
     qhi[a] = active ? qv[a] : -static_cast<T>(INFINITY);
 #pragma unroll
-    for (int o = kWarp / 2; o >= kLanesPerQuery; o >>= 1) {  // the 4 lanes of a query agree
+    for (int o = kWarp / 2; o >= L; o >>= 1) {  // the L lanes of a query agree
       qlo[a] = min(qlo[a], __shfl_xor_sync(kFullMask, qlo[a], o));
       qhi[a] = max(qhi[a], __shfl_xor_sync(kFullMask, qhi[a], o));
     }
@@ -1109,7 +1122,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
   const int tiles = (P + kTilePoints - 1) / kTilePoints;
   const int home = tiles < kTileHome ? tiles : kTileHome;
   const unsigned long long code =
-      keys[BP + b * Q + min(first_query + kGroupQueries / 2, Q - 1)] & kMortonCodeMask;
+      keys[BP + b * Q + min(first_query + Layout::kQueries / 2, Q - 1)] & kMortonCodeMask;
   const int first = home_tile(warp_lower_bound(keys + b * P, P, code, lane), tiles);
 
   const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
@@ -1140,9 +1153,9 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     }
     __pipeline_commit();
   };
-  // The query's gate: one past the N-th key of its 4 lanes' lists' union.
+  // The query's gate: one past the N-th key of its L lanes' lists' union.
   auto share_gate = [&]() {
-    const T nth = group_union_nth_key<T, N>(list.key);
+    const T nth = group_union_nth_key<T, N, L>(list.key);
     if (active) queue.set_block_bound(min(queue.block, next_key_above(nth)));
   };
   // The tiles in chunks of up to 32: first the home tiles [first, first + home), then tiles
@@ -1178,7 +1191,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     __syncwarp();
     unsigned needs = 0;  // of the tiles this lane tests, those its query needs
     if (active) {
-      for (unsigned left = maybe & (0x11111111u << sub); left != 0; left &= left - 1) {
+      for (unsigned left = maybe & (Layout::kTileBits << sub); left != 0; left &= left - 1) {
         const int x = __ffs(left) - 1;
         if (!(tile_bound_key(qv, staged_box[x]) > gate)) needs |= 1u << x;
       }
@@ -1205,12 +1218,12 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
       if (active) {
         if (staged_box[x].lam > T(0)) {
 #pragma unroll
-          for (int i = 0; i < kLanePoints; ++i) {
-            const PointPos<T>& r = pos[sub + kLanesPerQuery * i];
+          for (int i = 0; i < Layout::kPoints; ++i) {
+            const PointPos<T>& r = pos[sub + L * i];
             if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
           }
         } else {
-          marked = (1u << kLanePoints) - 1;
+          marked = Layout::kPointBits;
         }
       }
       // two at a time, for instruction-level parallelism
@@ -1221,7 +1234,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
 #pragma unroll
         for (int u = 0; u < kPair; ++u) {
           real_point[u] = marked != 0;
-          at[u] = sub + kLanesPerQuery * (real_point[u] ? __ffs(marked) - 1 : 0);
+          at[u] = sub + L * (real_point[u] ? __ffs(marked) - 1 : 0);
           marked &= marked - 1;
         }
         T k[kPair];
@@ -1251,12 +1264,20 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
       buf ^= 1;
     }
   }
-  merge_group_lists(list);
+  merge_group_lists<T, N, L>(list);
 #pragma unroll
   for (int x = 0; x < N; ++x) {
-    if (active && x < K && x % kLanesPerQuery == sub) idx[(b * Q + qi) * K + x] = list.ind[x];
+    if (active && x < K && x % L == sub) idx[(b * Q + qi) * K + x] = list.ind[x];
   }
 }
+
+// Lanes a query in the tile search: 2 where each batch has at least a quarter as many queries
+// as points, else 4. Measured on an H200 (docs/op.md, "Lanes a query"): 2 lanes took 0.92-1.00x
+// the time of 4 where P <= 4 Q (the training size 0.95x, P = 1M with Q = 262144 0.65x), but
+// 1.13x at P = 65536 with Q = 12288 (K = 8) and 3.7-3.9x at P = 131072 with Q = 12288: where
+// the queries are sparse among the points, a group of 16 consecutive queries spans more tiles,
+// and half as many warps leave the GPU short of resident warps.
+int tile_lanes_per_query(const ProblemSize& n) { return n.P <= 4 * n.Q ? 2 : 4; }
 
 template <typename T, int N>
 void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
@@ -1324,11 +1345,16 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   tile_chunk_box_kernel<T><<<grid_blocks(n.B * chunks * kWarp), kGridThreads, 0, stream>>>(
       box, n.B, tiles, chunks, chunk_box);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t groups = n.B * ((n.Q + kGroupQueries - 1) / kGroupQueries);  // a block each
-  TORCH_CHECK(groups < INT_MAX, "neusdf: the CUDA tile search supports B * Q / 8 < 2^31");
-  knn_tile_search_kernel<T, N><<<groups, kWarp, group_warp_bytes<T>(), stream>>>(
-      q.data_ptr<T>(), kout, sorted, positions, shapes, order, box, chunk_box, n.B, static_cast<int>(n.Q),
-      static_cast<int>(n.P), static_cast<int>(n.K), idx.data_ptr<int64_t>());
+  const int lanes = tile_lanes_per_query(n);
+  const int64_t group_queries = kWarp / lanes;
+  const int64_t groups = n.B * ((n.Q + group_queries - 1) / group_queries);  // a block each
+  TORCH_CHECK(groups < INT_MAX, "neusdf: the CUDA tile search supports < 2^31 groups of queries");
+  const auto kernel =
+      lanes == 2 ? knn_tile_search_kernel<T, N, 2> : knn_tile_search_kernel<T, N, 4>;
+  kernel<<<groups, kWarp, group_warp_bytes<T>(), stream>>>(
+      q.data_ptr<T>(), kout, sorted, positions, shapes, order, box, chunk_box, n.B,
+      static_cast<int>(n.Q), static_cast<int>(n.P), static_cast<int>(n.K),
+      idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

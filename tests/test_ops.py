@@ -674,10 +674,11 @@ def test_cuda_brute_force_any_warps_per_block(warps):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tile_search_equals_brute_force(dtype, device):
     """The tile search is exact on the adversarial cases, both metrics, K up to 32, P and Q not
-    multiples of a tile (a padded last tile), a group of queries smaller than a warp."""
+    multiples of a tile (a padded last tile), a group of queries smaller than a warp, and on
+    CUDA both group layouts (2 lanes a query where P <= 4 Q, else 4)."""
     q, p, _, sigma, R = make_inputs(2, 700, 5000, 1, dtype=dtype, device=device, seed=19)
     cases = [(q, p, sigma, R), (q, p, None, None)]  # the Euclidean metric too
-    for B, Q, P in ((2, 300, 1100), (1, 64, 32), (1, 45, 77)):
+    for B, Q, P in ((2, 300, 1100), (1, 60, 1100), (1, 64, 32), (1, 45, 77)):
         cases += [
             make_search_case(kind, B, Q, P, dtype=dtype, device=device, seed=3)
             for kind in SEARCH_CASES
