@@ -91,8 +91,8 @@ def kept_fraction(
     """Fraction of (group, tile) pairs scanned under each of ``orders``, over all batches;
     ``<order>_points_per_query``, the points a query scans (its group's scanned tiles times
     their points); and ``<order>_points_marked`` for home and oracle (see the module docstring).
-    ``group``: queries walking the tiles together (the CUDA tile kernel walks 8 since it gives a
-    query 4 lanes; the block-of-32 kernel before it, which the recorded numbers model, 32)."""
+    ``group``: queries walking the tiles together (the CUDA tile kernel walks 16 or 8, giving a
+    query 2 or 4 lanes; the block-of-32 kernel before it, which the recorded numbers model, 32)."""
     q, p, _, sigma, R = make_inputs(B, Q, P, 1, seed=seed)
     scanned = dict.fromkeys(orders, 0)
     marked = dict.fromkeys(orders, 0)

@@ -270,7 +270,7 @@ NEUSDF_HD T point_bound_key(const T q[3], const T p[3], T w) {
 // along one Morton curve, groups of consecutive queries walking the points in tiles of 32
 // consecutive points, a tile skipped when every query's bound on it is above that query's
 // current N-th best key. These pieces are shared by both devices; the CPU runs the 32 queries
-// of a group in lockstep, the CUDA kernel gives a warp 8 queries (4 lanes each).
+// of a group in lockstep, the CUDA kernel gives a warp 16 or 8 queries (2 or 4 lanes each).
 
 constexpr int kTilePoints = 32;  // points per tile (one per lane when a warp stages a tile)
 constexpr int kTileQueries = 32;  // queries walking the tiles together on the CPU

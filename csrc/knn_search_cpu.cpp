@@ -211,8 +211,8 @@ void search_grid(const T* q, const T* p, const T* sigma, const T* R, const Probl
 
 // The tile search (knn_grid.h, "tiles"): each group of 32 queries consecutive in Morton order
 // runs in lockstep through the home tiles and then every other tile, skipping a tile when no
-// query's bound on it reaches its N-th key (the CUDA kernel walks groups of 8 queries, 4 lanes
-// each, and tests chunks of 32 tiles first; the result is the same, exact). It is the CUDA walk's
+// query's bound on it reaches its N-th key (the CUDA kernel walks groups of 16 or 8 queries, 2
+// or 4 lanes each, and tests chunks of 32 tiles first; the result is the same, exact). It is the CUDA walk's
 // check on the CPU (the order, the bounds, the padding of the last tile) more than a fast path:
 // "auto" takes the grid on the CPU.
 template <typename T>

@@ -1272,7 +1272,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
 }
 
 // Lanes a query in the tile search: 2 where each batch has at least a quarter as many queries
-// as points, else 4. Measured on an H200 (docs/op.md, "Lanes a query"): 2 lanes took 0.92-1.00x
+// as points, else 4. Measured on an H200 (docs/op.md, "Lanes a query"): 2 lanes took 0.92-1.03x
 // the time of 4 where P <= 4 Q (the training size 0.95x, P = 1M with Q = 262144 0.65x), but
 // 1.13x at P = 65536 with Q = 12288 (K = 8) and 3.7-3.9x at P = 131072 with Q = 12288: where
 // the queries are sparse among the points, a group of 16 consecutive queries spans more tiles,
