@@ -49,13 +49,14 @@
 namespace neusdf {
 namespace {
 
-// One point as the search reads it from shared memory: position, the tile search's prefilter
-// weight (point_bound_weight; position and weight are one 16-byte load for float), precisions,
-// axes. The other searches leave w at 0.
+// One point as the brute force and the grid search read it: position, precisions, axes. The
+// padding after the position keeps the parts 16-byte aligned (position and pad are one 16-byte
+// load for float); it is written as 0, so that a copied record holds no uninitialised bytes.
+// (The tile search reads its points as two arrays, PointPos and PointShape.)
 template <typename T>
 struct alignas(16) PointRec {
   T p[3];
-  T w;
+  T pad;
   T s[3];
   T R[9];
 };
@@ -246,7 +247,7 @@ __device__ __forceinline__ void stage_tile(PointRec<T>* tile, const T* __restric
     }
 #pragma unroll
     for (int c = 0; c < 9; ++c) rec.R[c] = real ? Rb[9 * j + c] : static_cast<T>(0);
-    rec.w = 0;
+    rec.pad = 0;
     tile[t] = rec;
   }
 }
@@ -578,7 +579,7 @@ __device__ __forceinline__ PointRec<T> point_record(const T* __restrict__ p,
   }
 #pragma unroll
   for (int c = 0; c < 9; ++c) rec.R[c] = R[9 * x + c];
-  rec.w = 0;
+  rec.pad = 0;
   return rec;
 }
 
