@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
-from neusdf.ops.benchmark import SIZES, write_json
+from neusdf.ops.benchmark import SIZES, call_times, write_json
 from neusdf.ops.knn import ensure_registered
 from neusdf.ops.testing import make_inputs
 
@@ -42,18 +42,7 @@ DEFAULT_SIZES = ("reference", "P=65536", "training-search")
 
 def event_ms(fn, reps: int) -> float:
     """Median milliseconds between CUDA events around single calls of fn (after 10 warm-ups)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(call_times("cuda", fn, warmup=10, reps=reps))
 
 
 def host_ms(fn, reps: int = 50) -> float:

@@ -67,7 +67,7 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
 SMALL_SIZES = {"small": (1, 2048, 8192, 16, 8)}
 
 
-def _timer(device: str, fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
+def call_times(device: str, fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
     """Milliseconds of each of ``reps`` calls of fn after ``warmup`` untimed calls (for calls
     over 100 ms: one warm-up and 3 repetitions, to keep the run short)."""
     t0 = time.perf_counter()
@@ -168,7 +168,7 @@ def run(sizes: dict, device: str, warmup: int, reps: int, impls: list[str]) -> l
             rec = {"size": size_name, "B": B, "Q": Q, "P": P, "F": F, "K": K, "impl": name}
             rec["device"] = device
             for step, fn in fns.items():
-                times = _timer(device, fn, warmup, reps)
+                times = call_times(device, fn, warmup, reps)
                 rec[f"{step}_ms"] = statistics.median(times)
                 rec[f"{step}_ms_all"] = times
             if device == "cuda" and "eikonal" in fns:
@@ -207,7 +207,7 @@ def host_overhead(device: str, reps: int = 200) -> str:
     lines = ["| implementation | forward ms | fwd+bwd ms | Eikonal ms |", "|---|---|---|---|"]
     for name, impl in IMPLEMENTATIONS.items():
         steps = _steps(impl, inputs, 8, head, upstream)
-        cells = [statistics.median(_timer(device, fn, 20, reps)) for fn in steps.values()]
+        cells = [statistics.median(call_times(device, fn, 20, reps)) for fn in steps.values()]
         lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
 
