@@ -70,6 +70,13 @@ def compare(q, p, sigma, R, K: int) -> dict:
     return {**times, "equal": same}
 
 
+def write_rows(path: Path, rows: list[dict], overwrite: bool = False) -> None:
+    """Writes the rows with the GPU's name and torch's version as JSON (atomically) and says so."""
+    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    write_json(path, record, overwrite=overwrite)
+    print(f"wrote {path}")
+
+
 def ints(text: str) -> list[int]:
     """A comma list of positive integers (argparse type)."""
     try:
@@ -113,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"identical {row['equal']}",
                         flush=True,
                     )
-    write_json(
-        args.json,
-        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {args.json}")
+    write_rows(args.json, rows, overwrite=args.overwrite)
     return 0 if all(r["equal"] for r in rows) else 1
 
 

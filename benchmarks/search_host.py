@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
-from neusdf.ops.benchmark import SIZES, call_times, write_json
+from neusdf.ops.benchmark import SIZES, call_times
 from neusdf.ops.knn import ensure_registered
 from neusdf.ops.testing import make_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_crossover import graph_ms  # noqa: E402
+from search_crossover import graph_ms, write_rows  # noqa: E402
 
 DEFAULT_SIZES = ("reference", "P=65536", "training-search")
 
@@ -136,12 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             f"aggregate graph {row['aggregate_graph_ms']:.4f} ms; launches + memsets {calls:g}",
             flush=True,
         )
-    write_json(
-        args.json,
-        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {args.json}")
+    write_rows(args.json, rows, overwrite=args.overwrite)
     return 0
 
 
