@@ -18,7 +18,7 @@
 // sorted by cell the same way, so that neighbouring threads walk neighbouring cells; each thread
 // then runs the ring search of one query with its list in registers.
 //
-// Tile (knn_grid.h; K <= 32): the points and queries in Morton order, a warp of 16 or 8 queries
+// Tile (knn_grid.h; K <= 32): the points and queries in Morton cell order, a warp of 16 or 8 queries
 // (2 or 4 lanes each) scanning only the tiles of 32 points that some query's bound does not
 // rule out (see "tile search" below).
 #include <c10/cuda/CUDAException.h>
@@ -29,7 +29,7 @@
 
 #include <cuda_pipeline.h>
 
-#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -783,17 +783,24 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // ------------------------------------------------------------------------------ tile search
 //
 // Method "tile" (knn_grid.h, "tiles"; docs/op.md, "The tile search"), built each call without
-// a host synchronisation: the points' Morton box per batch (one reduction kernel, atomicMin on
-// ordered bits), the Morton keys of the points and the queries in one array ([is a query |
-// batch | code]), one CUB radix sort of that array, then one warp per tile of 32 points gathers
-// the tile's positions and shapes in Morton order and reduces its bounding box and smallest lam,
-// and one warp per chunk of 32 tiles the union of their boxes. The search kernel gives a warp 16
-// or 8 queries consecutive in Morton order, 2 or 4 lanes each (below, "tile search, L lanes a
-// query").
+// a host synchronisation: the points' Morton box per batch (one reduction kernel, atomicMax on
+// ordered bits), a counting sort of the points and the queries by Morton cell (one kernel counts
+// every point and query into its cell and keeps its rank there, one CUB scan of the counts, one
+// kernel scatters), then one warp per tile of 32 points gathers the tile's positions and shapes
+// in that order and reduces its bounding box and smallest lam, and one warp per chunk of 32 tiles
+// the union of their boxes. The search kernel gives a warp 16 or 8 queries consecutive in that
+// order, 2 or 4 lanes each (below, "tile search, L lanes a query").
+//
+// The order inside a cell is the atomics' order, so it varies between calls; the search is
+// exact, so only its speed could depend on it, and a cell holds about one point or query (at
+// most 8 cells each, tile_cell_bits). A radix sort of full Morton keys (CUB's onesweep) made 12
+// of the call's 18 CUDA runtime calls, which the host took longer to launch than the GPU to run
+// (docs/op.md, "Lanes a query, and a call's launches").
 
-// The Morton box of each batch: the finite points' smallest and largest coordinates, kept as
-// ordered bits of lo and of -hi (so that one atomicMin serves both; box_bits starts all ones,
-// which decodes to NaN: a batch without a finite point orders every point as code 0).
+// The Morton box of each batch: the finite points' smallest and largest coordinates, kept as the
+// complements of the ordered bits of lo and of -hi (so that one atomicMax serves both, on a
+// buffer that starts all zero like the cell counts beside it: an untouched slot decodes to NaN,
+// and a batch without a finite point orders every point as cell 0).
 template <typename T>
 __global__ void tile_morton_box_kernel(const T* __restrict__ p, int64_t P,
                                        OrderedBits<T>* __restrict__ box_bits) {
@@ -817,33 +824,55 @@ __global__ void tile_morton_box_kernel(const T* __restrict__ p, int64_t P,
   }
   if (threadIdx.x % kWarp == 0) {
 #pragma unroll
-    for (int a = 0; a < 6; ++a) atomicMin(box_bits + 6 * b + a, ordered_bits(m[a]));
+    for (int a = 0; a < 6; ++a) atomicMax(box_bits + 6 * b + a, ~ordered_bits(m[a]));
   }
 }
 
-// Sort keys of the points (x < B P) and the queries (the rest), all in one array: [is a query |
-// batch | Morton code], so that one radix sort puts each batch's points, then each batch's
-// queries, in Morton order. values[x] = x.
+// The sort's segments: each batch's points (segment b), then each batch's queries (B + b), so
+// that the counts' exclusive sum over all segments is every slot's place in one array of
+// B (P + Q) entries (points x < B P, queries after, as in the inputs).
+__device__ __forceinline__ int64_t tile_segment(int64_t x, int64_t B, int64_t P, int64_t Q) {
+  return x < B * P ? x / P : B + (x - B * P) / Q;
+}
+
+// The Morton cell (3 cell_bits bits: the top bits of morton_code) of every point and query x
+// (x < B P the points, then the queries), counted into counts[segment << 3 cell_bits | cell],
+// and x's rank among that cell's entries.
 template <typename T>
-__global__ void tile_keys_kernel(const T* __restrict__ p, const T* __restrict__ q,
-                                 const OrderedBits<T>* __restrict__ box_bits, int64_t B,
-                                 int64_t P, int64_t Q, int batch_bits,
-                                 unsigned long long* __restrict__ keys, int* __restrict__ values) {
+__global__ void tile_cell_count_kernel(const T* __restrict__ p, const T* __restrict__ q,
+                                       const OrderedBits<T>* __restrict__ box_bits, int64_t B,
+                                       int64_t P, int64_t Q, int cell_bits,
+                                       unsigned* __restrict__ cells, int* __restrict__ rank,
+                                       int* __restrict__ counts) {
   const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (x >= B * (P + Q)) return;
-  const bool is_query = x >= B * P;
-  const int64_t b = is_query ? (x - B * P) / Q : x / P;
-  const T* xyz = is_query ? q + 3 * (x - B * P) : p + 3 * x;
+  const int64_t b = x < B * P ? x / P : (x - B * P) / Q;
+  const T* xyz = x < B * P ? p + 3 * x : q + 3 * (x - B * P);
   T lo[3], hi[3];
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
-    lo[a] = from_ordered_bits(box_bits[6 * b + a]);
-    hi[a] = -from_ordered_bits(box_bits[6 * b + 3 + a]);
+    lo[a] = from_ordered_bits(~box_bits[6 * b + a]);
+    hi[a] = -from_ordered_bits(~box_bits[6 * b + 3 + a]);
   }
-  const unsigned long long code = static_cast<unsigned long long>(morton_code(xyz, lo, hi));
-  keys[x] = (static_cast<unsigned long long>(is_query) << (kMortonKeyBits + batch_bits)) |
-            (static_cast<unsigned long long>(b) << kMortonKeyBits) | code;
-  values[x] = static_cast<int>(x);
+  const auto cell =
+      static_cast<unsigned>(morton_code(xyz, lo, hi) >> (3 * (kMortonBits - cell_bits)));
+  cells[x] = cell;
+  rank[x] = atomicAdd(counts + (tile_segment(x, B, P, Q) << (3 * cell_bits)) + cell, 1);
+}
+
+// Every point and query to its slot: start[its segment's cell] + its rank there. sorted[slot]
+// is x, sorted_cells[slot] its cell (ascending within each segment).
+__global__ void tile_cell_scatter_kernel(const unsigned* __restrict__ cells,
+                                         const int* __restrict__ rank,
+                                         const int* __restrict__ start, int64_t B, int64_t P,
+                                         int64_t Q, int cell_bits, int* __restrict__ sorted,
+                                         unsigned* __restrict__ sorted_cells) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= B * (P + Q)) return;
+  const unsigned cell = cells[x];
+  const int slot = start[(tile_segment(x, B, P, Q) << (3 * cell_bits)) + cell] + rank[x];
+  sorted[slot] = static_cast<int>(x);
+  sorted_cells[slot] = cell;
 }
 
 // Every lane's box becomes the union of the warp's boxes (union_tile_box). Whole warp.
@@ -931,25 +960,21 @@ __global__ void tile_chunk_box_kernel(const TileBox<T>* __restrict__ boxes, int6
   if (lane == 0) chunk_boxes[w] = box;
 }
 
-// The Morton code in a tile search key (its low bits; the batch and the query flag above them).
-constexpr unsigned long long kMortonCodeMask = (1ull << kMortonKeyBits) - 1;
-
-// The first position in pc[0, n) whose Morton code (the key's low kMortonKeyBits bits, ascending
-// there) is not below code. The warp's lanes probe 32 positions a round, so it takes about
+// The first position in cells[0, n) (ascending) whose cell is not below cell. The warp's lanes probe 32 positions a round, so it takes about
 // log_32 n dependent loads rather than a binary search's log_2 n (14 at P = 16384, a stall at the
-// tile kernel's start). Whole warp, the same pc, n and code in every lane.
-__device__ __forceinline__ int warp_lower_bound(const unsigned long long* __restrict__ pc, int n,
-                                                unsigned long long code, int lane) {
+// tile kernel's start). Whole warp, the same cells, n and cell in every lane.
+__device__ __forceinline__ int warp_lower_bound(const unsigned* __restrict__ cells, int n,
+                                                unsigned cell, int lane) {
   int lo = 0, hi = n;  // the answer lies in [lo, hi]
   while (lo < hi) {
     const int step = (hi - lo + kWarp - 1) / kWarp;
     const int m = lo + lane * step;
-    // the lanes below code are a prefix: lanes 0 .. c - 1
-    const int c = __popc(__ballot_sync(kFullMask, m < hi && (pc[m] & kMortonCodeMask) < code));
+    // the lanes below cell are a prefix: lanes 0 .. c - 1
+    const int c = __popc(__ballot_sync(kFullMask, m < hi && cells[m] < cell));
     if (c == 0) {
-      hi = lo;  // pc[lo] is not below code
+      hi = lo;  // cells[lo] is not below cell
     } else {
-      hi = min(hi, lo + c * step);  // lane c's probe, where it lies below hi, is not below code
+      hi = min(hi, lo + c * step);  // lane c's probe, where it lies below hi, is not below cell
       lo += (c - 1) * step + 1;
     }
   }
@@ -1064,7 +1089,7 @@ __host__ __device__ constexpr int group_min_blocks() {
 // union. At the end the L lists of a query are merged.
 template <typename T, int N, int L>
 __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
-    knn_tile_search_kernel(const T* __restrict__ q, const unsigned long long* __restrict__ keys,
+    knn_tile_search_kernel(const T* __restrict__ q, const unsigned* __restrict__ cells,
                             const int* __restrict__ sorted,
                             const PointPos<T>* __restrict__ positions,
                             const PointShape<T>* __restrict__ shapes,
@@ -1122,9 +1147,8 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
   // Home: the tiles around where the warp's middle query falls in the points' order.
   const int tiles = (P + kTilePoints - 1) / kTilePoints;
   const int home = tiles < kTileHome ? tiles : kTileHome;
-  const unsigned long long code =
-      keys[BP + b * Q + min(first_query + Layout::kQueries / 2, Q - 1)] & kMortonCodeMask;
-  const int first = home_tile(warp_lower_bound(keys + b * P, P, code, lane), tiles);
+  const unsigned cell = cells[BP + b * Q + min(first_query + Layout::kQueries / 2, Q - 1)];
+  const int first = home_tile(warp_lower_bound(cells + b * P, P, cell, lane), tiles);
 
   const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
   const TileBox<T>* bb = boxes + b * tiles;
@@ -1280,6 +1304,20 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
 // and half as many warps leave the GPU short of resident warps.
 int tile_lanes_per_query(const ProblemSize& n) { return n.P <= 4 * n.Q ? 2 : 4; }
 
+// Bits an axis of the tile search's sort cells (tile_cell_count_kernel): the most with at most 8
+// cells a point or query of the larger kind (2^(3 bits) <= 8 max(P, Q)), so that a cell holds
+// about one, and the counts and offsets (4 bytes each a cell, two segments a batch) take at most
+// 128 bytes a point or query; at most 7 (2^21 cells a segment), and fewer where the counts of
+// all B batches would not fit an int index.
+int tile_cell_bits(const ProblemSize& n) {
+  int bits = 0;
+  while (bits < 7 && (int64_t{1} << (3 * (bits + 1))) <= 8 * std::max(n.P, n.Q) &&
+         (2 * n.B << (3 * (bits + 1))) < INT_MAX) {
+    ++bits;
+  }
+  return bits;
+}
+
 template <typename T, int N>
 void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                         const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
@@ -1289,23 +1327,22 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   using Bits = OrderedBits<T>;
   const int64_t BP = n.B * n.P, total = n.B * (n.P + n.Q);
   const int tiles = static_cast<int>((n.P + kTilePoints - 1) / kTilePoints);
-  int batch_bits = 0;
-  while ((int64_t{1} << batch_bits) < n.B) ++batch_bits;
-  const int end_bit = kMortonKeyBits + batch_bits + 1;
-  TORCH_CHECK(end_bit <= 64, "neusdf: the CUDA tile search supports B < 2^39");
+  const int cell_bits = tile_cell_bits(n);
+  const int64_t counters = 2 * n.B << (3 * cell_bits);  // < INT_MAX (tile_cell_bits)
   // One allocation for every buffer of the call (each a caching-allocator call of several
-  // microseconds of host time, which a small search's kernels do not hide). The sort's
+  // microseconds of host time, which a small search's kernels do not hide). The scan's
   // scratch size is a host computation (no device work).
   size_t temp_bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      nullptr, temp_bytes, static_cast<unsigned long long*>(nullptr),
-      static_cast<unsigned long long*>(nullptr), static_cast<int*>(nullptr),
-      static_cast<int*>(nullptr), static_cast<int>(total), 0, end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, static_cast<int*>(nullptr),
+                                               static_cast<int*>(nullptr),
+                                               static_cast<int>(counters), stream));
   Workspace ws;
-  const size_t box_at = ws.reserve(sizeof(Bits) * 6 * n.B);
-  const size_t keys_in_at = ws.reserve(sizeof(unsigned long long) * total);
-  const size_t keys_at = ws.reserve(sizeof(unsigned long long) * total);
-  const size_t values_in_at = ws.reserve(sizeof(int) * total);
+  const size_t box_at = ws.reserve(sizeof(Bits) * 6 * n.B);  // then counts_at: one memset
+  const size_t counts_at = ws.reserve(sizeof(int) * counters);
+  const size_t start_at = ws.reserve(sizeof(int) * counters);
+  const size_t cells_in_at = ws.reserve(sizeof(unsigned) * total);
+  const size_t rank_at = ws.reserve(sizeof(int) * total);
+  const size_t cells_at = ws.reserve(sizeof(unsigned) * total);
   const size_t sorted_at = ws.reserve(sizeof(int) * total);
   const size_t temp_at = ws.reserve(temp_bytes);
   const size_t positions_at = ws.reserve(sizeof(PointPos<T>) * BP);
@@ -1316,28 +1353,31 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   const size_t chunk_boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * chunks);
   const at::Tensor buffer = ws.allocate(q.options());
   Bits* bbits = ws.ptr<Bits>(buffer, box_at);
-  auto* kin = ws.ptr<unsigned long long>(buffer, keys_in_at);
-  auto* kout = ws.ptr<unsigned long long>(buffer, keys_at);
-  int* values_in = ws.ptr<int>(buffer, values_in_at);
+  int* counts = ws.ptr<int>(buffer, counts_at);
+  int* start = ws.ptr<int>(buffer, start_at);
+  auto* cells_in = ws.ptr<unsigned>(buffer, cells_in_at);
+  int* rank = ws.ptr<int>(buffer, rank_at);
+  auto* cells = ws.ptr<unsigned>(buffer, cells_at);
   int* sorted = ws.ptr<int>(buffer, sorted_at);
   PointPos<T>* positions = ws.ptr<PointPos<T>>(buffer, positions_at);
   PointShape<T>* shapes = ws.ptr<PointShape<T>>(buffer, shapes_at);
   int* order = ws.ptr<int>(buffer, order_at);
   TileBox<T>* box = ws.ptr<TileBox<T>>(buffer, boxes_at);
   TileBox<T>* chunk_box = ws.ptr<TileBox<T>>(buffer, chunk_boxes_at);
-  // Morton box per batch
-  C10_CUDA_CHECK(cudaMemsetAsync(bbits, 0xff, sizeof(Bits) * 6 * n.B, stream));
+  // Morton box per batch, then the counting sort by cell
+  C10_CUDA_CHECK(cudaMemsetAsync(bbits, 0, start_at - box_at, stream));
   const dim3 box_grid(static_cast<unsigned>(std::clamp<int64_t>((n.P + 4095) / 4096, 1, 64)),
                       static_cast<unsigned>(n.B));
   tile_morton_box_kernel<T><<<box_grid, 256, 0, stream>>>(p.data_ptr<T>(), n.P, bbits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // one radix sort of the points' and the queries' keys
-  tile_keys_kernel<T><<<grid_blocks(total), kGridThreads, 0, stream>>>(
-      p.data_ptr<T>(), q.data_ptr<T>(), bbits, n.B, n.P, n.Q, batch_bits, kin, values_in);
+  tile_cell_count_kernel<T><<<grid_blocks(total), kGridThreads, 0, stream>>>(
+      p.data_ptr<T>(), q.data_ptr<T>(), bbits, n.B, n.P, n.Q, cell_bits, cells_in, rank, counts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws.ptr<void>(buffer, temp_at), temp_bytes, kin,
-                                                 kout, values_in, sorted, static_cast<int>(total),
-                                                 0, end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(ws.ptr<void>(buffer, temp_at), temp_bytes, counts,
+                                               start, static_cast<int>(counters), stream));
+  tile_cell_scatter_kernel<<<grid_blocks(total), kGridThreads, 0, stream>>>(
+      cells_in, rank, start, n.B, n.P, n.Q, cell_bits, sorted, cells);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   // the points' positions, shapes, indices and tile boxes in that order
   tile_build_kernel<T><<<grid_blocks(n.B * tiles * kWarp), kGridThreads, 0, stream>>>(
       p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), sorted, n.B, static_cast<int>(n.P),
@@ -1353,7 +1393,7 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   const auto kernel =
       lanes == 2 ? knn_tile_search_kernel<T, N, 2> : knn_tile_search_kernel<T, N, 4>;
   kernel<<<groups, kWarp, group_warp_bytes<T>(), stream>>>(
-      q.data_ptr<T>(), kout, sorted, positions, shapes, order, box, chunk_box, n.B,
+      q.data_ptr<T>(), cells, sorted, positions, shapes, order, box, chunk_box, n.B,
       static_cast<int>(n.Q), static_cast<int>(n.P), static_cast<int>(n.K),
       idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -675,10 +675,12 @@ def test_cuda_brute_force_any_warps_per_block(warps):
 def test_tile_search_equals_brute_force(dtype, device):
     """The tile search is exact on the adversarial cases, both metrics, K up to 32, P and Q not
     multiples of a tile (a padded last tile), a group of queries smaller than a warp, and on
-    CUDA both group layouts (2 lanes a query where P <= 4 Q, else 4)."""
+    CUDA both group layouts (2 lanes a query where P <= 4 Q, else 4), many batches, and every
+    point at one position (one sort cell holding them all)."""
     q, p, _, sigma, R = make_inputs(2, 700, 5000, 1, dtype=dtype, device=device, seed=19)
     cases = [(q, p, sigma, R), (q, p, None, None)]  # the Euclidean metric too
-    for B, Q, P in ((2, 300, 1100), (1, 60, 1100), (1, 64, 32), (1, 45, 77)):
+    cases.append((q, p[:, :1].expand_as(p), sigma, R))
+    for B, Q, P in ((2, 300, 1100), (1, 60, 1100), (1, 64, 32), (1, 45, 77), (9, 40, 300)):
         cases += [
             make_search_case(kind, B, Q, P, dtype=dtype, device=device, seed=3)
             for kind in SEARCH_CASES
