@@ -29,7 +29,9 @@
 
 #include <cuda_pipeline.h>
 
-#include <cub/device/device_scan.cuh>
+#include <cooperative_groups.h>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -514,7 +516,7 @@ int64_t grid_blocks(int64_t n) { return (n + kGridThreads - 1) / kGridThreads; }
 
 // The buffers of one call carved out of a single allocation: reserve() each size, allocate()
 // once, ptr() each buffer. Offsets are multiples of 256 bytes (the alignment cudaMalloc gives,
-// which CUB's scratch and the 16-byte records need).
+// which the 16-byte records need).
 class Workspace {
  public:
   size_t reserve(size_t bytes) {
@@ -783,96 +785,121 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // ------------------------------------------------------------------------------ tile search
 //
 // Method "tile" (knn_grid.h, "tiles"; docs/op.md, "The tile search"), built each call without
-// a host synchronisation: the points' Morton box per batch (one reduction kernel, atomicMax on
-// ordered bits), a counting sort of the points and the queries by Morton cell (one kernel counts
-// every point and query into its cell and keeps its rank there, one CUB scan of the counts, one
-// kernel scatters), then one warp per tile of 32 points gathers the tile's positions and shapes
-// in that order and reduces its bounding box and smallest lam, and one warp per chunk of 32 tiles
-// the union of their boxes. The search kernel gives a warp 16 or 8 queries consecutive in that
-// order, 2 or 4 lanes each (below, "tile search, L lanes a query").
+// a host synchronisation, in one cooperative kernel (tile_build_kernel): the points' Morton box
+// per batch, a counting sort of the points and the queries by Morton cell (counts with each
+// entry's rank in its cell, their exclusive sum, a scatter), then one warp per tile of 32 points
+// gathers the tile's positions and shapes in that order and reduces its bounding box and
+// smallest lam, and one warp per chunk of 32 tiles the union of their boxes. The search kernel
+// gives a warp 16 or 8 queries consecutive in that order, 2 or 4 lanes each (below, "tile
+// search, L lanes a query").
 //
 // The order inside a cell is the atomics' order, so it varies between calls; the search is
 // exact, so only its speed could depend on it, and a cell holds about one point or query (at
 // most 8 cells each, tile_cell_bits). A radix sort of full Morton keys (CUB's onesweep) made 12
 // of the call's 18 CUDA runtime calls, which the host took longer to launch than the GPU to run
-// (docs/op.md, "Lanes a query, and a call's launches").
+// (docs/op.md, "A call's launches").
 
-// The Morton box of each batch: the finite points' smallest and largest coordinates, kept as the
-// complements of the ordered bits of lo and of -hi (so that one atomicMax serves both, on a
-// buffer that starts all zero like the cell counts beside it: an untouched slot decodes to NaN,
-// and a batch without a finite point orders every point as cell 0).
+// A point's two parts as the tile search reads them, in two arrays in the tiles' order: the
+// position and the prefilter's weight (copied to shared memory for every scanned point: a
+// tile's 32 are 512 contiguous bytes for float) and the precisions and axes (read from global
+// memory only for the points under some lane's prefilter bound: about a tenth to a fifth of
+// them).
 template <typename T>
-__global__ void tile_morton_box_kernel(const T* __restrict__ p, int64_t P,
-                                       OrderedBits<T>* __restrict__ box_bits) {
-  const int64_t b = blockIdx.y;
+struct alignas(16) PointPos {
+  T p[3];
+  T w;
+};
+template <typename T>
+struct alignas(16) PointShape {
+  T s[3];
+  T R[9];
+};
+
+// The build runs as one cooperative kernel (all its blocks resident, grid-wide barriers between
+// its phases): a call's build is then one CUDA runtime call instead of eight (a memset, the box,
+// the counts, CUB's two scan kernels, the scatter, the tiles, the chunks), which the host took
+// longer to launch than the GPU to run. Measured (docs/op.md, "A call's launches"): a raw call
+// 0.01-0.04 ms faster, the GPU's time 0-4% longer (the barriers).
+constexpr int kBuildThreads = 256;
+constexpr int kBuildItems = 8;          // counters a thread scans per step
+constexpr int kBoxPoints = 8 * kWarp;  // points a warp reduces into a batch's box per step
+
+// Buffers and sizes of one build. The sort's segments are each batch's points (segment b), then
+// each batch's queries (B + b), so that the counts' exclusive sum over all segments is every
+// slot's place in one array of B (P + Q) entries (points x < B P, queries after, as in the
+// inputs); counts[segment << 3 cell_bits | cell].
+template <typename T>
+struct TileBuild {
+  const T* p;
+  const T* q;
+  const T* sigma;
+  const T* R;
+  int64_t B, P, Q;
+  int cell_bits, tiles, chunks;
+  int64_t counters;                 // 2 B << 3 cell_bits
+  OrderedBits<T>* box_bits;         // 6 a batch (tile_morton_box_of)
+  int* counts;                      // counters
+  int* start;                       // counters: exclusive sums of counts
+  int* block_sums;                  // gridDim.x: each block's sum of its range of counts
+  unsigned* cells_in;               // B (P + Q): each point's and query's cell
+  int* rank;                        // B (P + Q): its rank among its cell's entries
+  unsigned* cells;                  // B (P + Q) in slot order (ascending within a segment)
+  int* sorted;                      // B (P + Q): the point or query x in each slot
+  PointPos<T>* positions;           // B P, slot order
+  PointShape<T>* shapes;            // B P, slot order
+  int* order;                       // B P, slot order: the point's index in its batch
+  TileBox<T>* boxes;                // B tiles
+  TileBox<T>* chunk_boxes;          // B chunks
+};
+
+// Morton box of batch b, points [first, first + kBoxPoints): the finite points' smallest and
+// largest coordinates, kept as the complements of the ordered bits of lo and of -hi (so that one
+// atomicMax serves both, on a buffer that starts all zero: an untouched slot decodes to NaN, and
+// a batch without a finite point orders every point as cell 0). Whole warp.
+template <typename T>
+__device__ void tile_morton_box_of(const TileBuild<T>& a, int64_t b, int64_t first, int lane) {
   T m[6];
 #pragma unroll
-  for (int a = 0; a < 6; ++a) m[a] = static_cast<T>(INFINITY);
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < P;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T* x = p + 3 * (b * P + j);
+  for (int c = 0; c < 6; ++c) m[c] = static_cast<T>(INFINITY);
+  for (int64_t j = first + lane; j < min(first + kBoxPoints, a.P); j += kWarp) {
+    const T* x = a.p + 3 * (b * a.P + j);
     if (!(is_finite(x[0]) && is_finite(x[1]) && is_finite(x[2]))) continue;
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      m[a] = min(m[a], x[a]);
-      m[3 + a] = min(m[3 + a], -x[a]);
+    for (int c = 0; c < 3; ++c) {
+      m[c] = min(m[c], x[c]);
+      m[3 + c] = min(m[3 + c], -x[c]);
     }
   }
 #pragma unroll
-  for (int a = 0; a < 6; ++a) {
-    for (int o = kWarp / 2; o > 0; o >>= 1) m[a] = min(m[a], __shfl_xor_sync(kFullMask, m[a], o));
+  for (int c = 0; c < 6; ++c) {
+    for (int o = kWarp / 2; o > 0; o >>= 1) m[c] = min(m[c], __shfl_xor_sync(kFullMask, m[c], o));
   }
-  if (threadIdx.x % kWarp == 0) {
+  if (lane == 0) {
 #pragma unroll
-    for (int a = 0; a < 6; ++a) atomicMax(box_bits + 6 * b + a, ~ordered_bits(m[a]));
+    for (int c = 0; c < 6; ++c) atomicMax(a.box_bits + 6 * b + c, ~ordered_bits(m[c]));
   }
 }
 
-// The sort's segments: each batch's points (segment b), then each batch's queries (B + b), so
-// that the counts' exclusive sum over all segments is every slot's place in one array of
-// B (P + Q) entries (points x < B P, queries after, as in the inputs).
 __device__ __forceinline__ int64_t tile_segment(int64_t x, int64_t B, int64_t P, int64_t Q) {
   return x < B * P ? x / P : B + (x - B * P) / Q;
 }
 
-// The Morton cell (3 cell_bits bits: the top bits of morton_code) of every point and query x
-// (x < B P the points, then the queries), counted into counts[segment << 3 cell_bits | cell],
-// and x's rank among that cell's entries.
+// The Morton cell (3 cell_bits bits: the top bits of morton_code) of point or query x, counted
+// into its segment's counts, and x's rank among that cell's entries.
 template <typename T>
-__global__ void tile_cell_count_kernel(const T* __restrict__ p, const T* __restrict__ q,
-                                       const OrderedBits<T>* __restrict__ box_bits, int64_t B,
-                                       int64_t P, int64_t Q, int cell_bits,
-                                       unsigned* __restrict__ cells, int* __restrict__ rank,
-                                       int* __restrict__ counts) {
-  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (x >= B * (P + Q)) return;
-  const int64_t b = x < B * P ? x / P : (x - B * P) / Q;
-  const T* xyz = x < B * P ? p + 3 * x : q + 3 * (x - B * P);
+__device__ void tile_count_cell(const TileBuild<T>& a, int64_t x) {
+  const int64_t b = x < a.B * a.P ? x / a.P : (x - a.B * a.P) / a.Q;
+  const T* xyz = x < a.B * a.P ? a.p + 3 * x : a.q + 3 * (x - a.B * a.P);
   T lo[3], hi[3];
 #pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    lo[a] = from_ordered_bits(~box_bits[6 * b + a]);
-    hi[a] = -from_ordered_bits(~box_bits[6 * b + 3 + a]);
+  for (int c = 0; c < 3; ++c) {
+    lo[c] = from_ordered_bits(~a.box_bits[6 * b + c]);
+    hi[c] = -from_ordered_bits(~a.box_bits[6 * b + 3 + c]);
   }
   const auto cell =
-      static_cast<unsigned>(morton_code(xyz, lo, hi) >> (3 * (kMortonBits - cell_bits)));
-  cells[x] = cell;
-  rank[x] = atomicAdd(counts + (tile_segment(x, B, P, Q) << (3 * cell_bits)) + cell, 1);
-}
-
-// Every point and query to its slot: start[its segment's cell] + its rank there. sorted[slot]
-// is x, sorted_cells[slot] its cell (ascending within each segment).
-__global__ void tile_cell_scatter_kernel(const unsigned* __restrict__ cells,
-                                         const int* __restrict__ rank,
-                                         const int* __restrict__ start, int64_t B, int64_t P,
-                                         int64_t Q, int cell_bits, int* __restrict__ sorted,
-                                         unsigned* __restrict__ sorted_cells) {
-  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (x >= B * (P + Q)) return;
-  const unsigned cell = cells[x];
-  const int slot = start[(tile_segment(x, B, P, Q) << (3 * cell_bits)) + cell] + rank[x];
-  sorted[slot] = static_cast<int>(x);
-  sorted_cells[slot] = cell;
+      static_cast<unsigned>(morton_code(xyz, lo, hi) >> (3 * (kMortonBits - a.cell_bits)));
+  a.cells_in[x] = cell;
+  a.rank[x] = atomicAdd(a.counts + (tile_segment(x, a.B, a.P, a.Q) << (3 * a.cell_bits)) + cell, 1);
 }
 
 // Every lane's box becomes the union of the warp's boxes (union_tile_box). Whole warp.
@@ -891,78 +918,125 @@ __device__ __forceinline__ void warp_union_box(TileBox<T>& box) {
   }
 }
 
-// A point's two parts as the tile search reads them, in two arrays in the tiles' order: the
-// position and the prefilter's weight (copied to shared memory for every scanned point: a
-// tile's 32 are 512 contiguous bytes for float) and the precisions and axes (read from global
-// memory only for the points under some lane's prefilter bound: about a tenth to a fifth of
-// them).
+// Tile t of batch b: its positions, shapes and indices in slot order (slot s of batch b holds
+// the point sorted[b P + s]), and its box and smallest lam (extend_tile_box's rules). Whole warp.
 template <typename T>
-struct alignas(16) PointPos {
-  T p[3];
-  T w;
-};
-template <typename T>
-struct alignas(16) PointShape {
-  T s[3];
-  T R[9];
-};
-
-// One warp per tile of points: the tile's positions, shapes and indices in Morton order (slot s
-// of batch b holds the point sorted[b P + s]), and the tile's box and smallest lam
-// (extend_tile_box's rules).
-template <typename T>
-__global__ void tile_build_kernel(const T* __restrict__ p, const T* __restrict__ sigma,
-                                  const T* __restrict__ R, const int* __restrict__ sorted,
-                                  int64_t B, int P, int tiles, PointPos<T>* __restrict__ positions,
-                                  PointShape<T>* __restrict__ shapes, int* __restrict__ order,
-                                  TileBox<T>* __restrict__ boxes) {
-  const int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (w >= B * tiles) return;  // a whole warp
-  const int64_t b = w / tiles;
-  const int s = static_cast<int>(w % tiles) * kTilePoints + lane;
+__device__ void tile_build_one(const TileBuild<T>& a, int64_t b, int t, int lane) {
+  const int s = t * kTilePoints + lane;
   TileBox<T> box = empty_tile_box<T>();
-  if (s < P) {
-    const int64_t x = sorted[b * P + s];  // the flat index b P + j of the point
-    const PointRec<T> rec = point_record(p, sigma, R, x);
+  if (s < a.P) {
+    const int64_t slot = b * a.P + s;
+    const int64_t x = a.sorted[slot];  // the flat index b P + j of the point
+    const PointRec<T> rec = point_record(a.p, a.sigma, a.R, x);
     const T lam = point_lambda(rec.p, rec.s, rec.R);
     PointPos<T> pos;
     PointShape<T> shape;
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      pos.p[a] = rec.p[a];
-      shape.s[a] = rec.s[a];
+    for (int c = 0; c < 3; ++c) {
+      pos.p[c] = rec.p[c];
+      shape.s[c] = rec.s[c];
     }
 #pragma unroll
-    for (int a = 0; a < 9; ++a) shape.R[a] = rec.R[a];
+    for (int c = 0; c < 9; ++c) shape.R[c] = rec.R[c];
     pos.w = point_bound_weight(lam);  // read only in tiles whose smallest lam is > 0
-    positions[b * P + s] = pos;
-    shapes[b * P + s] = shape;
-    order[b * P + s] = static_cast<int>(x - b * P);
+    a.positions[slot] = pos;
+    a.shapes[slot] = shape;
+    a.order[slot] = static_cast<int>(x - b * a.P);
     extend_tile_box(box, rec.p, lam);
   }
   warp_union_box(box);
-  if (lane == 0) boxes[w] = box;
+  if (lane == 0) a.boxes[b * a.tiles + t] = box;
 }
 
-// One warp per chunk of 32 tiles (the last one may be shorter): the union of their boxes
-// (warp_union_box), which the tile search tests before the tiles' own boxes.
+// The tile search's build (TileBuild), one cooperative launch, grid-wide barriers between the
+// phases: zero the box and the counts; each batch's Morton box; count every point and query
+// into its cell; the exclusive sum of the counts (each block sums a contiguous range, then scans
+// it after the sums of the blocks before it); scatter every entry to its slot; one warp per tile
+// (tile_build_one); one warp per chunk of 32 tiles, the union of their boxes, which the search
+// tests before the tiles' own.
 template <typename T>
-__global__ void tile_chunk_box_kernel(const TileBox<T>* __restrict__ boxes, int64_t B, int tiles,
-                                      int chunks, TileBox<T>* __restrict__ chunk_boxes) {
-  const int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+__global__ void __launch_bounds__(kBuildThreads) tile_build_kernel(const TileBuild<T> a) {
+  namespace cg = cooperative_groups;
+  const cg::grid_group grid = cg::this_grid();
+  using Scan = cub::BlockScan<int, kBuildThreads>;
+  using Reduce = cub::BlockReduce<int, kBuildThreads>;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename Reduce::TempStorage reduce;
+  } temp;
   const int lane = threadIdx.x % kWarp;
-  if (w >= B * chunks) return;  // a whole warp
-  const int64_t b = w / chunks;
-  const int t = static_cast<int>(w % chunks) * kTilePoints + lane;
-  TileBox<T> box = t < tiles ? boxes[b * tiles + t] : empty_tile_box<T>();
-  warp_union_box(box);
-  if (lane == 0) chunk_boxes[w] = box;
+  const int64_t thread = blockIdx.x * static_cast<int64_t>(kBuildThreads) + threadIdx.x;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * kBuildThreads;
+  const int64_t warp = thread / kWarp, warps = threads / kWarp;
+  const int64_t total = a.B * (a.P + a.Q);
+
+  for (int64_t i = thread; i < a.counters; i += threads) a.counts[i] = 0;
+  for (int64_t i = thread; i < 6 * a.B; i += threads) a.box_bits[i] = 0;
+  grid.sync();
+  const int64_t box_steps = (a.P + kBoxPoints - 1) / kBoxPoints;
+  for (int64_t i = warp; i < a.B * box_steps; i += warps) {
+    tile_morton_box_of(a, i / box_steps, i % box_steps * kBoxPoints, lane);
+  }
+  grid.sync();
+  for (int64_t x = thread; x < total; x += threads) tile_count_cell(a, x);
+  grid.sync();
+  // the exclusive sum: block k takes counters [k per, (k + 1) per)
+  const int64_t per = (a.counters + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = min(a.counters, blockIdx.x * per), hi = min(a.counters, lo + per);
+  int sum = 0;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kBuildThreads) sum += a.counts[i];
+  sum = Reduce(temp.reduce).Sum(sum);
+  if (threadIdx.x == 0) a.block_sums[blockIdx.x] = sum;
+  grid.sync();
+  __shared__ int block_carry;  // the sum of the counts before this block's range
+  int carry = 0;
+  for (int k = threadIdx.x; k < static_cast<int>(blockIdx.x); k += kBuildThreads) {
+    carry += a.block_sums[k];
+  }
+  __syncthreads();  // temp.reduce is reused
+  carry = Reduce(temp.reduce).Sum(carry);
+  if (threadIdx.x == 0) block_carry = carry;
+  __syncthreads();
+  carry = block_carry;
+  for (int64_t base = lo; base < hi; base += kBuildThreads * kBuildItems) {
+    int v[kBuildItems];
+    const int64_t mine = base + threadIdx.x * kBuildItems;  // blocked: consecutive counters
+#pragma unroll
+    for (int i = 0; i < kBuildItems; ++i) v[i] = mine + i < hi ? a.counts[mine + i] : 0;
+    int step_total = 0;
+    __syncthreads();  // temp.scan is reused
+    Scan(temp.scan).ExclusiveSum(v, v, step_total);
+#pragma unroll
+    for (int i = 0; i < kBuildItems; ++i) {
+      if (mine + i < hi) a.start[mine + i] = carry + v[i];
+    }
+    carry += step_total;
+  }
+  grid.sync();
+  for (int64_t x = thread; x < total; x += threads) {
+    const unsigned cell = a.cells_in[x];
+    const int slot =
+        a.start[(tile_segment(x, a.B, a.P, a.Q) << (3 * a.cell_bits)) + cell] + a.rank[x];
+    a.sorted[slot] = static_cast<int>(x);
+    a.cells[slot] = cell;
+  }
+  grid.sync();
+  for (int64_t w = warp; w < a.B * a.tiles; w += warps) {
+    tile_build_one(a, w / a.tiles, static_cast<int>(w % a.tiles), lane);
+  }
+  grid.sync();
+  for (int64_t w = warp; w < a.B * a.chunks; w += warps) {
+    const int64_t b = w / a.chunks;
+    const int t = static_cast<int>(w % a.chunks) * kTilePoints + lane;
+    TileBox<T> box = t < a.tiles ? a.boxes[b * a.tiles + t] : empty_tile_box<T>();
+    warp_union_box(box);
+    if (lane == 0) a.chunk_boxes[w] = box;
+  }
 }
 
-// The first position in cells[0, n) (ascending) whose cell is not below cell. The warp's lanes probe 32 positions a round, so it takes about
-// log_32 n dependent loads rather than a binary search's log_2 n (14 at P = 16384, a stall at the
-// tile kernel's start). Whole warp, the same cells, n and cell in every lane.
+// The first position in cells[0, n) (ascending) whose cell is not below cell. The warp's lanes
+// probe 32 positions a round, so it takes about log_32 n dependent loads rather than a binary
+// search's log_2 n (14 at P = 16384, a stall at the tile kernel's start). Whole warp, the same cells, n and cell in every lane.
 __device__ __forceinline__ int warp_lower_bound(const unsigned* __restrict__ cells, int n,
                                                 unsigned cell, int lane) {
   int lo = 0, hi = n;  // the answer lies in [lo, hi]
@@ -983,7 +1057,7 @@ __device__ __forceinline__ int warp_lower_bound(const unsigned* __restrict__ cel
 
 // ------------------------------------------------------ tile search, L lanes a query (2 or 4)
 //
-// A warp owns 32 / L queries consecutive in Morton order, L lanes each (lane = L * slot + sub),
+// A warp owns 32 / L queries consecutive in Morton cell order, L lanes each (lane = L * slot + sub),
 // and walks the tiles alone (a block is one warp: no barrier, and an SM takes a new group as
 // soon as one ends). Lane sub of a query takes points sub, sub + L, ... of each tile the warp
 // scans and keeps its own list of them; the query's gate is shared by its L lanes through
@@ -1318,74 +1392,81 @@ int tile_cell_bits(const ProblemSize& n) {
   return bits;
 }
 
+// Blocks of the cooperative build kernel that the device holds at once (a cooperative launch
+// may not ask for more): queried once per device and type, not per call.
+template <typename T>
+int tile_build_resident_blocks(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::vector<int> blocks;  // per device; 0 until queried
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (blocks.empty()) blocks.resize(c10::cuda::device_count());
+  int& resident = blocks.at(device);
+  if (resident == 0) {  // the guard of knn_search_cuda made device the current one
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tile_build_kernel<T>,
+                                                                 kBuildThreads, 0));
+    resident = per_sm * multiprocessor_count(device);
+  }
+  return resident;
+}
+
 template <typename T, int N>
 void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                         const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
                         cudaStream_t stream) {
   TORCH_CHECK(n.B * (n.P + n.Q) < INT_MAX,
               "neusdf: the CUDA tile search supports B * (P + Q) < 2^31");
-  using Bits = OrderedBits<T>;
   const int64_t BP = n.B * n.P, total = n.B * (n.P + n.Q);
   const int tiles = static_cast<int>((n.P + kTilePoints - 1) / kTilePoints);
+  const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
   const int cell_bits = tile_cell_bits(n);
   const int64_t counters = 2 * n.B << (3 * cell_bits);  // < INT_MAX (tile_cell_bits)
+  const int blocks = static_cast<int>(std::min<int64_t>(
+      tile_build_resident_blocks<T>(q.get_device()), (total + kBuildThreads - 1) / kBuildThreads));
   // One allocation for every buffer of the call (each a caching-allocator call of several
-  // microseconds of host time, which a small search's kernels do not hide). The scan's
-  // scratch size is a host computation (no device work).
-  size_t temp_bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, static_cast<int*>(nullptr),
-                                               static_cast<int*>(nullptr),
-                                               static_cast<int>(counters), stream));
+  // microseconds of host time, which a small search's kernels do not hide).
   Workspace ws;
-  const size_t box_at = ws.reserve(sizeof(Bits) * 6 * n.B);  // then counts_at: one memset
+  const size_t box_at = ws.reserve(sizeof(OrderedBits<T>) * 6 * n.B);
   const size_t counts_at = ws.reserve(sizeof(int) * counters);
   const size_t start_at = ws.reserve(sizeof(int) * counters);
+  const size_t block_sums_at = ws.reserve(sizeof(int) * blocks);
   const size_t cells_in_at = ws.reserve(sizeof(unsigned) * total);
   const size_t rank_at = ws.reserve(sizeof(int) * total);
   const size_t cells_at = ws.reserve(sizeof(unsigned) * total);
   const size_t sorted_at = ws.reserve(sizeof(int) * total);
-  const size_t temp_at = ws.reserve(temp_bytes);
   const size_t positions_at = ws.reserve(sizeof(PointPos<T>) * BP);
   const size_t shapes_at = ws.reserve(sizeof(PointShape<T>) * BP);
   const size_t order_at = ws.reserve(sizeof(int) * BP);
   const size_t boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * tiles);
-  const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
   const size_t chunk_boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * chunks);
   const at::Tensor buffer = ws.allocate(q.options());
-  Bits* bbits = ws.ptr<Bits>(buffer, box_at);
-  int* counts = ws.ptr<int>(buffer, counts_at);
-  int* start = ws.ptr<int>(buffer, start_at);
-  auto* cells_in = ws.ptr<unsigned>(buffer, cells_in_at);
-  int* rank = ws.ptr<int>(buffer, rank_at);
-  auto* cells = ws.ptr<unsigned>(buffer, cells_at);
-  int* sorted = ws.ptr<int>(buffer, sorted_at);
-  PointPos<T>* positions = ws.ptr<PointPos<T>>(buffer, positions_at);
-  PointShape<T>* shapes = ws.ptr<PointShape<T>>(buffer, shapes_at);
-  int* order = ws.ptr<int>(buffer, order_at);
-  TileBox<T>* box = ws.ptr<TileBox<T>>(buffer, boxes_at);
-  TileBox<T>* chunk_box = ws.ptr<TileBox<T>>(buffer, chunk_boxes_at);
-  // Morton box per batch, then the counting sort by cell
-  C10_CUDA_CHECK(cudaMemsetAsync(bbits, 0, start_at - box_at, stream));
-  const dim3 box_grid(static_cast<unsigned>(std::clamp<int64_t>((n.P + 4095) / 4096, 1, 64)),
-                      static_cast<unsigned>(n.B));
-  tile_morton_box_kernel<T><<<box_grid, 256, 0, stream>>>(p.data_ptr<T>(), n.P, bbits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  tile_cell_count_kernel<T><<<grid_blocks(total), kGridThreads, 0, stream>>>(
-      p.data_ptr<T>(), q.data_ptr<T>(), bbits, n.B, n.P, n.Q, cell_bits, cells_in, rank, counts);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(ws.ptr<void>(buffer, temp_at), temp_bytes, counts,
-                                               start, static_cast<int>(counters), stream));
-  tile_cell_scatter_kernel<<<grid_blocks(total), kGridThreads, 0, stream>>>(
-      cells_in, rank, start, n.B, n.P, n.Q, cell_bits, sorted, cells);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // the points' positions, shapes, indices and tile boxes in that order
-  tile_build_kernel<T><<<grid_blocks(n.B * tiles * kWarp), kGridThreads, 0, stream>>>(
-      p.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(), sorted, n.B, static_cast<int>(n.P),
-      tiles, positions, shapes, order, box);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  tile_chunk_box_kernel<T><<<grid_blocks(n.B * chunks * kWarp), kGridThreads, 0, stream>>>(
-      box, n.B, tiles, chunks, chunk_box);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const TileBuild<T> build{p.data_ptr<T>(),
+                           q.data_ptr<T>(),
+                           sigma.data_ptr<T>(),
+                           R.data_ptr<T>(),
+                           n.B,
+                           n.P,
+                           n.Q,
+                           cell_bits,
+                           tiles,
+                           chunks,
+                           counters,
+                           ws.ptr<OrderedBits<T>>(buffer, box_at),
+                           ws.ptr<int>(buffer, counts_at),
+                           ws.ptr<int>(buffer, start_at),
+                           ws.ptr<int>(buffer, block_sums_at),
+                           ws.ptr<unsigned>(buffer, cells_in_at),
+                           ws.ptr<int>(buffer, rank_at),
+                           ws.ptr<unsigned>(buffer, cells_at),
+                           ws.ptr<int>(buffer, sorted_at),
+                           ws.ptr<PointPos<T>>(buffer, positions_at),
+                           ws.ptr<PointShape<T>>(buffer, shapes_at),
+                           ws.ptr<int>(buffer, order_at),
+                           ws.ptr<TileBox<T>>(buffer, boxes_at),
+                           ws.ptr<TileBox<T>>(buffer, chunk_boxes_at)};
+  void* args[] = {const_cast<TileBuild<T>*>(&build)};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(tile_build_kernel<T>, blocks, kBuildThreads, args, 0,
+                                             stream));
   const int lanes = tile_lanes_per_query(n);
   const int64_t group_queries = kWarp / lanes;
   const int64_t groups = n.B * ((n.Q + group_queries - 1) / group_queries);  // a block each
@@ -1393,7 +1474,8 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   const auto kernel =
       lanes == 2 ? knn_tile_search_kernel<T, N, 2> : knn_tile_search_kernel<T, N, 4>;
   kernel<<<groups, kWarp, group_warp_bytes<T>(), stream>>>(
-      q.data_ptr<T>(), cells, sorted, positions, shapes, order, box, chunk_box, n.B,
+      q.data_ptr<T>(), build.cells, build.sorted, build.positions, build.shapes, build.order,
+      build.boxes, build.chunk_boxes, n.B,
       static_cast<int>(n.Q), static_cast<int>(n.P), static_cast<int>(n.K),
       idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
