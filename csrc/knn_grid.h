@@ -387,11 +387,16 @@ NEUSDF_HD int home_tile(int64_t pos, int tiles) {
   return first < 0 ? 0 : (first > last_first ? last_first : first);
 }
 
-// Tile visited at step i: the home tiles [first, first + home), then the others in order.
-NEUSDF_HD int tile_at(int i, int first, int tiles) {
-  const int home = tiles < kTileHome ? tiles : kTileHome;
-  const int j = i - home;
-  return i < home ? first + i : (j < first ? j : j + home);
+// Chunk (of 32 tiles) visited at step i after the home tiles: outward from the chunk hc that
+// holds the home tiles' first, alternating above and below (hc, hc + 1, hc - 1, hc + 2, ...),
+// then the longer side's rest; a permutation of [0, chunks). Nearer tiles first tighten the
+// gates sooner: against the chunks in index order, 1.6x faster at P = 65536 on a sphere
+// (docs/op.md, "The build in one launch, and the chunks' order").
+NEUSDF_HD int outward_chunk(int i, int hc, int chunks) {
+  const int below = hc, above = chunks - 1 - hc;
+  const int near = below < above ? below : above;
+  if (i <= 2 * near) return (i & 1) ? hc + (i + 1) / 2 : hc - (i + 1) / 2;
+  return above > below ? hc + i - near : hc - (i - near);
 }
 
 }  // namespace neusdf

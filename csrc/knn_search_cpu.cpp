@@ -210,11 +210,12 @@ void search_grid(const T* q, const T* p, const T* sigma, const T* R, const Probl
 }
 
 // The tile search (knn_grid.h, "tiles"): each group of 32 queries consecutive in Morton order
-// runs in lockstep through the home tiles and then every other tile, skipping a tile when no
+// runs in lockstep through the home tiles and then every other tile (the chunks of 32 tiles
+// outward from the home tiles, as the CUDA kernel visits them), skipping a tile when no
 // query's bound on it reaches its N-th key (the CUDA kernel walks groups of 16 or 8 queries, 2
-// or 4 lanes each, and tests chunks of 32 tiles first; the result is the same, exact). It is the CUDA walk's
-// check on the CPU (the order, the bounds, the padding of the last tile) more than a fast path:
-// "auto" takes the grid on the CPU.
+// or 4 lanes each, in Morton cell order, and tests chunks of 32 tiles first; the result is the
+// same, exact). It is the CUDA walk's check on the CPU (the order, the bounds, the padding of
+// the last tile) more than a fast path: "auto" takes the grid on the CPU.
 template <typename T>
 void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const ProblemSize& n,
                   int64_t* idx) {
@@ -255,8 +256,8 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
       extend_tile_box(boxes[s / kTilePoints], pb + 3 * j, lam[j]);
     }
     // the boxes of the chunks of 32 tiles, which the CUDA kernel tests before their tiles' boxes
-    std::vector<TileBox<T>> chunk_boxes((tiles + kTilePoints - 1) / kTilePoints,
-                                        empty_tile_box<T>());
+    const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
+    std::vector<TileBox<T>> chunk_boxes(chunks, empty_tile_box<T>());
     for (int t = 0; t < tiles; ++t) union_tile_box(chunk_boxes[t / kTilePoints], boxes[t]);
     const int home = tiles < kTileHome ? tiles : kTileHome;
     const int64_t groups = (n.Q + kTileQueries - 1) / kTileQueries;
@@ -282,25 +283,25 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
           group_test = group_test && is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2]);
           extend_tile_box(group, qv, T(0));
         }
-        for (int i = 0; i < tiles; ++i) {
-          const int t = tile_at(i, first, tiles);
+        // One tile for the whole group (after the home tiles, chunk_test: the chunk's box
+        // first, as the CUDA kernel does; it skips nothing the tile's own test keeps, unless a
+        // bound's rounding is not monotone).
+        const auto visit = [&](int t, bool chunk_test) {
           if (group_test) {
             T widest = -std::numeric_limits<T>::infinity();
             for (int64_t l = 0; l < lanes; ++l) widest = std::max(widest, key[l * N + N - 1]);
-            // after the home tiles the chunk's box first, as the CUDA kernel does (it skips
-            // nothing the tile's own test keeps, unless a bound's rounding is not monotone)
-            if (i >= home &&
+            if (chunk_test &&
                 group_tile_bound_key(group.lo, group.hi, chunk_boxes[t / kTilePoints]) > widest) {
-              continue;
+              return;
             }
-            if (group_tile_bound_key(group.lo, group.hi, boxes[t]) > widest) continue;
+            if (group_tile_bound_key(group.lo, group.hi, boxes[t]) > widest) return;
           }
           bool need = false;
           for (int64_t l = 0; l < lanes; ++l) {
             const T* qv = qb + 3 * qcode[first_query + l].second;
             need = need || !(tile_bound_key(qv, boxes[t]) > key[l * N + N - 1]);
           }
-          if (!need) continue;
+          if (!need) return;
           for (int64_t l = 0; l < lanes; ++l) {
             const T* qv = qb + 3 * qcode[first_query + l].second;
             T* kl = key.data() + l * N;
@@ -331,6 +332,14 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
               kl[s] = k;
               il[s] = j;
             }
+          }
+        };
+        // the CUDA kernel's order: the home tiles, then the chunks outward (outward_chunk)
+        for (int t = first; t < first + home; ++t) visit(t, false);
+        for (int i = 0; i < chunks; ++i) {
+          const int c = outward_chunk(i, first / kTilePoints, chunks);
+          for (int t = c * kTilePoints; t < std::min(tiles, (c + 1) * kTilePoints); ++t) {
+            if (t < first || t >= first + home) visit(t, true);
           }
         }
         for (int64_t l = 0; l < lanes; ++l) {

@@ -18,9 +18,9 @@
 // sorted by cell the same way, so that neighbouring threads walk neighbouring cells; each thread
 // then runs the ring search of one query with its list in registers.
 //
-// Tile (knn_grid.h; K <= 32): the points and queries in Morton cell order, a warp of 16 or 8 queries
-// (2 or 4 lanes each) scanning only the tiles of 32 points that some query's bound does not
-// rule out (see "tile search" below).
+// Tile (knn_grid.h; K <= 32): the points and queries in Morton cell order, a warp of 16 or 8
+// queries (2 or 4 lanes each) scanning only the tiles of 32 points that some query's bound does
+// not rule out (see "tile search" below).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -797,7 +797,7 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // exact, so only its speed could depend on it, and a cell holds about one point or query (at
 // most 8 cells each, tile_cell_bits). A radix sort of full Morton keys (CUB's onesweep) made 12
 // of the call's 18 CUDA runtime calls, which the host took longer to launch than the GPU to run
-// (docs/op.md, "A call's launches").
+// (docs/op.md, "Lanes a query, and a call's launches").
 
 // A point's two parts as the tile search reads them, in two arrays in the tiles' order: the
 // position and the prefilter's weight (copied to shared memory for every scanned point: a
@@ -818,8 +818,9 @@ struct alignas(16) PointShape {
 // The build runs as one cooperative kernel (all its blocks resident, grid-wide barriers between
 // its phases): a call's build is then one CUDA runtime call instead of eight (a memset, the box,
 // the counts, CUB's two scan kernels, the scatter, the tiles, the chunks), which the host took
-// longer to launch than the GPU to run. Measured (docs/op.md, "A call's launches"): a raw call
-// 0.01-0.04 ms faster, the GPU's time 0-4% longer (the barriers).
+// longer to launch than the GPU to run. Measured (docs/op.md, "The build in one launch, and
+// the chunks' order"): a raw call 0.01-0.04 ms faster, the GPU's time 0-4% longer (the
+// barriers).
 constexpr int kBuildThreads = 256;
 constexpr int kBuildItems = 8;          // counters a thread scans per step
 constexpr int kBoxPoints = 8 * kWarp;  // points a warp reduces into a batch's box per step
@@ -1036,7 +1037,8 @@ __global__ void __launch_bounds__(kBuildThreads) tile_build_kernel(const TileBui
 
 // The first position in cells[0, n) (ascending) whose cell is not below cell. The warp's lanes
 // probe 32 positions a round, so it takes about log_32 n dependent loads rather than a binary
-// search's log_2 n (14 at P = 16384, a stall at the tile kernel's start). Whole warp, the same cells, n and cell in every lane.
+// search's log_2 n (14 at P = 16384, a stall at the tile kernel's start). Whole warp, the same
+// cells, n and cell in every lane.
 __device__ __forceinline__ int warp_lower_bound(const unsigned* __restrict__ cells, int n,
                                                 unsigned cell, int lane) {
   int lo = 0, hi = n;  // the answer lies in [lo, hi]
@@ -1057,9 +1059,9 @@ __device__ __forceinline__ int warp_lower_bound(const unsigned* __restrict__ cel
 
 // ------------------------------------------------------ tile search, L lanes a query (2 or 4)
 //
-// A warp owns 32 / L queries consecutive in Morton cell order, L lanes each (lane = L * slot + sub),
-// and walks the tiles alone (a block is one warp: no barrier, and an SM takes a new group as
-// soon as one ends). Lane sub of a query takes points sub, sub + L, ... of each tile the warp
+// A warp owns 32 / L queries consecutive in Morton cell order, L lanes each (lane = L * slot +
+// sub), and walks the tiles alone (a block is one warp: no barrier, and an SM takes a new group
+// as soon as one ends). Lane sub of a query takes points sub, sub + L, ... of each tile the warp
 // scans and keeps its own list of them; the query's gate is shared by its L lanes through
 // shuffles (the N-th key of the union of their lists). Against a block of 32 queries walking
 // the tiles together (the kernel before this one), a warp of 8 or 16 scans fewer tiles (the
@@ -1258,15 +1260,17 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     if (active) queue.set_block_bound(min(queue.block, next_key_above(nth)));
   };
   // The tiles in chunks of up to 32: first the home tiles [first, first + home), then tiles
-  // [32 c, 32 c + 32) for c = 0, 1, ... without the home tiles. A chunk whose box (the union of
-  // its tiles' boxes, chunk_boxes) is out of every query's reach is skipped with one test. Else
-  // its tiles' boxes are staged together; lane x tests tile x for the warp's queries (their box
-  // against the largest gate), the tiles that test keeps get the per-query tests (lane sub of a
-  // query tests tiles sub, sub + 4, ...), and the tiles some query needs are scanned, each one's
-  // copy overlapping the previous one's scan.
+  // [32 c, 32 c + 32) without the home tiles, for the chunks c outward from the home tiles'
+  // chunk (outward_chunk). A chunk whose box (the union of its tiles' boxes, chunk_boxes) is out
+  // of every query's reach is skipped with one test. Else its tiles' boxes are staged together;
+  // lane x tests tile x for the warp's queries (their box against the largest gate), the tiles
+  // that test keeps get the per-query tests (lane sub of a query tests tiles sub, sub + L, ...),
+  // and the tiles some query needs are scanned, each one's copy overlapping the previous one's
+  // scan.
 #pragma unroll 1
-  for (int c = -1; c < chunks; ++c) {
-    const bool home_chunk = c < 0;
+  for (int i = -1; i < chunks; ++i) {
+    const bool home_chunk = i < 0;
+    const int c = home_chunk ? -1 : outward_chunk(i, first / kTilePoints, chunks);
     const int base = home_chunk ? first : c * kTilePoints;
     const int count = home_chunk ? home : min(kTilePoints, tiles - base);
     // Each lane's gate bounds its query's N-th key (its list holds N distinct points at or
