@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.size or DEFAULT_SIZES:
         row = measure(size, args.method, args.reps)
         rows.append(row)
-        calls = sum(row["runtime_calls"].get(k, 0) for k in ("cudaLaunchKernel", "cudaMemsetAsync"))
+        calls = sum(
+            row["runtime_calls"].get(k, 0)
+            for k in ("cudaLaunchKernel", "cudaLaunchCooperativeKernel", "cudaMemsetAsync")
+        )
         print(
             f"{size:16s} graph {row['graph_ms']:.4f}  raw {row['raw_ms']:.4f}  public "
             f"{row['public_ms']:.4f}  host {row['host_ms']:.4f}  forward {row['forward_ms']:.4f}  "
