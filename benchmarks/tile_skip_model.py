@@ -17,12 +17,22 @@ This script computes that fraction exactly (float64) on the op benchmark's input
   sort of the tile bounds);
 - ``home``: each warp first scans the H tiles around where its queries fall in the points'
   Morton order, then every other tile in index order with the skip test (no sort);
+- ``outward``: the home tiles, then the chunks of 32 tiles outward from the home tiles' chunk
+  (c, c + 1, c - 1, c + 2, ...; the CUDA kernel's order since the nineteenth session), each
+  chunk's tiles in index order;
+- ``chunks-sorted``: the home tiles, then the chunks in ascending order of the group's smallest
+  bound on them (the chunk's box and smallest lam; a kernel would sort P / 1024 keys a warp);
 - ``oracle``: every lane's gate is its exact K-th distance from the start, so a tile is kept
   exactly when the bound does not rule it out for some lane at the end of the search: the
   least any visiting order can keep with this bound (a kernel cannot know these gates).
 
-In ``sorted`` and ``home`` gates start at +inf and tighten as tiles are scanned, as they would
-in a kernel.
+In every order but ``oracle`` the gates start at +inf and tighten as tiles are scanned, as they
+would in a kernel, and ``<order>_inserted`` counts the points a query's list takes (a key below
+its K-th at the time), per query: the list insertions, which the visiting order changes.
+
+``--dist sphere`` projects the points on the unit sphere and draws 70% of the queries near
+them (normal noise of 0.05), as ``search_crossover.py``'s sphere: a surface, like a shape's
+neural points.
 
 ``--group G`` lets G consecutive queries walk the tiles together instead of 32 (a design
 question: the tiles a group scans are the union of what its queries need, which
@@ -41,6 +51,8 @@ kernel computes.
     python benchmarks/tile_skip_model.py results.json --sizes reference --tile 64
     python benchmarks/tile_skip_model.py results.json --orders oracle --lam-classes 4
     python benchmarks/tile_skip_model.py results.json --orders oracle --group 8 --tile 16
+    python benchmarks/tile_skip_model.py results.json --orders home,outward,chunks-sorted \
+        --dist sphere --group 16
 """
 
 from __future__ import annotations
@@ -62,7 +74,8 @@ SIZES = {
     "P=65536": (2, 12288, 65536, 16),
     "training size": (1, 32768, 16384, 8),
 }
-ORDERS = ("sorted", "home", "oracle")
+ORDERS = ("sorted", "home", "outward", "chunks-sorted", "oracle")
+CHUNK = 32  # tiles a chunk (the CUDA kernel's)
 MORTON_BITS = 10
 
 
@@ -76,6 +89,27 @@ def morton(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return code
 
 
+def outward_chunks(hc: int, chunks: int) -> list[int]:
+    """The chunks [0, chunks) outward from hc: hc, hc + 1, hc - 1, hc + 2, ... (the CUDA
+    kernel's ``outward_chunk``)."""
+    order = [hc]
+    for k in range(1, chunks):
+        order += [c for c in (hc + k, hc - k) if 0 <= c < chunks]
+    return order
+
+
+def model_inputs(B: int, Q: int, P: int, dist: str, seed: int):
+    """(q, p, sigma, R): the op benchmark's inputs, or for ``sphere`` a surface (module doc)."""
+    q, p, _, sigma, R = make_inputs(B, Q, P, 1, seed=seed)
+    if dist == "sphere":
+        g = torch.Generator().manual_seed(seed + 1)
+        p = torch.nn.functional.normalize(p, dim=-1)
+        near = p[:, torch.randint(0, P, (Q,), generator=g)]
+        near = near + 0.05 * torch.randn(near.shape, generator=g)
+        q = torch.where(torch.rand(B, Q, 1, generator=g) < 0.7, near, q)
+    return q, p, sigma, R
+
+
 def kept_fraction(
     B: int,
     Q: int,
@@ -87,15 +121,18 @@ def kept_fraction(
     lam_classes=1,
     seed=0,
     group=32,
+    dist="cube",
 ) -> dict:
     """Fraction of (group, tile) pairs scanned under each of ``orders``, over all batches;
     ``<order>_points_per_query``, the points a query scans (its group's scanned tiles times
-    their points); and ``<order>_points_marked`` for home and oracle (see the module docstring).
+    their points); ``<order>_points_marked`` for all but sorted and ``<order>_inserted`` for all
+    but oracle (see the module docstring).
     ``group``: queries walking the tiles together (the CUDA tile kernel walks 16 or 8, giving a
     query 2 or 4 lanes; the block-of-32 kernel before it, which the recorded numbers model, 32)."""
-    q, p, _, sigma, R = make_inputs(B, Q, P, 1, seed=seed)
+    q, p, sigma, R = model_inputs(B, Q, P, dist, seed)
     scanned = dict.fromkeys(orders, 0)
     marked = dict.fromkeys(orders, 0)
+    inserted = dict.fromkeys(orders, 0)
     total = 0
     queries = 0
     for b in range(B):
@@ -115,6 +152,10 @@ def kept_fraction(
         pts = pb[: nt * tile].view(nt, tile, 3)
         tlo, thi = pts.min(1).values, pts.max(1).values
         tlam = lam[: nt * tile].view(nt, tile).min(1).values
+        nc = (nt + CHUNK - 1) // CHUNK
+        clo = torch.stack([tlo[c * CHUNK : (c + 1) * CHUNK].min(0).values for c in range(nc)])
+        chi = torch.stack([thi[c * CHUNK : (c + 1) * CHUNK].max(0).values for c in range(nc)])
+        clam = torch.stack([tlam[c * CHUNK : (c + 1) * CHUNK].min() for c in range(nc)])
         for w in range(Q // group):
             qw = qb[w * group : (w + 1) * group]
             queries += group
@@ -123,11 +164,27 @@ def kept_fraction(
             visits = {}
             if "sorted" in orders:
                 visits["sorted"] = torch.argsort(bound.min(0).values).tolist()
+            start = int(torch.searchsorted(pc, qc[w * group + group // 2])) // tile
+            first = max(0, min(start - home // 2, nt - home))
+            homes = list(range(first, first + home))
             if "home" in orders:
-                start = int(torch.searchsorted(pc, qc[w * group + group // 2])) // tile
-                first = max(0, min(start - home // 2, nt - home))
-                rest = [t for t in range(nt) if not first <= t < first + home]
-                visits["home"] = list(range(first, first + home)) + rest
+                visits["home"] = homes + [t for t in range(nt) if not first <= t < first + home]
+            chunk_orders = {}
+            if "outward" in orders:
+                chunk_orders["outward"] = outward_chunks(first // CHUNK, nc)
+            if "chunks-sorted" in orders:
+                cgap = (clo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - chi[None]).clamp(
+                    min=0
+                )
+                cbound = (clam[None] * (cgap**2).sum(-1)).min(0).values  # (chunks,)
+                chunk_orders["chunks-sorted"] = torch.argsort(cbound, stable=True).tolist()
+            for name, chunk_order in chunk_orders.items():
+                visits[name] = homes + [
+                    t
+                    for c in chunk_order
+                    for t in range(c * CHUNK, min(nt, (c + 1) * CHUNK))
+                    if not first <= t < first + home
+                ]
             final = None
             if "oracle" in orders:
                 d = qw[:, None, :] - pb[None]
@@ -144,11 +201,12 @@ def kept_fraction(
                     scanned[name] += 1
                     sl = slice(t * tile, (t + 1) * tile)
                     d = qw[:, None, :] - pb[sl][None]
-                    if name in ("home", "oracle"):
+                    if name != "sorted":
                         under = lam[sl][None] * (d**2).sum(-1) <= gate[:, None]  # (group, T)
                         marked[name] += int(under.any(0).sum())
                     if name != "oracle":
                         D = torch.einsum("qpi,pij,qpj->qp", d, M[sl], d)
+                        inserted[name] += int((D < gate[:, None]).sum())
                         best = torch.cat([best, D], 1).sort(1).values[:, :K]
             total += nt
     kept = {name: scanned[name] / total for name in orders}
@@ -156,6 +214,8 @@ def kept_fraction(
         kept[f"{name}_points_per_query"] = scanned[name] * tile * group / queries
         if name != "sorted":
             kept[f"{name}_points_marked"] = marked[name] / max(scanned[name] * tile, 1)
+        if name != "oracle":
+            kept[f"{name}_inserted"] = inserted[name] / queries
     return kept
 
 
@@ -171,6 +231,7 @@ def main() -> int:
     ap.add_argument(
         "--lam-classes", type=int, default=1, help="points ordered by lam class first (oracle)"
     )
+    ap.add_argument("--dist", default="cube", choices=("cube", "sphere"), help="the inputs")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
     args = ap.parse_args()
     orders = [o for o in args.orders.split(",") if o]
@@ -179,7 +240,7 @@ def main() -> int:
     if args.lam_classes < 1:
         ap.error(f"--lam-classes must be >= 1, got {args.lam_classes}")
     if args.lam_classes > 1 and orders != ["oracle"]:
-        ap.error("--lam-classes > 1 needs --orders oracle (home and sorted assume Morton order)")
+        ap.error("--lam-classes > 1 needs --orders oracle (the other orders assume Morton order)")
     sizes = [s for s in args.sizes.split(",") if s]
     for s in sizes:
         if s not in SIZES:
@@ -202,6 +263,7 @@ def main() -> int:
             orders,
             lam_classes=args.lam_classes,
             group=args.group,
+            dist=args.dist,
         )
         rows.append({"size": s, "B": B, "Q": Q, "P": P, "K": K, **kept})
         print(
@@ -215,6 +277,11 @@ def main() -> int:
                 for o in orders
                 if o != "sorted"
             )
+            + "".join(
+                f"; {o} inserts {kept[o + '_inserted']:.1f} a query"
+                for o in orders
+                if o != "oracle"
+            )
             + f"  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
@@ -223,6 +290,7 @@ def main() -> int:
         "home": args.home,
         "group": args.group,
         "lam_classes": args.lam_classes,
+        "dist": args.dist,
         "rows": rows,
     }
     save_json(args.json, result, overwrite=args.overwrite)

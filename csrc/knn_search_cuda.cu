@@ -881,6 +881,7 @@ __device__ void tile_morton_box_of(const TileBuild<T>& a, int64_t b, int64_t fir
   }
 }
 
+// The sort segment of point or query x (TileBuild): b for a point of batch b, B + b for a query.
 __device__ __forceinline__ int64_t tile_segment(int64_t x, int64_t B, int64_t P, int64_t Q) {
   return x < B * P ? x / P : B + (x - B * P) / Q;
 }
