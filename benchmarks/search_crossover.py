@@ -50,15 +50,16 @@ def graph_ms(fn, reps: int = 10, rounds: int = 9) -> float:
     return statistics.median(times)
 
 
-def inputs(dist: str, P: int, Q: int):
-    """(q, p, sigma, R) on the GPU for one distribution (see the module docstring)."""
-    q, p, _, sigma, R = make_inputs(B, Q, P, 1, device="cuda", seed=0)
+def inputs(dist: str, P: int, Q: int, batches: int = B, device: str = "cuda", seed: int = 0):
+    """(q, p, sigma, R) on ``device`` for one distribution (see the module docstring):
+    ``make_inputs`` with ``seed``, the sphere's draws from a generator seeded ``seed + 1``."""
+    q, p, _, sigma, R = make_inputs(batches, Q, P, 1, device=device, seed=seed)
     if dist == "sphere":
-        g = torch.Generator(device="cuda").manual_seed(1)
+        g = torch.Generator(device=device).manual_seed(seed + 1)
         p = torch.nn.functional.normalize(p, dim=-1)
-        near = p[:, torch.randint(0, P, (Q,), device="cuda", generator=g)]
-        near = near + 0.05 * torch.randn(near.shape, device="cuda", generator=g)
-        q = torch.where(torch.rand(B, Q, 1, device="cuda", generator=g) < 0.7, near, q)
+        near = p[:, torch.randint(0, P, (Q,), device=device, generator=g)]
+        near = near + 0.05 * torch.randn(near.shape, device=device, generator=g)
+        q = torch.where(torch.rand(batches, Q, 1, device=device, generator=g) < 0.7, near, q)
     return q, p, sigma, R
 
 

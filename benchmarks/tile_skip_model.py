@@ -10,7 +10,7 @@ brute force, so the kept fraction of (warp, tile) pairs estimates the kept fract
 brute force's work.
 
 This script computes that fraction exactly (float64) on the op benchmark's inputs
-(``neusdf.ops.testing.make_inputs``) for two visiting orders:
+(``neusdf.ops.testing.make_inputs``) for these visiting orders:
 
 - ``sorted``: each warp visits the tiles in ascending order of its smallest bound and stops
   once that bound exceeds every lane's gate (the best order; a kernel would need a per-warp
@@ -30,9 +30,9 @@ In every order but ``oracle`` the gates start at +inf and tighten as tiles are s
 would in a kernel, and ``<order>_inserted`` counts the points a query's list takes (a key below
 its K-th at the time), per query: the list insertions, which the visiting order changes.
 
-``--dist sphere`` projects the points on the unit sphere and draws 70% of the queries near
-them (normal noise of 0.05), as ``search_crossover.py``'s sphere: a surface, like a shape's
-neural points.
+``--dist sphere`` takes ``search_crossover.py``'s sphere (``inputs``, on the CPU): the points
+projected on the unit sphere and 70% of the queries drawn near them (normal noise of 0.05), a
+surface like a shape's neural points.
 
 ``--group G`` lets G consecutive queries walk the tiles together instead of 32 (a design
 question: the tiles a group scans are the union of what its queries need, which
@@ -66,7 +66,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neusdf.mesh_io import save_json  # noqa: E402
-from neusdf.ops.testing import make_inputs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_crossover import inputs  # noqa: E402
 
 # the op benchmark's sizes (B, Q, P, K); every group of every batch is computed
 SIZES = {
@@ -98,18 +100,6 @@ def outward_chunks(hc: int, chunks: int) -> list[int]:
     return order
 
 
-def model_inputs(B: int, Q: int, P: int, dist: str, seed: int):
-    """(q, p, sigma, R): the op benchmark's inputs, or for ``sphere`` a surface (module doc)."""
-    q, p, _, sigma, R = make_inputs(B, Q, P, 1, seed=seed)
-    if dist == "sphere":
-        g = torch.Generator().manual_seed(seed + 1)
-        p = torch.nn.functional.normalize(p, dim=-1)
-        near = p[:, torch.randint(0, P, (Q,), generator=g)]
-        near = near + 0.05 * torch.randn(near.shape, generator=g)
-        q = torch.where(torch.rand(B, Q, 1, generator=g) < 0.7, near, q)
-    return q, p, sigma, R
-
-
 def kept_fraction(
     B: int,
     Q: int,
@@ -129,7 +119,7 @@ def kept_fraction(
     but oracle (see the module docstring).
     ``group``: queries walking the tiles together (the CUDA tile kernel walks 16 or 8, giving a
     query 2 or 4 lanes; the block-of-32 kernel before it, which the recorded numbers model, 32)."""
-    q, p, sigma, R = model_inputs(B, Q, P, dist, seed)
+    q, p, sigma, R = inputs(dist, P, Q, batches=B, device="cpu", seed=seed)
     scanned = dict.fromkeys(orders, 0)
     marked = dict.fromkeys(orders, 0)
     inserted = dict.fromkeys(orders, 0)
