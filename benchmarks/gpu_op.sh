@@ -69,7 +69,8 @@ STATUS+=("benchmark: exit $rc")
 if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   stage "compute-sanitizer (logs: sanitizer-*.log)"
   cat > /tmp/neusdf_sanitize_case.py <<'PY'
-"""Search (grid, tile and brute), forward, backward and double backward on small CUDA cases."""
+"""Search (grid, tile and brute), forward, backward and double backward on small CUDA cases
+(the tile search with 4 and 2 lanes a query, and with over 64 chunks of tiles)."""
 import torch
 
 from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
@@ -78,7 +79,8 @@ from neusdf.ops.testing import make_inputs, make_search_case
 
 for search, K, P, Q in (("brute", 5, 37, 45), ("brute", 16, 300, 45), ("brute", 40, 50, 45),
                         ("grid", 8, 700, 64), ("grid", 32, 40, 33),
-                        ("tile", 8, 700, 64), ("tile", 32, 40, 33), ("tile", 16, 3000, 300)):
+                        ("tile", 8, 700, 64), ("tile", 32, 40, 33), ("tile", 16, 3000, 300),
+                        ("tile", 16, 3000, 8200), ("tile", 8, 70000, 64)):
     ins = make_inputs(2, Q, P, 33, device="cuda", requires_grad=True)
     f_out, w, d, idx = knn_aggregate_aniso(*ins, K, search=search)
     (gq,) = torch.autograd.grad((f_out.sum(-1) + w.sum(-1) - d[..., 0]).sum(), ins[0],

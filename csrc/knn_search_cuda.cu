@@ -1260,112 +1260,133 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
     const T nth = group_union_nth_key<T, N, L>(list.key);
     if (active) queue.set_block_bound(min(queue.block, next_key_above(nth)));
   };
-  // The tiles in chunks of up to 32: first the home tiles [first, first + home), then tiles
-  // [32 c, 32 c + 32) without the home tiles, for the chunks c outward from the home tiles'
-  // chunk (outward_chunk). A chunk whose box (the union of its tiles' boxes, chunk_boxes) is out
-  // of every query's reach is skipped with one test. Else its tiles' boxes are staged together;
-  // lane x tests tile x for the warp's queries (their box against the largest gate), the tiles
-  // that test keeps get the per-query tests (lane sub of a query tests tiles sub, sub + L, ...),
-  // and the tiles some query needs are scanned, each one's copy overlapping the previous one's
-  // scan.
-#pragma unroll 1
-  for (int i = -1; i < chunks; ++i) {
-    const bool home_chunk = i < 0;
-    const int c = home_chunk ? -1 : outward_chunk(i, first / kTilePoints, chunks);
-    const int base = home_chunk ? first : c * kTilePoints;
-    const int count = home_chunk ? home : min(kTilePoints, tiles - base);
-    // Each lane's gate bounds its query's N-th key (its list holds N distinct points at or
-    // below it, and so do its query's lanes together below the shared bound); the widest over
-    // the warp, the same in every lane, so that skipping a chunk is a uniform branch.
-    const T gate = min(list.key[N - 1], queue.block);
-    T widest = active ? gate : -static_cast<T>(INFINITY);
+  // The widest gate over the warp (the same in every lane, so that skipping a chunk is a
+  // uniform branch). Each lane's gate bounds its query's N-th key: its list holds N distinct
+  // points at or below it, and so do its query's lanes together below the shared bound.
+  auto widest_gate = [&]() {
+    T widest = active ? min(list.key[N - 1], queue.block) : -static_cast<T>(INFINITY);
 #pragma unroll
     for (int o = kWarp / 2; o > 0; o >>= 1) {
       widest = max(widest, __shfl_xor_sync(kFullMask, widest, o));
     }
-    if (!home_chunk && group_test && group_tile_bound_key(qlo, qhi, cb[c]) > widest) continue;
-    const int tile = base + lane;
-    const bool real = lane < count && (home_chunk || tile < first || tile >= first + home);
-    const TileBox<T> box = real ? bb[tile] : empty_tile_box<T>();
-    __syncwarp();  // the previous chunk's boxes are no longer read
-    staged_box[lane] = box;
-    const unsigned maybe = __ballot_sync(
-        kFullMask, real && !(group_test && group_tile_bound_key(qlo, qhi, box) > widest));
-    if (maybe == 0) continue;
-    __syncwarp();
-    unsigned needs = 0;  // of the tiles this lane tests, those its query needs
-    if (active) {
-      for (unsigned left = maybe & (Layout::kTileBits << sub); left != 0; left &= left - 1) {
-        const int x = __ffs(left) - 1;
-        if (!(tile_bound_key(qv, staged_box[x]) > gate)) needs |= 1u << x;
-      }
+    return widest;
+  };
+  // The tiles in chunks of up to 32: first the home tiles [first, first + home), then tiles
+  // [32 c, 32 c + 32) without the home tiles, for the chunks c outward from the home tiles'
+  // chunk (outward_chunk). The chunks are tested 32 at a time, lane x testing the x-th next
+  // one's box (the union of its tiles' boxes, chunk_boxes) against the widest gate: a chunk out
+  // of every query's reach then is out of reach for good (gates only fall), and the warp visits
+  // only the others, in order (before, the whole warp tested one chunk after another: at
+  // P = 1M, 1024 tests a group). A visited chunk is tested again with the gates of its time;
+  // if it passes, its tiles' boxes are staged together; lane x tests tile x for the warp's
+  // queries (their box against the largest gate), the tiles that test keeps get the per-query
+  // tests (lane sub of a query tests tiles sub, sub + L, ...), and the tiles some query needs
+  // are scanned, each one's copy overlapping the previous one's scan.
+#pragma unroll 1
+  for (int i0 = -kWarp; i0 < chunks; i0 += kWarp) {
+    int lane_chunk = -1;  // -1: the home tiles, alone in the first round
+    unsigned visits = 1;
+    if (i0 >= 0) {
+      const int i = i0 + lane;
+      lane_chunk = i < chunks ? outward_chunk(i, first / kTilePoints, chunks) : 0;
+      const T widest = widest_gate();
+      const bool reach =
+          !(group_test && group_tile_bound_key(qlo, qhi, cb[lane_chunk]) > widest);
+      visits = __ballot_sync(kFullMask, i < chunks && reach);
     }
-    unsigned todo = warp_or(needs);
-    int buf = 0;
-    if (todo != 0) prefetch(base + __ffs(todo) - 1, buf);
-    while (todo != 0) {
-      const int x = __ffs(todo) - 1;
-      todo &= todo - 1;
-      if (todo != 0) {
-        prefetch(base + __ffs(todo) - 1, buf ^ 1);
-        __pipeline_wait_prior(1);
-      } else {
-        __pipeline_wait_prior(0);
-      }
-      __syncwarp();  // every lane's copy of this tile has landed
-      const PointPos<T>* pos = staged_pos + buf * kTilePoints;
-      const int* tile_ind = staged_ind + buf * kTilePoints;
-      const int tile_slot = (base + x) * kTilePoints;
-      // This lane's points under its gate (point_bound_key); a tile with a point that has no
-      // bound (its smallest lam is not > 0) is scanned whole.
-      unsigned marked = 0;  // bit i: point sub + 4 i
+#pragma unroll 1
+    while (visits != 0) {
+      const int c = __shfl_sync(kFullMask, lane_chunk, __ffs(visits) - 1);
+      visits &= visits - 1;
+      const bool home_chunk = c < 0;
+      const int base = home_chunk ? first : c * kTilePoints;
+      const int count = home_chunk ? home : min(kTilePoints, tiles - base);
+      const T gate = min(list.key[N - 1], queue.block);
+      const T widest = widest_gate();
+      if (!home_chunk && group_test && group_tile_bound_key(qlo, qhi, cb[c]) > widest) continue;
+      const int tile = base + lane;
+      const bool real = lane < count && (home_chunk || tile < first || tile >= first + home);
+      const TileBox<T> box = real ? bb[tile] : empty_tile_box<T>();
+      __syncwarp();  // the previous chunk's boxes are no longer read
+      staged_box[lane] = box;
+      const unsigned maybe = __ballot_sync(
+          kFullMask, real && !(group_test && group_tile_bound_key(qlo, qhi, box) > widest));
+      if (maybe == 0) continue;
+      __syncwarp();
+      unsigned needs = 0;  // of the tiles this lane tests, those its query needs
       if (active) {
-        if (staged_box[x].lam > T(0)) {
-#pragma unroll
-          for (int i = 0; i < Layout::kPoints; ++i) {
-            const PointPos<T>& r = pos[sub + L * i];
-            if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
-          }
+        for (unsigned left = maybe & (Layout::kTileBits << sub); left != 0; left &= left - 1) {
+          const int x = __ffs(left) - 1;
+          if (!(tile_bound_key(qv, staged_box[x]) > gate)) needs |= 1u << x;
+        }
+      }
+      unsigned todo = warp_or(needs);
+      int buf = 0;
+      if (todo != 0) prefetch(base + __ffs(todo) - 1, buf);
+      while (todo != 0) {
+        const int x = __ffs(todo) - 1;
+        todo &= todo - 1;
+        if (todo != 0) {
+          prefetch(base + __ffs(todo) - 1, buf ^ 1);
+          __pipeline_wait_prior(1);
         } else {
-          marked = Layout::kPointBits;
+          __pipeline_wait_prior(0);
         }
-      }
-      // two at a time, for instruction-level parallelism
-      while (__any_sync(kFullMask, marked != 0)) {
-        constexpr int kPair = 2;
-        int at[kPair];
-        bool real_point[kPair];
-#pragma unroll
-        for (int u = 0; u < kPair; ++u) {
-          real_point[u] = marked != 0;
-          at[u] = sub + L * (real_point[u] ? __ffs(marked) - 1 : 0);
-          marked &= marked - 1;
-        }
-        T k[kPair];
-#pragma unroll
-        for (int u = 0; u < kPair; ++u) {
-          T d[3], e[3];
-          PointShape<T> sh;
-          if (tile_slot + at[u] < P) {
-            sh = shb[tile_slot + at[u]];
+        __syncwarp();  // every lane's copy of this tile has landed
+        const PointPos<T>* pos = staged_pos + buf * kTilePoints;
+        const int* tile_ind = staged_ind + buf * kTilePoints;
+        const int tile_slot = (base + x) * kTilePoints;
+        // This lane's points under its gate (point_bound_key); a tile with a point that has no
+        // bound (its smallest lam is not > 0) is scanned whole.
+        unsigned marked = 0;  // bit i: point sub + 4 i
+        if (active) {
+          if (staged_box[x].lam > T(0)) {
+  #pragma unroll
+            for (int i = 0; i < Layout::kPoints; ++i) {
+              const PointPos<T>& r = pos[sub + L * i];
+              if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
+            }
           } else {
-            for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
-            for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
+            marked = Layout::kPointBits;
           }
-          k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
         }
-#pragma unroll
-        for (int u = 0; u < kPair; ++u) {
-          if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
+        // two at a time, for instruction-level parallelism
+        while (__any_sync(kFullMask, marked != 0)) {
+          constexpr int kPair = 2;
+          int at[kPair];
+          bool real_point[kPair];
+  #pragma unroll
+          for (int u = 0; u < kPair; ++u) {
+            real_point[u] = marked != 0;
+            at[u] = sub + L * (real_point[u] ? __ffs(marked) - 1 : 0);
+            marked &= marked - 1;
+          }
+          T k[kPair];
+  #pragma unroll
+          for (int u = 0; u < kPair; ++u) {
+            T d[3], e[3];
+            PointShape<T> sh;
+            if (tile_slot + at[u] < P) {
+              sh = shb[tile_slot + at[u]];
+            } else {
+              for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
+              for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
+            }
+            k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
+          }
+  #pragma unroll
+          for (int u = 0; u < kPair; ++u) {
+            if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
+          }
+          if (__any_sync(kFullMask, queue.queued > kQueue - kPair)) queue.merge_into(list, lane);
         }
-        if (__any_sync(kFullMask, queue.queued > kQueue - kPair)) queue.merge_into(list, lane);
+        if (__any_sync(kFullMask, queue.queued > 0)) {  // else no list and no gate changed
+          queue.merge_into(list, lane);
+          share_gate();
+        }
+        __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
+        buf ^= 1;
       }
-      if (__any_sync(kFullMask, queue.queued > 0)) {  // else no list and no gate changed
-        queue.merge_into(list, lane);
-        share_gate();
-      }
-      __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
-      buf ^= 1;
     }
   }
   merge_group_lists<T, N, L>(list);
@@ -1376,12 +1397,18 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
 }
 
 // Lanes a query in the tile search: 2 where each batch has at least a quarter as many queries
-// as points, else 4. Measured on an H200 (docs/op.md, "Lanes a query"): 2 lanes took 0.92-1.03x
-// the time of 4 where P <= 4 Q (the training size 0.95x, P = 1M with Q = 262144 0.65x), but
-// 1.13x at P = 65536 with Q = 12288 (K = 8) and 3.7-3.9x at P = 131072 with Q = 12288: where
-// the queries are sparse among the points, a group of 16 consecutive queries spans more tiles,
-// and half as many warps leave the GPU short of resident warps.
-int tile_lanes_per_query(const ProblemSize& n) { return n.P <= 4 * n.Q ? 2 : 4; }
+// as points and the call at least kTileTwoLaneQueries queries, else 4. Measured on an H200
+// (docs/op.md, "Lanes a query"): 2 lanes took 0.92-1.03x the time of 4 where P <= 4 Q (the
+// training size 0.95x, P = 1M with Q = 262144 0.65x), but 1.13x at P = 65536 with Q = 12288
+// (K = 8) and 3.7-3.9x at P = 131072 with Q = 12288: where the queries are sparse among the
+// points, a group of 16 consecutive queries spans more tiles, and half as many warps leave the
+// GPU short of resident warps. The same holds with few queries: with B Q < 16384 (at most 1024
+// warps of 16), 4 lanes took 0.71-0.89x the time of 2 (H100, P = 2048-16384, docs/op.md,
+// "Surfaces, the CUDA grid and the chunk tests").
+constexpr int64_t kTileTwoLaneQueries = 16384;
+int tile_lanes_per_query(const ProblemSize& n) {
+  return n.P <= 4 * n.Q && n.B * n.Q >= kTileTwoLaneQueries ? 2 : 4;
+}
 
 // Bits an axis of the tile search's sort cells (tile_cell_count_kernel): the most with at most 8
 // cells a point or query of the larger kind (2^(3 bits) <= 8 max(P, Q)), so that a cell holds

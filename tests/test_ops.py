@@ -674,13 +674,18 @@ def test_cuda_brute_force_any_warps_per_block(warps):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tile_search_equals_brute_force(dtype, device):
     """The tile search is exact on the adversarial cases, both metrics, K up to 32, P and Q not
-    multiples of a tile (a padded last tile), a group of queries smaller than a warp, and on
-    CUDA both group layouts (2 lanes a query where P <= 4 Q, else 4), many batches, and every
-    point at one position (one sort cell holding them all)."""
+    multiples of a tile (a padded last tile), a group of queries smaller than a warp, many
+    batches, every point at one position (one sort cell holding them all), and on CUDA both
+    group layouts (2 lanes a query where P <= 4 Q and B Q >= 16384, else 4)."""
     q, p, _, sigma, R = make_inputs(2, 700, 5000, 1, dtype=dtype, device=device, seed=19)
     cases = [(q, p, sigma, R), (q, p, None, None)]  # the Euclidean metric too
     cases.append((q, p[:, :1].expand_as(p), sigma, R))
-    for B, Q, P in ((2, 300, 1100), (1, 60, 1100), (1, 64, 32), (1, 45, 77), (9, 40, 300)):
+    sizes = [(2, 300, 1100), (1, 60, 1100), (1, 64, 32), (1, 45, 77), (9, 40, 300)]
+    if device == "cuda":  # enough queries for 2 lanes a query
+        q, p, _, sigma, R = make_inputs(2, 8200, 5000, 1, dtype=dtype, device=device, seed=20)
+        cases += [(q, p, sigma, R), (q, p, None, None)]
+        sizes.append((2, 8200, 1100))
+    for B, Q, P in sizes:
         cases += [
             make_search_case(kind, B, Q, P, dtype=dtype, device=device, seed=3)
             for kind in SEARCH_CASES
@@ -691,6 +696,22 @@ def test_tile_search_equals_brute_force(dtype, device):
                 continue
             brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
             assert torch.equal(brute, knn_search_aniso(q, p, sigma, R, K, method="tile")), K
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_tile_search_many_chunks(dtype):
+    """The CUDA tile search equals brute force where a batch has more than 64 chunks of 32 tiles
+    (a warp tests the chunks 32 at a time, so three rounds), in the cube and on a sphere with
+    queries far inside and outside it (most chunks out of reach)."""
+    q, p, _, sigma, R = make_inputs(2, 500, 70000, 1, dtype=dtype, device="cuda", seed=21)
+    sphere = torch.nn.functional.normalize(p, dim=-1)
+    for points, queries in ((p, q), (sphere, q), (sphere, 3 * q)):
+        for K in (1, 16, 32):
+            brute = knn_search_aniso(queries, points, sigma, R, K, method="brute")
+            tile = knn_search_aniso(queries, points, sigma, R, K, method="tile")
+            assert torch.equal(brute, tile), K
 
 
 @pytest.mark.cuda

@@ -119,7 +119,8 @@ def make_search_case(
     elif kind == "duplicates":
         n = (P + 2) // 3
         p, sigma, R = (t[:, :n].repeat_interleave(3, dim=1)[:, :P] for t in (p, sigma, R))
-        q[:, ::5] = p[:, : q[:, ::5].shape[1]]  # some queries sit exactly on points
+        on = torch.arange(0, Q, 5)[:P]  # some queries sit exactly on points
+        q[:, on] = p[:, : on.numel()]
     elif kind == "flat":
         p[..., 2] = 0
     elif kind == "one-point-repeated":
