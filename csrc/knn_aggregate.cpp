@@ -93,7 +93,7 @@ SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n,
   const int64_t min_points = !cuda ? 1024 : tiles_pay_early ? kTileEarlyPoints : 8192;
   const bool prune = n.P >= min_points && 16 * n.K <= n.P && (!cuda || n.K <= kGridMaxKCuda);
   if (!prune) return SearchMethod::kBrute;
-  return cuda && n.P <= kTileMaxAutoPoints ? SearchMethod::kTile : SearchMethod::kGrid;
+  return cuda ? SearchMethod::kTile : SearchMethod::kGrid;
 }
 
 void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,

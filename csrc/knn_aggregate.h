@@ -68,10 +68,6 @@ enum class SearchMethod { kBrute, kGrid, kTile };
 // Largest K of the CUDA grid and tile searches (their per-query lists live in registers).
 constexpr int64_t kGridMaxKCuda = 32;
 
-// Largest P for which "auto" takes the tile search on CUDA: above it the grid's ring search is
-// faster (H100: the tile search wins up to P = 131072, the grid from P = 262144; docs/op.md).
-constexpr int64_t kTileMaxAutoPoints = 131072;
-
 // On CUDA "auto" takes the tile search from P = 8192, and already from kTileEarlyPoints when the
 // metric is anisotropic and the call holds at least kTileEarlyQueries queries (B * Q), enough
 // blocks to repay the tile search's build (H100, P = 4096, GPU time over three runs: 3-20%
@@ -83,9 +79,10 @@ constexpr int64_t kTileEarlyQueries = 16384;
 // Parses knn_search's method ("auto", "brute", "grid" or "tile"; anything else is an error).
 // "auto" takes brute force unless there are enough points for pruning to pay off (P >= 1024 on
 // the CPU; on CUDA P >= 8192, or P >= kTileEarlyPoints as above) and K is small against P
-// (16 K <= P); then the grid on the CPU, and on CUDA the tile search up to kTileMaxAutoPoints
-// points, the grid above. "grid" or "tile" with K > 32 on CUDA is an error. euclidean: the call
-// has no sigma and R.
+// (16 K <= P); then the grid on the CPU and the tile search on CUDA, at every larger P (the CUDA
+// grid, one thread a query, is 30-60x slower than the tile search where the points lie on a
+// surface and some queries are far from it, as in training; docs/op.md). "grid" or "tile" with
+// K > 32 on CUDA is an error. euclidean: the call has no sigma and R.
 SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n, bool cuda,
                                   bool euclidean);
 

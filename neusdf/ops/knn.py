@@ -70,12 +70,12 @@ def knn_search_aniso(
         method: ``"brute"`` scans every point; ``"grid"`` sorts the points into a uniform grid
             each call and visits cells in rings around the query, skipping cells with a
             conservative lower bound on the distance; ``"tile"`` sorts points and queries
-            along a Morton curve and lets each group of queries (8 on CUDA, 32 on the CPU)
-            skip the tiles of 32 points that the same kind of bound rules out (both exact:
+            along a Morton curve and lets each group of queries (16 or 8 on CUDA, 32 on the
+            CPU) skip the tiles of 32 points that the same kind of bound rules out (both exact:
             identical results; on CUDA for K <= 32); ``"auto"`` (default) takes brute force
             unless P is large enough for pruning to pay off and K is small against P, then the
-            grid on the CPU and on CUDA the tile search up to P = 131072, the grid above
-            (docs/op.md).
+            grid on the CPU and the tile search on CUDA (the CUDA grid is many times slower
+            where the points lie on a surface and queries are far from it; docs/op.md).
         check_values: whether to check sigma > 0 (see :func:`knn_aggregate_aniso`); by
             default only tensors on the CPU are checked.
 
