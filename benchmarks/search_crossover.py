@@ -1,14 +1,18 @@
-"""Where the CUDA tile search overtakes brute force at small P (what "auto" is set from).
+"""Where one CUDA search method overtakes another (what "auto" is set from).
 
-For every (distribution, P, Q, K) times ``torch.ops.neusdf.knn_search`` with ``"brute"`` and
-``"tile"`` as CUDA-graph replays (the GPU time alone, as a training step replays it), checks that
-both return the same indices, and prints the ratio tile / brute. Two distributions of the op
-benchmark's inputs (``neusdf.ops.testing.make_inputs``, B = 2): ``cube`` as they are (points in
+For every (distribution, P, Q, K) times ``torch.ops.neusdf.knn_search`` with each of
+``--methods`` (default ``brute,tile``) as CUDA-graph replays (the GPU time alone, as a training
+step replays it), checks that all return the first method's indices, and prints each method's
+time over the first's. Two distributions of the op benchmark's inputs
+(``neusdf.ops.testing.make_inputs``, B = 2 unless ``--batches``): ``cube`` as they are (points in
 the cube, 70% of the queries near points), ``sphere`` with the points projected on the unit
 sphere and 70% of the queries drawn near them (a surface, like a shape's neural points).
+``--metric euclidean`` searches without sigma and R (the Euclidean kernels).
 
     python benchmarks/search_crossover.py crossover.json
     python benchmarks/search_crossover.py crossover.json --points 4096 --queries 2048,12288
+    python benchmarks/search_crossover.py upper.json --batches 1 --points 131072,262144 \
+        --queries 65536 --k 16 --methods grid,tile
 """
 
 from __future__ import annotations
@@ -63,11 +67,13 @@ def inputs(dist: str, P: int, Q: int, batches: int = B, device: str = "cuda", se
     return q, p, sigma, R
 
 
-def compare(q, p, sigma, R, K: int) -> dict:
-    """Graph milliseconds of both methods for one input, and whether their indices agree."""
+def compare(q, p, sigma, R, K: int, methods: list[str]) -> dict:
+    """Graph milliseconds of each method for one input, and whether all return the first
+    method's indices. sigma and R may be None (the Euclidean metric)."""
     search = torch.ops.neusdf.knn_search
-    times = {m: graph_ms(lambda m=m: search(q, p, sigma, R, K, m)) for m in ("brute", "tile")}
-    same = torch.equal(search(q, p, sigma, R, K, "tile"), search(q, p, sigma, R, K, "brute"))
+    times = {m: graph_ms(lambda m=m: search(q, p, sigma, R, K, m)) for m in methods}
+    first = search(q, p, sigma, R, K, methods[0])
+    same = all(torch.equal(search(q, p, sigma, R, K, m), first) for m in methods[1:])
     return {**times, "equal": same}
 
 
@@ -98,9 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--points", type=ints, default=[2048, 4096, 8192], help="P values")
     ap.add_argument("--queries", type=ints, default=[2048, 12288], help="Q values (per batch)")
     ap.add_argument("--k", type=ints, default=[8, 16, 32], help="K values (at most 32)")
+    ap.add_argument("--batches", type=int, default=B, help="B, batches of P points and Q queries")
+    ap.add_argument("--methods", default="brute,tile", help="comma list of search methods")
+    ap.add_argument("--metric", choices=("anisotropic", "euclidean"), default="anisotropic")
     args = ap.parse_args(argv)
+    methods = args.methods.split(",")
+    if len(methods) < 2 or not set(methods) <= {"brute", "grid", "tile"}:
+        ap.error(f"--methods: expected two or more of brute, grid, tile, got {args.methods!r}")
     if max(args.k) > 32:
-        ap.error("--k: the tile search takes K <= 32")
+        ap.error("--k: the grid and tile searches take K <= 32")
+    if args.batches < 1:
+        ap.error(f"--batches: expected a positive integer, got {args.batches}")
     if args.json.exists() and not args.overwrite:
         ap.error(f"{args.json} exists; pass --overwrite to replace it")
     if not torch.cuda.is_available():
@@ -110,15 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     for dist in ("cube", "sphere"):
         for P in args.points:
             for Q in args.queries:
-                q, p, sigma, R = inputs(dist, P, Q)
+                q, p, sigma, R = inputs(dist, P, Q, batches=args.batches)
+                if args.metric == "euclidean":
+                    sigma = R = None
                 for K in (k for k in args.k if k <= P):
-                    row = {"dist": dist, "B": B, "P": P, "Q": Q, "K": K}
-                    row.update(compare(q, p, sigma, R, K))
+                    row = {"dist": dist, "metric": args.metric, "B": args.batches, "P": P}
+                    row.update({"Q": Q, "K": K, **compare(q, p, sigma, R, K, methods)})
                     rows.append(row)
+                    times = "  ".join(
+                        f"{m} {row[m]:.4f} ms ({row[m] / row[methods[0]]:.2f})" for m in methods
+                    )
                     print(
-                        f"{dist:6s} P={P:6d} Q={Q:6d} K={K:2d}  brute {row['brute']:.4f} ms  "
-                        f"tile {row['tile']:.4f} ms  tile/brute {row['tile'] / row['brute']:.2f}  "
-                        f"identical {row['equal']}",
+                        f"{dist:6s} P={P:7d} Q={Q:7d} K={K:2d}  {times}  identical {row['equal']}",
                         flush=True,
                     )
     write_rows(args.json, rows, overwrite=args.overwrite)
