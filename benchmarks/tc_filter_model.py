@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_crossover import inputs  # noqa: E402
-from tile_skip_model import CHUNK, morton, outward_chunks  # noqa: E402
+from tile_skip_model import morton_batch, outward_walk  # noqa: E402
 
 from neusdf.ops.benchmark import write_json  # noqa: E402
 
@@ -82,30 +82,12 @@ def tile_counts(dist, B, Q, P, K, group=16, tile=32, home=8, seed=0) -> dict:
     total = dict.fromkeys(("iso", "tf32", "exact"), 0)
     unsound = 0
     for bi in range(B):
-        qb, pb = q[bi].double(), p[bi].double()
-        both = torch.cat([qb, pb])
-        lo, hi = both.min(0).values, both.max(0).values
-        qc, pc = morton(qb, lo, hi), morton(pb, lo, hi)
-        qo, po = torch.argsort(qc), torch.argsort(pc)
-        qb, qc, pb, pc = qb[qo], qc[qo], pb[po], pc[po]
-        a, b, na, nb, M, lam = expansion(qb, pb, sigma[bi][po], R[bi][po])
-        nt, nc = P // tile, (P // tile + CHUNK - 1) // CHUNK
-        pts = pb[: nt * tile].view(nt, tile, 3)
-        tlo, thi = pts.min(1).values, pts.max(1).values
-        tlam = lam[: nt * tile].view(nt, tile).min(1).values
+        batch = morton_batch(q[bi], p[bi], sigma[bi], R[bi], tile)
+        pb, M, lam = batch["p"], batch["M"], batch["lam"]
+        a, b, na, nb, _, _ = expansion(batch["q"], pb, batch["sigma"], batch["R"])
         for w in range(Q // group):
             rows = slice(w * group, (w + 1) * group)
-            qw = qb[rows]
-            gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
-            bound = tlam[None] * (gap**2).sum(-1)
-            start = int(torch.searchsorted(pc, qc[w * group + group // 2])) // tile
-            first = max(0, min(start - home // 2, nt - home))
-            order = list(range(first, first + home)) + [
-                t
-                for c in outward_chunks(first // CHUNK, nc)
-                for t in range(c * CHUNK, min(nt, (c + 1) * CHUNK))
-                if not first <= t < first + home
-            ]
+            qw, bound, order = outward_walk(batch, w, group, tile, home)
             best = torch.full((group, K), float("inf"), dtype=torch.float64)
             for t in order:
                 gate = best[:, -1:]

@@ -100,6 +100,48 @@ def outward_chunks(hc: int, chunks: int) -> list[int]:
     return order
 
 
+def morton_batch(q, p, sigma, R, tile: int = 32) -> dict:
+    """One batch's queries (Q, 3) and points (P, 3) sorted along one Morton curve over both, in
+    float64: "q", "qc" (their codes), "p", "pc", "sigma", "R" (in the points' order), "M"
+    (P, 3, 3), "lam" (P,), M's smallest eigenvalue, and the boxes of the P // tile whole tiles,
+    "tlo", "thi" (tiles, 3), with "tlam" (tiles,), their smallest lam."""
+    qb, pb = q.double(), p.double()
+    both = torch.cat([qb, pb])
+    lo, hi = both.min(0).values, both.max(0).values
+    qc, pc = morton(qb, lo, hi), morton(pb, lo, hi)
+    qo, po = torch.argsort(qc), torch.argsort(pc)
+    sb, Rb = sigma.double()[po], R.double()[po]
+    M = Rb.transpose(1, 2) @ torch.diag_embed(sb) @ Rb
+    lam = torch.linalg.eigvalsh(M)[:, 0]
+    nt = len(pb) // tile
+    pts = pb[po][: nt * tile].view(nt, tile, 3)
+    out = {"q": qb[qo], "qc": qc[qo], "p": pb[po], "pc": pc[po], "sigma": sb, "R": Rb, "M": M}
+    out.update(lam=lam, tlo=pts.min(1).values, thi=pts.max(1).values)
+    out["tlam"] = lam[: nt * tile].view(nt, tile).min(1).values
+    return out
+
+
+def outward_walk(batch: dict, w: int, group: int, tile: int = 32, home: int = 8):
+    """Group w's queries (group, 3) of a morton_batch, each query's bound on each tile
+    (group, tiles: the tile's smallest lam times the squared gap to its box), and the tiles in the
+    CUDA kernel's order: the home tiles around where the group's middle query falls among the
+    points, then the chunks outward (``outward_chunks``)."""
+    qw = batch["q"][w * group : (w + 1) * group]
+    tlo, thi = batch["tlo"], batch["thi"]
+    gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
+    bound = batch["tlam"][None] * (gap**2).sum(-1)
+    nt = len(tlo)
+    start = int(torch.searchsorted(batch["pc"], batch["qc"][w * group + group // 2])) // tile
+    first = max(0, min(start - home // 2, nt - home))
+    order = list(range(first, first + home)) + [
+        t
+        for c in outward_chunks(first // CHUNK, (nt + CHUNK - 1) // CHUNK)
+        for t in range(c * CHUNK, min(nt, (c + 1) * CHUNK))
+        if not first <= t < first + home
+    ]
+    return qw, bound, order
+
+
 def kept_fraction(
     B: int,
     Q: int,

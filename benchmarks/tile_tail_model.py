@@ -9,6 +9,11 @@ proportional to its scanned tiles; list scheduling of the groups in launch order
 balanced one (the sum over the slots). Where one group scans far more than the rest (queries
 far from a surface, all points at a similar distance) the span is that group's time.
 
+It also models splitting the long walks: the first 128 groups that scan more than 128 tiles
+stop there and hand the rest on to 8 equal shares (with room for 128 groups, or for every
+group), the shares run in a second launch after the first (as measured on the GPU, docs/op.md)
+or as blocks dispatched after every group, each starting when its group hands on.
+
     python benchmarks/tile_tail_model.py tile_tail_model.json
 """
 
@@ -23,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_crossover import inputs  # noqa: E402
-from tile_skip_model import CHUNK, morton, outward_chunks  # noqa: E402
+from tile_skip_model import morton_batch, outward_walk  # noqa: E402
 
 from neusdf.ops.benchmark import write_json  # noqa: E402
 
 SLOTS = 132 * 16
+SPLIT_TILES, SPLIT_SHARES = 128, 8  # the split of long walks measured on the GPU (docs/op.md)
 # (B, Q, P, K) of the op benchmark's sizes
 SIZES = {
     "reference": (2, 12288, 4096, 16),
@@ -43,32 +49,9 @@ def group_scans(dist: str, B: int, Q: int, P: int, K: int, tile=32, home=8, seed
     q, p, sigma, R = inputs(dist, P, Q, batches=B, device="cpu", seed=seed)
     scans = []
     for b in range(B):
-        qb, pb = q[b].double(), p[b].double()
-        both = torch.cat([qb, pb])
-        lo, hi = both.min(0).values, both.max(0).values
-        qc, pc = morton(qb, lo, hi), morton(pb, lo, hi)
-        qo, po = torch.argsort(qc), torch.argsort(pc)
-        qb, qc, pb, pc = qb[qo], qc[qo], pb[po], pc[po]
-        Rb, sb = R[b].double()[po], sigma[b].double()[po]
-        M = Rb.transpose(1, 2) @ torch.diag_embed(sb) @ Rb
-        lam = torch.linalg.eigvalsh(M)[:, 0]
-        nt = P // tile
-        pts = pb[: nt * tile].view(nt, tile, 3)
-        tlo, thi = pts.min(1).values, pts.max(1).values
-        tlam = lam[: nt * tile].view(nt, tile).min(1).values
-        nc = (nt + CHUNK - 1) // CHUNK
+        batch = morton_batch(q[b], p[b], sigma[b], R[b], tile)
         for w in range(Q // group):
-            qw = qb[w * group : (w + 1) * group]
-            gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
-            bound = tlam[None] * (gap**2).sum(-1)
-            start = int(torch.searchsorted(pc, qc[w * group + group // 2])) // tile
-            first = max(0, min(start - home // 2, nt - home))
-            order = list(range(first, first + home)) + [
-                t
-                for c in outward_chunks(first // CHUNK, nc)
-                for t in range(c * CHUNK, min(nt, (c + 1) * CHUNK))
-                if not first <= t < first + home
-            ]
+            qw, bound, order = outward_walk(batch, w, group, tile, home)
             best = torch.full((group, K), float("inf"), dtype=torch.float64)
             n = 0
             for t in order:
@@ -76,19 +59,48 @@ def group_scans(dist: str, B: int, Q: int, P: int, K: int, tile=32, home=8, seed
                     continue
                 n += 1
                 cols = slice(t * tile, (t + 1) * tile)
-                d = qw[:, None] - pb[cols][None]
-                D = torch.einsum("qpi,pij,qpj->qp", d, M[cols], d)
+                d = qw[:, None] - batch["p"][cols][None]
+                D = torch.einsum("qpi,pij,qpj->qp", d, batch["M"][cols], d)
                 best = torch.cat([best, D], 1).sort(1).values[:, :K]
             scans.append(n)
     return scans
 
 
-def span(costs: list[float], slots: int = SLOTS) -> float:
-    """Finish time of list scheduling the costs, in order, on ``slots`` identical slots."""
+def span(costs: list[float], slots: int = SLOTS, release: list[float] | None = None) -> float:
+    """Finish time of list scheduling the costs, in order, on ``slots`` identical slots; job i
+    starts no earlier than release[i] (default 0)."""
     free = [0.0] * slots
+    end = 0.0
+    for i, c in enumerate(costs):
+        start = max(heapq.heappop(free), release[i] if release else 0.0)
+        heapq.heappush(free, start + c)
+        end = max(end, start + c)
+    return end
+
+
+def split_spans(costs: list[int], tiles: int, shares: int, cap: int) -> tuple[float, float]:
+    """Spans when the first ``cap`` groups (in launch order) that scan more than ``tiles``
+    tiles stop there and hand the rest on to ``shares`` jobs of equal parts: (the shares in a
+    second launch after the first, the shares as blocks dispatched after every group and
+    starting when their group hands on)."""
+    first, rest, handed_at = [], [], []
     for c in costs:
-        heapq.heappush(free, heapq.heappop(free) + c)
-    return max(free)
+        if c > tiles and len(rest) < cap:
+            first.append(tiles)
+            rest.append(c - tiles)
+        else:
+            first.append(c)
+    after = span(first) + span([r / shares for r in rest for _ in range(shares)])
+    # when each split group hands on: simulate the first launch alone, recording start times
+    free = [0.0] * SLOTS
+    for c, f in zip(costs, first, strict=True):
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + f)
+        if f < c:
+            handed_at.append(start + f)
+    jobs = first + [r / shares for r in rest for _ in range(shares)]
+    release = [0.0] * len(first) + [t for t in handed_at for _ in range(shares)]
+    return after, span(jobs, release=release)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             row = {"dist": dist, "size": name, "B": B, "Q": Q, "P": P, "K": K}
             row.update(groups=len(scans), p50=float(s.median()), p90=float(s.quantile(0.9)))
             row.update(max=float(s.max()), span=span(scans), balanced=float(s.sum()) / SLOTS)
+            for cap in (128, len(scans)):
+                after, concurrent = split_spans(scans, SPLIT_TILES, SPLIT_SHARES, cap)
+                row[f"split_cap{cap}_second_launch"] = after
+                row[f"split_cap{cap}_concurrent"] = concurrent
             rows.append(row)
             print(row, flush=True)
     write_json(args.json, {"slots": SLOTS, "rows": rows}, overwrite=args.overwrite)

@@ -1341,7 +1341,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
         unsigned marked = 0;  // bit i: point sub + 4 i
         if (active) {
           if (staged_box[x].lam > T(0)) {
-  #pragma unroll
+#pragma unroll
             for (int i = 0; i < Layout::kPoints; ++i) {
               const PointPos<T>& r = pos[sub + L * i];
               if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
@@ -1355,14 +1355,14 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
           constexpr int kPair = 2;
           int at[kPair];
           bool real_point[kPair];
-  #pragma unroll
+#pragma unroll
           for (int u = 0; u < kPair; ++u) {
             real_point[u] = marked != 0;
             at[u] = sub + L * (real_point[u] ? __ffs(marked) - 1 : 0);
             marked &= marked - 1;
           }
           T k[kPair];
-  #pragma unroll
+#pragma unroll
           for (int u = 0; u < kPair; ++u) {
             T d[3], e[3];
             PointShape<T> sh;
@@ -1374,7 +1374,7 @@ __global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
             }
             k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
           }
-  #pragma unroll
+#pragma unroll
           for (int u = 0; u < kPair; ++u) {
             if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
           }
