@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from neusdf.ops.benchmark import write_json
-from neusdf.ops.knn import ensure_registered
+from neusdf.ops.knn import SEARCH_METHODS, ensure_registered
 from neusdf.ops.testing import make_inputs
 
 B = 2
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", choices=("anisotropic", "euclidean"), default="anisotropic")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
-    if len(methods) < 2 or not set(methods) <= {"brute", "grid", "tile"}:
-        ap.error(f"--methods: expected two or more of brute, grid, tile, got {args.methods!r}")
+    if len(methods) < 2 or not set(methods) <= set(SEARCH_METHODS):
+        ap.error(f"--methods: expected two or more of {SEARCH_METHODS}, got {args.methods!r}")
     if max(args.k) > 32:
         ap.error("--k: the grid and tile searches take K <= 32")
     if args.batches < 1:

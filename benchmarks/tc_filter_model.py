@@ -46,7 +46,7 @@ def tf32(x: torch.Tensor) -> torch.Tensor:
 
 def expansion(q, p, sigma, R):
     """Per-query a (Q, 10), per-point b (P, 10), the bound's slack factors |a|_1 (Q,) and
-    max |b| (P,), M (P, 3, 3) and lam (P,), all float64."""
+    max |b| (P,), and M (P, 3, 3), all float64."""
     q, p, sigma, R = (t.double() for t in (q, p, sigma, R))
     M = R.transpose(1, 2) @ torch.diag_embed(sigma) @ R
     A = R.abs().transpose(1, 2) @ torch.diag_embed(sigma) @ R.abs()
@@ -61,14 +61,7 @@ def expansion(q, p, sigma, R):
     x, y, z = q.unbind(1)
     a = torch.stack([x * x, y * y, z * z, x * y, x * z, y * z, x, y, z, torch.ones_like(x)], 1)
     b = b_of(M, p)
-    return (
-        a,
-        b,
-        a.abs().sum(1),
-        b_of(A, p.abs()).abs().max(1).values,
-        M,
-        torch.linalg.eigvalsh(M)[:, 0],
-    )
+    return a, b, a.abs().sum(1), b_of(A, p.abs()).abs().max(1).values, M
 
 
 def tf32_bound(a, b, na, nb):
@@ -84,7 +77,7 @@ def tile_counts(dist, B, Q, P, K, group=16, tile=32, home=8, seed=0) -> dict:
     for bi in range(B):
         batch = morton_batch(q[bi], p[bi], sigma[bi], R[bi], tile)
         pb, M, lam = batch["p"], batch["M"], batch["lam"]
-        a, b, na, nb, _, _ = expansion(batch["q"], pb, batch["sigma"], batch["R"])
+        a, b, na, nb, _ = expansion(batch["q"], pb, batch["sigma"], batch["R"])
         for w in range(Q // group):
             rows = slice(w * group, (w + 1) * group)
             qw, bound, order = outward_walk(batch, w, group, tile, home)
@@ -109,7 +102,7 @@ def tile_counts(dist, B, Q, P, K, group=16, tile=32, home=8, seed=0) -> dict:
 def brute_counts(dist, Q, P, K, warps=64, round_points=32, seed=0) -> dict:
     """Per query exact keys and insertions, per warp lockstep steps (docstring), B = 1."""
     q, p, sigma, R = inputs(dist, P, Q, batches=1, device="cpu", seed=seed)
-    a, b, na, nb, M, _ = expansion(q[0], p[0], sigma[0], R[0])
+    a, b, na, nb, M = expansion(q[0], p[0], sigma[0], R[0])
     pb = p[0].double()
     lane_of = (torch.arange(P) % 8) // 2
     keys = inserted = key_steps = merge_steps = 0

@@ -100,24 +100,29 @@ def outward_chunks(hc: int, chunks: int) -> list[int]:
     return order
 
 
-def morton_batch(q, p, sigma, R, tile: int = 32) -> dict:
+def morton_batch(q, p, sigma, R, tile: int = 32, lam_classes: int = 1) -> dict:
     """One batch's queries (Q, 3) and points (P, 3) sorted along one Morton curve over both, in
     float64: "q", "qc" (their codes), "p", "pc", "sigma", "R" (in the points' order), "M"
     (P, 3, 3), "lam" (P,), M's smallest eigenvalue, and the boxes of the P // tile whole tiles,
-    "tlo", "thi" (tiles, 3), with "tlam" (tiles,), their smallest lam."""
+    "tlo", "thi" (tiles, 3), with "tlam" (tiles,), their smallest lam. lam_classes > 1 sorts the
+    points by lam's quantile class first, then along the curve (``--lam-classes``)."""
     qb, pb = q.double(), p.double()
     both = torch.cat([qb, pb])
     lo, hi = both.min(0).values, both.max(0).values
     qc, pc = morton(qb, lo, hi), morton(pb, lo, hi)
-    qo, po = torch.argsort(qc), torch.argsort(pc)
-    sb, Rb = sigma.double()[po], R.double()[po]
-    M = Rb.transpose(1, 2) @ torch.diag_embed(sb) @ Rb
-    lam = torch.linalg.eigvalsh(M)[:, 0]
+    M = R.double().transpose(1, 2) @ torch.diag_embed(sigma.double()) @ R.double()
+    lam = torch.linalg.eigvalsh(M)[:, 0].contiguous()
+    rank = torch.zeros(len(pb), dtype=torch.long)
+    if lam_classes > 1:
+        cuts = torch.quantile(lam, torch.linspace(0, 1, lam_classes + 1)[1:-1].double())
+        rank = torch.bucketize(lam, cuts)
+    qo, po = torch.argsort(qc), torch.argsort(rank * 2 ** (3 * MORTON_BITS) + pc)
     nt = len(pb) // tile
     pts = pb[po][: nt * tile].view(nt, tile, 3)
-    out = {"q": qb[qo], "qc": qc[qo], "p": pb[po], "pc": pc[po], "sigma": sb, "R": Rb, "M": M}
-    out.update(lam=lam, tlo=pts.min(1).values, thi=pts.max(1).values)
-    out["tlam"] = lam[: nt * tile].view(nt, tile).min(1).values
+    out = {"q": qb[qo], "qc": qc[qo], "p": pb[po], "pc": pc[po], "M": M[po], "lam": lam[po]}
+    out.update(sigma=sigma.double()[po], R=R.double()[po])
+    out.update(tlo=pts.min(1).values, thi=pts.max(1).values)
+    out["tlam"] = out["lam"][: nt * tile].view(nt, tile).min(1).values
     return out
 
 
@@ -168,22 +173,10 @@ def kept_fraction(
     total = 0
     queries = 0
     for b in range(B):
-        qb, pb = q[b].double(), p[b].double()
-        both = torch.cat([qb, pb])
-        lo, hi = both.min(0).values, both.max(0).values
-        qc, pc = morton(qb, lo, hi), morton(pb, lo, hi)
-        M = R[b].double().transpose(1, 2) @ torch.diag_embed(sigma[b].double()) @ R[b].double()
-        lam = torch.linalg.eigvalsh(M)[:, 0].contiguous()
-        rank = torch.zeros(P, dtype=torch.long)
-        if lam_classes > 1:
-            cuts = torch.quantile(lam, torch.linspace(0, 1, lam_classes + 1)[1:-1].double())
-            rank = torch.bucketize(lam, cuts)
-        qo, po = torch.argsort(qc), torch.argsort(rank * 2 ** (3 * MORTON_BITS) + pc)
-        qb, qc, pb, pc, M, lam = qb[qo], qc[qo], pb[po], pc[po], M[po], lam[po]
+        batch = morton_batch(q[b], p[b], sigma[b], R[b], tile, lam_classes)
+        qb, qc, pb, pc, M, lam = (batch[k] for k in ("q", "qc", "p", "pc", "M", "lam"))
+        tlo, thi, tlam = batch["tlo"], batch["thi"], batch["tlam"]
         nt = P // tile
-        pts = pb[: nt * tile].view(nt, tile, 3)
-        tlo, thi = pts.min(1).values, pts.max(1).values
-        tlam = lam[: nt * tile].view(nt, tile).min(1).values
         nc = (nt + CHUNK - 1) // CHUNK
         clo = torch.stack([tlo[c * CHUNK : (c + 1) * CHUNK].min(0).values for c in range(nc)])
         chi = torch.stack([thi[c * CHUNK : (c + 1) * CHUNK].max(0).values for c in range(nc)])

@@ -275,8 +275,7 @@ NEUSDF_HD T point_bound_key(const T q[3], const T p[3], T w) {
 constexpr int kTilePoints = 32;  // points per tile (one per lane when a warp stages a tile)
 constexpr int kTileQueries = 32;  // queries walking the tiles together on the CPU
 constexpr int kTileHome = 8;      // tiles scanned first, around the queries' place
-constexpr int kMortonBits = 8;                     // per axis
-constexpr int kMortonKeyBits = 3 * kMortonBits;  // bits of a Morton code
+constexpr int kMortonBits = 8;    // per axis
 
 // Bounding box and smallest lam (0 when some point has no bound) of one tile's points.
 template <typename T>
@@ -287,7 +286,8 @@ struct alignas(16) TileBox {
   T pad;
 };
 
-// Morton code (kMortonKeyBits bits) of x in the box [lo, hi] (clamped per axis; NaN and an empty box give 0).
+// Morton code (3 kMortonBits bits) of x in the box [lo, hi] (clamped per axis; NaN and an
+// empty box give 0).
 template <typename T>
 NEUSDF_HD int64_t morton_code(const T x[3], const T* lo, const T* hi) {
   const T top = static_cast<T>((1 << kMortonBits) - 1);
