@@ -70,7 +70,8 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   stage "compute-sanitizer (logs: sanitizer-*.log)"
   cat > /tmp/neusdf_sanitize_case.py <<'PY'
 """Search (grid, tile and brute), forward, backward and double backward on small CUDA cases
-(the tile search with 4 and 2 lanes a query, and with over 64 chunks of tiles)."""
+(the tile search with 4 and 2 lanes a query, with over 64 chunks of tiles, and handing long
+walks on: queries at the centre of a sphere of points)."""
 import torch
 
 from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
@@ -96,6 +97,12 @@ for kind in ("clusters", "far-queries", "duplicates"):
     assert torch.equal(a, b) and torch.equal(t, b), kind
     e = knn_search_aniso(q, p, None, None, 6, method="brute")  # the Euclidean kernel
     assert torch.equal(e, knn_search_aniso(q, p, *euclidean_metric(p), 6)), kind
+q, p, _, sigma, R = make_inputs(1, 96, 70000, 1, device="cuda", seed=2)
+sphere = torch.nn.functional.normalize(p, dim=-1)
+queries = torch.cat((0.05 * q[:, :64], sphere[:, :32] + 0.01 * q[:, 64:]), dim=1)
+for K in (8, 32):
+    t = knn_search_aniso(queries, sphere, sigma, R, K, method="tile")
+    assert torch.equal(t, knn_search_aniso(queries, sphere, sigma, R, K, method="brute")), K
 torch.cuda.synchronize()
 print("sanitize case ok")
 PY

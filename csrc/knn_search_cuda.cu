@@ -304,10 +304,25 @@ __device__ __forceinline__ void sort_bitonic(T (&key)[N], int (&ind)[N]) {
   }
 }
 
+// The N first of the union of list and another ascending list of N (key, index) pairs, into
+// list. Of two sorted lists a and b, the N first of their union are min(a_s, b_(N-1-s)) over s,
+// a bitonic sequence (Batcher's half-cleaner), which sort_bitonic then orders: no
+// data-dependent branches. The two lists must not share a point.
+template <typename T, int N>
+__device__ __forceinline__ void merge_sorted_lists(LaneList<T, N>& list, const T (&key)[N],
+                                                   const int (&ind)[N]) {
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+    if (comes_before<T>(key[N - 1 - s], ind[N - 1 - s], list.key[s], list.ind[s])) {
+      list.key[s] = key[N - 1 - s];
+      list.ind[s] = ind[N - 1 - s];
+    }
+  }
+  sort_bitonic(list.key, list.ind);
+}
+
 // Merges the other warps' lists into warp 0's, one warp at a time, through shared memory
-// (buf: N * kWarp keys, then N * kWarp indices). Whole block. Of two sorted lists a and b, the
-// N first of their union are min(a_s, b_(N-1-s)) over s, a bitonic sequence (Batcher's
-// half-cleaner), which sort_bitonic then orders: no data-dependent branches.
+// (buf: N * kWarp keys, then N * kWarp indices; merge_sorted_lists). Whole block.
 template <typename T, int N>
 __device__ __forceinline__ void merge_warp_lists(unsigned char* buf, int warp, int warps,
                                                  int lane, bool active, LaneList<T, N>& list) {
@@ -324,16 +339,14 @@ __device__ __forceinline__ void merge_warp_lists(unsigned char* buf, int warp, i
     }
     __syncthreads();
     if (warp == 0 && active) {
+      T k[N];
+      int j[N];
 #pragma unroll
       for (int s = 0; s < N; ++s) {
-        const T k = buf_key[(N - 1 - s) * kWarp + lane];
-        const int j = buf_ind[(N - 1 - s) * kWarp + lane];
-        if (comes_before<T>(k, j, list.key[s], list.ind[s])) {
-          list.key[s] = k;
-          list.ind[s] = j;
-        }
+        k[s] = buf_key[s * kWarp + lane];
+        j[s] = buf_ind[s * kWarp + lane];
       }
-      sort_bitonic(list.key, list.ind);
+      merge_sorted_lists(list, k, j);
     }
   }
 }
@@ -851,6 +864,8 @@ struct TileBuild {
   int* order;                       // B P, slot order: the point's index in its batch
   TileBox<T>* boxes;                // B tiles
   TileBox<T>* chunk_boxes;          // B chunks
+  int* handoff_state;               // handoff_state_ints: TileHandoff's counters and flags
+  int64_t handoff_state_ints;
 };
 
 // Morton box of batch b, points [first, first + kBoxPoints): the finite points' smallest and
@@ -951,11 +966,11 @@ __device__ void tile_build_one(const TileBuild<T>& a, int64_t b, int t, int lane
 }
 
 // The tile search's build (TileBuild), one cooperative launch, grid-wide barriers between the
-// phases: zero the box and the counts; each batch's Morton box; count every point and query
-// into its cell; the exclusive sum of the counts (each block sums a contiguous range, then scans
-// it after the sums of the blocks before it); scatter every entry to its slot; one warp per tile
-// (tile_build_one); one warp per chunk of 32 tiles, the union of their boxes, which the search
-// tests before the tiles' own.
+// phases: zero the box, the counts and the hand-off state (TileHandoff); each batch's Morton
+// box; count every point and query into its cell; the exclusive sum of the counts (each block
+// sums a contiguous range, then scans it after the sums of the blocks before it); scatter every
+// entry to its slot; one warp per tile (tile_build_one); one warp per chunk of 32 tiles, the
+// union of their boxes, which the search tests before the tiles' own.
 template <typename T>
 __global__ void __launch_bounds__(kBuildThreads) tile_build_kernel(const TileBuild<T> a) {
   namespace cg = cooperative_groups;
@@ -974,6 +989,7 @@ __global__ void __launch_bounds__(kBuildThreads) tile_build_kernel(const TileBui
 
   for (int64_t i = thread; i < a.counters; i += threads) a.counts[i] = 0;
   for (int64_t i = thread; i < 6 * a.B; i += threads) a.box_bits[i] = 0;
+  for (int64_t i = thread; i < a.handoff_state_ints; i += threads) a.handoff_state[i] = 0;
   grid.sync();
   const int64_t box_steps = (a.P + kBoxPoints - 1) / kBoxPoints;
   for (int64_t i = warp; i < a.B * box_steps; i += warps) {
@@ -1125,8 +1141,8 @@ __device__ __forceinline__ T group_union_nth_key(const T (&key)[N]) {
   return top[N - 1];
 }
 
-// The lists of a query's L lanes merged into one (every lane of the query gets it), with
-// Batcher's half-cleaner and sort_bitonic as in merge_warp_lists. Whole warp.
+// The lists of a query's L lanes merged into one (every lane of the query gets it), through
+// shuffles (merge_sorted_lists). Whole warp.
 template <typename T, int N, int L>
 __device__ __forceinline__ void merge_group_lists(LaneList<T, N>& list) {
 #pragma unroll
@@ -1135,25 +1151,114 @@ __device__ __forceinline__ void merge_group_lists(LaneList<T, N>& list) {
     int j[N];
 #pragma unroll
     for (int s = 0; s < N; ++s) {
-      k[s] = __shfl_xor_sync(kFullMask, list.key[N - 1 - s], o);
-      j[s] = __shfl_xor_sync(kFullMask, list.ind[N - 1 - s], o);
+      k[s] = __shfl_xor_sync(kFullMask, list.key[s], o);
+      j[s] = __shfl_xor_sync(kFullMask, list.ind[s], o);
     }
-#pragma unroll
-    for (int s = 0; s < N; ++s) {
-      if (comes_before<T>(k[s], j[s], list.key[s], list.ind[s])) {
-        list.key[s] = k[s];
-        list.ind[s] = j[s];
-      }
-    }
-    sort_bitonic(list.key, list.ind);
+    merge_sorted_lists(list, k, j);
   }
 }
 
-// Blocks (one warp each) the kernel must fit on one multiprocessor: sixteen (a budget of 128
-// registers a thread) for float lists up to 16; left to the compiler otherwise.
+// Registers a thread of the kernel may use: for float lists up to 8, 96 (21 one-warp blocks an
+// SM), up to 16, 120 (17 blocks); 255 (the compiler's choice) otherwise. Left to itself the
+// compiler took 109 and 125, a block in six (in seventeen) fewer an SM, without needing them:
+// under the caps it spills nothing (ptxas -v, sm_90).
 template <typename T, int N>
-__host__ __device__ constexpr int group_min_blocks() {
-  return sizeof(T) == 4 && N <= 16 ? 16 : 1;
+__host__ __device__ constexpr int group_max_registers() {
+  return sizeof(T) != 4 ? 255 : N <= 8 ? 96 : N <= 16 ? 120 : 255;
+}
+
+// ------------------------------------------------------ handing long walks on (tile search)
+//
+// On a surface a few groups walk far longer than the rest: queries far from the points (deep
+// inside a closed shape) find every point at a similar distance, and their group scans most
+// tiles while the others are long done (docs/op.md, "Handing long walks on"). With one warp a
+// group, the kernel's end then runs a handful of warps on an idle GPU. So once every group of
+// the launch has started (before, a freed SM slot goes to the next group anyway), a group that
+// has scanned kHandoffAfterTiles tiles, with at least kHandoffMinChunks chunks known to be in
+// reach, hands the rest of its walk on: it publishes its lanes' gates in a hand-off slot, and
+// the tiles of the chunks it has not yet visited are dealt to kHandoffShares shares, share x
+// taking tiles x, x + 8, x + 16 and x + 24 of each chunk (a spread of the same region each).
+// The group's own warp keeps share 0; warps whose own group is done take the others, one at a
+// time in ticket order, starting with empty lists under the published gates, so that the
+// shares' lists hold disjoint points. Each share stores its lists in the slot, and the last one
+// to finish merges them and writes the group's indices. Where the slots run out, a long walk
+// goes on alone.
+//
+// Nothing waits for a warp that has not started: a warp looks for shares only once every group
+// has started, and then waits only for running groups, which never wait; the last group to
+// finish closes the slots nobody claimed, which ends the warps waiting on them. Measured
+// (docs/op.md): on points on a sphere the search takes 0.50-0.88x the time (the training size
+// 0.50x), on points filling a cube 0.98-1.07x (the bookkeeping, where few walks are long).
+constexpr int kHandoffShares = 8;
+static_assert(kTilePoints % kHandoffShares == 0, "a chunk's tiles are dealt evenly");
+// 64 rather than 128 tiles: on the sphere 0.80x the time at the training size and 0.87x at the
+// reference size, on the cube 1.04x at P = 65536 (H200, docs/op.md)
+constexpr int kHandoffAfterTiles = 64;   // tiles a group scans before it may hand on
+constexpr int kHandoffRecheckTiles = 32;  // tiles between two looks at the launch's state
+constexpr int kHandoffMinChunks = 2;      // chunks of the round in reach, this one included
+constexpr size_t kHandoffBytes = size_t{32} << 20;  // at most this much for the slots' lists
+
+// Share 0's tiles of a chunk (bit x: tile x); share x's are these shifted by x.
+__host__ __device__ constexpr unsigned handoff_tiles() {
+  unsigned bits = 0;
+  for (int x = 0; x < kTilePoints; x += kHandoffShares) bits |= 1u << x;
+  return bits;
+}
+
+// The hand-off state, zeroed by the build kernel: the launch's counters, then a line of 128
+// bytes a slot (its flag, then its finished shares), so that the warps waiting on different
+// slots do not all poll one line of the L2 cache.
+enum HandoffCounter : int { kGroupsStarted, kGroupsDone, kSlotsClaimed, kShareTickets };
+constexpr int kHandoffLine = 32;  // ints
+enum HandoffFlag : int { kSlotEmpty, kSlotReady, kSlotClosed };
+constexpr int64_t handoff_state_ints(int slots) { return kHandoffLine * (1 + int64_t{slots}); }
+
+template <typename T>
+struct TileHandoff {
+  int* state;  // handoff_state_ints(slots)
+  int* group;  // slots: the group whose walk was handed on
+  int* from;   // slots: the outward chunk position its shares start at
+  T* gate;     // slots x kWarp: each lane's gate when its group handed on
+  T* key;      // slots x kHandoffShares x N x kWarp: each share's lists (lane-minor)
+  int* ind;    // the same layout
+  int slots;
+
+  __device__ int* flag(int slot) const { return state + kHandoffLine * (1 + slot); }
+  __device__ int* finished(int slot) const { return flag(slot) + 1; }
+};
+
+__device__ __forceinline__ int volatile_load(const int* x) {
+  return *reinterpret_cast<const volatile int*>(x);
+}
+
+// Lane 0 of a warp whose own group is done, once every group has started: the next share of a
+// handed-on walk, as (slot, share), or slot -1 where none is left. The ticket's slot may not be
+// published yet: it sleeps until the slot is ready, or closed by the last group to finish.
+template <typename T>
+__device__ int2 take_share(const TileHandoff<T>& handoff) {
+  const int ticket = atomicAdd(handoff.state + kShareTickets, 1);
+  const int slot = ticket / (kHandoffShares - 1);
+  if (slot >= handoff.slots) return make_int2(-1, 0);
+  unsigned nap = 64;
+  int flag;
+  while ((flag = volatile_load(handoff.flag(slot))) == kSlotEmpty) {
+    __nanosleep(nap);
+    nap = min(2 * nap, 1024u);
+  }
+  if (flag == kSlotClosed) return make_int2(-1, 0);
+  __threadfence();  // the slot's contents are read after its flag
+  return make_int2(slot, 1 + ticket % (kHandoffShares - 1));
+}
+
+// The last group to finish closes the slots that no group claimed, so that the warps waiting
+// on them end: no group is left to claim one. Whole warp.
+template <typename T>
+__device__ void close_unclaimed_slots(const TileHandoff<T>& handoff, int lane) {
+  __threadfence();  // the other groups' claims were counted before they counted themselves done
+  const int claimed = min(volatile_load(handoff.state + kSlotsClaimed), handoff.slots);
+  for (int x = claimed + lane; x < handoff.slots; x += kWarp) {
+    *reinterpret_cast<volatile int*>(handoff.flag(x)) = kSlotClosed;
+  }
 }
 
 // One warp (block) per group of 32 / L queries. The tiles in chunks: first the home tiles
@@ -1163,236 +1268,339 @@ __host__ __device__ constexpr int group_min_blocks() {
 // query needs are copied (cp.async, while the previous tile is scanned); each lane bounds its
 // 32 / L points (point_bound_key) and computes exact keys for the ones under its gate; after a
 // tile that changed some list, each query's gate becomes the N-th key of its lanes' lists'
-// union. At the end the L lists of a query are merged.
+// union. At the end the L lists of a query are merged. A long walk may be handed on
+// (TileHandoff), and the warp then takes shares of handed-on walks until none is left.
 template <typename T, int N, int L>
-__global__ void __launch_bounds__(kWarp, group_min_blocks<T, N>())
+__global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>()))
     knn_tile_search_kernel(const T* __restrict__ q, const unsigned* __restrict__ cells,
                             const int* __restrict__ sorted,
                             const PointPos<T>* __restrict__ positions,
                             const PointShape<T>* __restrict__ shapes,
                             const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
-                            const TileBox<T>* __restrict__ chunk_boxes, int64_t B, int Q, int P,
-                            int K, int64_t* __restrict__ idx) {
+                            const TileBox<T>* __restrict__ chunk_boxes,
+                            const TileHandoff<T> handoff, int64_t B, int Q, int P, int K,
+                            int64_t* __restrict__ idx) {
   using Layout = GroupLayout<L>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x;
+  const int groups = static_cast<int>(gridDim.x);
   const int qgroups = (Q + Layout::kQueries - 1) / Layout::kQueries;
-  const int64_t group = blockIdx.x;
-  const int64_t b = group / qgroups;
-  const int first_query = static_cast<int>(group % qgroups) * Layout::kQueries;
   const int sub = lane % L;
-  const int s = first_query + lane / L;
-  const bool active = s < Q;
   PointPos<T>* staged_pos = reinterpret_cast<PointPos<T>*>(smem_raw);
   TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(staged_pos + 2 * kTilePoints);
   int* staged_ind = reinterpret_cast<int*>(staged_box + kTilePoints);
   unsigned char* queue_at = smem_raw + group_stage_bytes<T>();
-
   const int64_t BP = B * P;
-  // the query's index in its batch (the queries' sorted values follow the points')
-  const int64_t qi = active ? sorted[BP + b * Q + s] - BP - b * Q : 0;
-  T qv[3] = {0, 0, 0};
-  if (active) {
-#pragma unroll
-    for (int c = 0; c < 3; ++c) qv[c] = q[3 * (b * Q + qi) + c];
-  }
-  // The box of the warp's queries, for one test per tile for all of them
-  // (group_tile_bound_key), which holds only when they are all finite.
-  const bool group_test =
-      __all_sync(kFullMask, !active || (is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2])));
-  T qlo[3], qhi[3];
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    qlo[a] = active ? qv[a] : static_cast<T>(INFINITY);
-    qhi[a] = active ? qv[a] : -static_cast<T>(INFINITY);
-#pragma unroll
-    for (int o = kWarp / 2; o >= L; o >>= 1) {  // the L lanes of a query agree
-      qlo[a] = min(qlo[a], __shfl_xor_sync(kFullMask, qlo[a], o));
-      qhi[a] = max(qhi[a], __shfl_xor_sync(kFullMask, qhi[a], o));
-    }
-  }
-  LaneList<T, N> list;
-  list.clear();
-  LaneQueue<T, N, true> queue;
-  queue.key = reinterpret_cast<T*>(queue_at);
-  queue.ind = reinterpret_cast<int*>(queue_at + sizeof(T) * kQueue * kWarp);
-  queue.queued = 0;
-  queue.own = list.key[N - 1];
-  // an inactive lane never queues (its list is never read)
-  queue.set_block_bound(active ? static_cast<T>(INFINITY) : -static_cast<T>(INFINITY));
-
-  // Home: the tiles around where the warp's middle query falls in the points' order.
   const int tiles = (P + kTilePoints - 1) / kTilePoints;
   const int home = tiles < kTileHome ? tiles : kTileHome;
-  const unsigned cell = cells[BP + b * Q + min(first_query + Layout::kQueries / 2, Q - 1)];
-  const int first = home_tile(warp_lower_bound(cells + b * P, P, cell, lane), tiles);
-
   const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
-  const TileBox<T>* bb = boxes + b * tiles;
-  const TileBox<T>* cb = chunk_boxes + b * chunks;
-  const PointPos<T>* pb = positions + b * P;
-  const PointShape<T>* shb = shapes + b * P;
-  const int* ob = order + b * P;
   constexpr int kPosChunks = static_cast<int>(sizeof(PointPos<T>)) / 16;
-  // Starts copying tile t's positions and indices into staging buffer buf (cp.async: the copy
-  // runs while the warp scans the other buffer); past the last point, a NaN position, after
-  // every real point (see stage_tile).
-  auto prefetch = [&](int t, int buf) {
-    const int slot = t * kTilePoints + lane;
-    const int at = buf * kTilePoints + lane;
-    if (slot < P) {
-#pragma unroll
-      for (int c = 0; c < kPosChunks; ++c) {
-        __pipeline_memcpy_async(reinterpret_cast<char*>(staged_pos + at) + 16 * c,
-                                reinterpret_cast<const char*>(pb + slot) + 16 * c, 16);
-      }
-      __pipeline_memcpy_async(staged_ind + at, ob + slot, sizeof(int));
-    } else {
-#pragma unroll
-      for (int c = 0; c < 3; ++c) staged_pos[at].p[c] = static_cast<T>(NAN);
-      staged_pos[at].w = 1;  // any weight: with a NaN position the bound's key is the key's
-      staged_ind[at] = P + lane;
-    }
-    __pipeline_commit();
-  };
-  // The query's gate: one past the N-th key of its L lanes' lists' union.
-  auto share_gate = [&]() {
-    const T nth = group_union_nth_key<T, N, L>(list.key);
-    if (active) queue.set_block_bound(min(queue.block, next_key_above(nth)));
-  };
-  // The widest gate over the warp (the same in every lane, so that skipping a chunk is a
-  // uniform branch). Each lane's gate bounds its query's N-th key: its list holds N distinct
-  // points at or below it, and so do its query's lanes together below the shared bound.
-  auto widest_gate = [&]() {
-    T widest = active ? min(list.key[N - 1], queue.block) : -static_cast<T>(INFINITY);
-#pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) {
-      widest = max(widest, __shfl_xor_sync(kFullMask, widest, o));
-    }
-    return widest;
-  };
-  // The tiles in chunks of up to 32: first the home tiles [first, first + home), then tiles
-  // [32 c, 32 c + 32) without the home tiles, for the chunks c outward from the home tiles'
-  // chunk (outward_chunk). The chunks are tested 32 at a time, lane x testing the x-th next
-  // one's box (the union of its tiles' boxes, chunk_boxes) against the widest gate: a chunk out
-  // of every query's reach then is out of reach for good (gates only fall), and the warp visits
-  // only the others, in order (before, the whole warp tested one chunk after another: at
-  // P = 1M, 1024 tests a group). A visited chunk is tested again with the gates of its time;
-  // if it passes, its tiles' boxes are staged together; lane x tests tile x for the warp's
-  // queries (their box against the largest gate), the tiles that test keeps get the per-query
-  // tests (lane sub of a query tests tiles sub, sub + L, ...), and the tiles some query needs
-  // are scanned, each one's copy overlapping the previous one's scan.
-#pragma unroll 1
-  for (int i0 = -kWarp; i0 < chunks; i0 += kWarp) {
-    int lane_chunk = -1;  // -1: the home tiles, alone in the first round
-    unsigned visits = 1;
-    if (i0 >= 0) {
-      const int i = i0 + lane;
-      lane_chunk = i < chunks ? outward_chunk(i, first / kTilePoints, chunks) : 0;
-      const T widest = widest_gate();
-      const bool reach =
-          !(group_test && group_tile_bound_key(qlo, qhi, cb[lane_chunk]) > widest);
-      visits = __ballot_sync(kFullMask, i < chunks && reach);
-    }
-#pragma unroll 1
-    while (visits != 0) {
-      const int c = __shfl_sync(kFullMask, lane_chunk, __ffs(visits) - 1);
-      visits &= visits - 1;
-      const bool home_chunk = c < 0;
-      const int base = home_chunk ? first : c * kTilePoints;
-      const int count = home_chunk ? home : min(kTilePoints, tiles - base);
-      const T gate = min(list.key[N - 1], queue.block);
-      const T widest = widest_gate();
-      if (!home_chunk && group_test && group_tile_bound_key(qlo, qhi, cb[c]) > widest) continue;
-      const int tile = base + lane;
-      const bool real = lane < count && (home_chunk || tile < first || tile >= first + home);
-      const TileBox<T> box = real ? bb[tile] : empty_tile_box<T>();
-      __syncwarp();  // the previous chunk's boxes are no longer read
-      staged_box[lane] = box;
-      const unsigned maybe = __ballot_sync(
-          kFullMask, real && !(group_test && group_tile_bound_key(qlo, qhi, box) > widest));
-      if (maybe == 0) continue;
-      __syncwarp();
-      unsigned needs = 0;  // of the tiles this lane tests, those its query needs
-      if (active) {
-        for (unsigned left = maybe & (Layout::kTileBits << sub); left != 0; left &= left - 1) {
-          const int x = __ffs(left) - 1;
-          if (!(tile_bound_key(qv, staged_box[x]) > gate)) needs |= 1u << x;
-        }
-      }
-      unsigned todo = warp_or(needs);
-      int buf = 0;
-      if (todo != 0) prefetch(base + __ffs(todo) - 1, buf);
-      while (todo != 0) {
-        const int x = __ffs(todo) - 1;
-        todo &= todo - 1;
-        if (todo != 0) {
-          prefetch(base + __ffs(todo) - 1, buf ^ 1);
-          __pipeline_wait_prior(1);
-        } else {
-          __pipeline_wait_prior(0);
-        }
-        __syncwarp();  // every lane's copy of this tile has landed
-        const PointPos<T>* pos = staged_pos + buf * kTilePoints;
-        const int* tile_ind = staged_ind + buf * kTilePoints;
-        const int tile_slot = (base + x) * kTilePoints;
-        // This lane's points under its gate (point_bound_key); a tile with a point that has no
-        // bound (its smallest lam is not > 0) is scanned whole.
-        unsigned marked = 0;  // bit i: point sub + 4 i
-        if (active) {
-          if (staged_box[x].lam > T(0)) {
-#pragma unroll
-            for (int i = 0; i < Layout::kPoints; ++i) {
-              const PointPos<T>& r = pos[sub + L * i];
-              if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
-            }
-          } else {
-            marked = Layout::kPointBits;
-          }
-        }
-        // two at a time, for instruction-level parallelism
-        while (__any_sync(kFullMask, marked != 0)) {
-          constexpr int kPair = 2;
-          int at[kPair];
-          bool real_point[kPair];
-#pragma unroll
-          for (int u = 0; u < kPair; ++u) {
-            real_point[u] = marked != 0;
-            at[u] = sub + L * (real_point[u] ? __ffs(marked) - 1 : 0);
-            marked &= marked - 1;
-          }
-          T k[kPair];
-#pragma unroll
-          for (int u = 0; u < kPair; ++u) {
-            T d[3], e[3];
-            PointShape<T> sh;
-            if (tile_slot + at[u] < P) {
-              sh = shb[tile_slot + at[u]];
-            } else {
-              for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
-              for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
-            }
-            k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
-          }
-#pragma unroll
-          for (int u = 0; u < kPair; ++u) {
-            if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
-          }
-          if (__any_sync(kFullMask, queue.queued > kQueue - kPair)) queue.merge_into(list, lane);
-        }
-        if (__any_sync(kFullMask, queue.queued > 0)) {  // else no list and no gate changed
-          queue.merge_into(list, lane);
-          share_gate();
-        }
-        __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
-        buf ^= 1;
-      }
-    }
+  if (lane == 0) atomicAdd(handoff.state + kGroupsStarted, 1);
+
+  // The warp's jobs: its own group's walk (slot -1 until it hands on), then shares of
+  // handed-on walks.
+  // (in shared memory: registers are the kernel's tightest resource)
+  __shared__ int job_group, job_slot, job_share;
+  if (lane == 0) {
+    job_group = static_cast<int>(blockIdx.x);
+    job_slot = -1;
+    job_share = 0;
   }
-  merge_group_lists<T, N, L>(list);
+  __syncwarp();
+#pragma unroll 1
+  while (true) {
+    const bool own_walk = job_slot < 0;
+    const int64_t b = job_group / qgroups;
+    const int first_query = job_group % qgroups * Layout::kQueries;
+    const int s = first_query + lane / L;
+    const bool active = s < Q;
+    // the query's index in its batch (the queries' sorted values follow the points')
+    const int64_t qi = active ? sorted[BP + b * Q + s] - BP - b * Q : 0;
+    T qv[3] = {0, 0, 0};
+    if (active) {
 #pragma unroll
-  for (int x = 0; x < N; ++x) {
-    if (active && x < K && x % L == sub) idx[(b * Q + qi) * K + x] = list.ind[x];
+      for (int c = 0; c < 3; ++c) qv[c] = q[3 * (b * Q + qi) + c];
+    }
+    // The box of the warp's queries, for one test per tile for all of them
+    // (group_tile_bound_key), which holds only when they are all finite.
+    const bool group_test = __all_sync(
+        kFullMask, !active || (is_finite(qv[0]) && is_finite(qv[1]) && is_finite(qv[2])));
+    T qlo[3], qhi[3];
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      qlo[a] = active ? qv[a] : static_cast<T>(INFINITY);
+      qhi[a] = active ? qv[a] : -static_cast<T>(INFINITY);
+#pragma unroll
+      for (int o = kWarp / 2; o >= L; o >>= 1) {  // the L lanes of a query agree
+        qlo[a] = min(qlo[a], __shfl_xor_sync(kFullMask, qlo[a], o));
+        qhi[a] = max(qhi[a], __shfl_xor_sync(kFullMask, qhi[a], o));
+      }
+    }
+    LaneList<T, N> list;
+    list.clear();
+    LaneQueue<T, N, true> queue;
+    queue.key = reinterpret_cast<T*>(queue_at);
+    queue.ind = reinterpret_cast<int*>(queue_at + sizeof(T) * kQueue * kWarp);
+    queue.queued = 0;
+    queue.own = list.key[N - 1];
+    // An inactive lane never queues (its list is never read); a share starts from the gates
+    // its walk had when handed on.
+    queue.set_block_bound(!active ? -static_cast<T>(INFINITY)
+                          : own_walk ? static_cast<T>(INFINITY)
+                                     : __ldcg(handoff.gate + job_slot * kWarp + lane));
+    unsigned walk_tiles = own_walk ? kFullMask : handoff_tiles() << job_share;  // bit x: tile x
+    int until_look = own_walk ? kHandoffAfterTiles : INT_MAX;  // tiles to scan before
+
+    // Home: the tiles around where the warp's middle query falls in the points' order.
+    const unsigned cell = cells[BP + b * Q + min(first_query + Layout::kQueries / 2, Q - 1)];
+    const int first = home_tile(warp_lower_bound(cells + b * P, P, cell, lane), tiles);
+    const TileBox<T>* bb = boxes + b * tiles;
+    const TileBox<T>* cb = chunk_boxes + b * chunks;
+    const PointPos<T>* pb = positions + b * P;
+    const PointShape<T>* shb = shapes + b * P;
+    const int* ob = order + b * P;
+    // Starts copying tile t's positions and indices into staging buffer buf (cp.async: the copy
+    // runs while the warp scans the other buffer); past the last point, a NaN position, after
+    // every real point (see stage_tile).
+    auto prefetch = [&](int t, int buf) {
+      const int slot_at = t * kTilePoints + lane;
+      const int at = buf * kTilePoints + lane;
+      if (slot_at < P) {
+#pragma unroll
+        for (int c = 0; c < kPosChunks; ++c) {
+          __pipeline_memcpy_async(reinterpret_cast<char*>(staged_pos + at) + 16 * c,
+                                  reinterpret_cast<const char*>(pb + slot_at) + 16 * c, 16);
+        }
+        __pipeline_memcpy_async(staged_ind + at, ob + slot_at, sizeof(int));
+      } else {
+#pragma unroll
+        for (int c = 0; c < 3; ++c) staged_pos[at].p[c] = static_cast<T>(NAN);
+        staged_pos[at].w = 1;  // any weight: with a NaN position the bound's key is the key's
+        staged_ind[at] = P + lane;
+      }
+      __pipeline_commit();
+    };
+    // The query's gate: one past the N-th key of its L lanes' lists' union.
+    auto share_gate = [&]() {
+      const T nth = group_union_nth_key<T, N, L>(list.key);
+      if (active) queue.set_block_bound(min(queue.block, next_key_above(nth)));
+    };
+    // The widest gate over the warp (the same in every lane, so that skipping a chunk is a
+    // uniform branch). Each lane's gate bounds its query's N-th key: its list holds N distinct
+    // points at or below it, and so do its query's lanes together below the shared bound.
+    auto widest_gate = [&]() {
+      T widest = active ? min(list.key[N - 1], queue.block) : -static_cast<T>(INFINITY);
+#pragma unroll
+      for (int o = kWarp / 2; o > 0; o >>= 1) {
+        widest = max(widest, __shfl_xor_sync(kFullMask, widest, o));
+      }
+      return widest;
+    };
+    // The tiles in chunks of up to 32: first the home tiles [first, first + home), then tiles
+    // [32 c, 32 c + 32) without the home tiles, for the chunks c outward from the home tiles'
+    // chunk (outward_chunk); a share takes only its tiles of each chunk (walk_tiles), from the
+    // chunk its walk was handed on at. The chunks are tested 32 at a time, lane x testing the
+    // x-th next one's box (the union of its tiles' boxes, chunk_boxes) against the widest gate:
+    // a chunk out of every query's reach then is out of reach for good (gates only fall), and
+    // the warp visits only the others, in order (before, the whole warp tested one chunk after
+    // another: at P = 1M, 1024 tests a group). A visited chunk is tested again with the gates
+    // of its time; if it passes, its tiles' boxes are staged together; lane x tests tile x for
+    // the warp's queries (their box against the largest gate), the tiles that test keeps get
+    // the per-query tests (lane sub of a query tests tiles sub, sub + L, ...), and the tiles
+    // some query needs are scanned, each one's copy overlapping the previous one's scan.
+#pragma unroll 1
+    for (int i0 = own_walk ? -kWarp : __ldcg(handoff.from + job_slot); i0 < chunks;
+         i0 += kWarp) {
+      int lane_chunk = -1;  // -1: the home tiles, alone in the first round
+      unsigned visits = 1;
+      if (i0 >= 0) {
+        const int i = i0 + lane;
+        lane_chunk = i < chunks ? outward_chunk(i, first / kTilePoints, chunks) : 0;
+        const T widest = widest_gate();
+        const bool reach =
+            !(group_test && group_tile_bound_key(qlo, qhi, cb[lane_chunk]) > widest);
+        visits = __ballot_sync(kFullMask, i < chunks && reach);
+      }
+#pragma unroll 1
+      while (visits != 0) {
+        const int src = __ffs(visits) - 1;  // the lane that tested this chunk
+        const int c = __shfl_sync(kFullMask, lane_chunk, src);
+        visits &= visits - 1;
+        const bool home_chunk = c < 0;
+        // hand on from this chunk on? (uniform)
+        if (!home_chunk && until_look <= 0 && __popc(visits) + 1 >= kHandoffMinChunks) {
+          until_look = kHandoffRecheckTiles;
+          int claimed = -1;  // -2: no slot left
+          if (lane == 0 && volatile_load(handoff.state + kGroupsStarted) >= groups) {
+            const int x = atomicAdd(handoff.state + kSlotsClaimed, 1);
+            claimed = x < handoff.slots ? x : -2;
+          }
+          claimed = __shfl_sync(kFullMask, claimed, 0);
+          if (claimed == -2) until_look = INT_MAX;
+          if (claimed >= 0) {
+            handoff.gate[claimed * kWarp + lane] = queue.block;  // the lists' queues are empty
+            if (lane == 0) {
+              handoff.group[claimed] = job_group;
+              handoff.from[claimed] = i0 + src;
+              job_slot = claimed;
+            }
+            __threadfence();  // the slot's contents before its flag
+            __syncwarp();
+            if (lane == 0) atomicExch(handoff.flag(claimed), kSlotReady);
+            walk_tiles = handoff_tiles();
+            until_look = INT_MAX;
+          }
+        }
+        const int base = home_chunk ? first : c * kTilePoints;
+        const int count = home_chunk ? home : min(kTilePoints, tiles - base);
+        const T gate = min(list.key[N - 1], queue.block);
+        const T widest = widest_gate();
+        if (!home_chunk && group_test && group_tile_bound_key(qlo, qhi, cb[c]) > widest) continue;
+        const int tile = base + lane;
+        const bool real = lane < count && (walk_tiles >> lane & 1) &&
+                          (home_chunk || tile < first || tile >= first + home);
+        const TileBox<T> box = real ? bb[tile] : empty_tile_box<T>();
+        __syncwarp();  // the previous chunk's boxes are no longer read
+        staged_box[lane] = box;
+        const unsigned maybe = __ballot_sync(
+            kFullMask, real && !(group_test && group_tile_bound_key(qlo, qhi, box) > widest));
+        if (maybe == 0) continue;
+        __syncwarp();
+        unsigned needs = 0;  // of the tiles this lane tests, those its query needs
+        if (active) {
+          for (unsigned left = maybe & (Layout::kTileBits << sub); left != 0; left &= left - 1) {
+            const int x = __ffs(left) - 1;
+            if (!(tile_bound_key(qv, staged_box[x]) > gate)) needs |= 1u << x;
+          }
+        }
+        unsigned todo = warp_or(needs);
+        until_look -= __popc(todo);
+        int buf = 0;
+        if (todo != 0) prefetch(base + __ffs(todo) - 1, buf);
+        while (todo != 0) {
+          const int x = __ffs(todo) - 1;
+          todo &= todo - 1;
+          if (todo != 0) {
+            prefetch(base + __ffs(todo) - 1, buf ^ 1);
+            __pipeline_wait_prior(1);
+          } else {
+            __pipeline_wait_prior(0);
+          }
+          __syncwarp();  // every lane's copy of this tile has landed
+          const PointPos<T>* pos = staged_pos + buf * kTilePoints;
+          const int* tile_ind = staged_ind + buf * kTilePoints;
+          const int tile_slot = (base + x) * kTilePoints;
+          // This lane's points under its gate (point_bound_key); a tile with a point that has
+          // no bound (its smallest lam is not > 0) is scanned whole.
+          unsigned marked = 0;  // bit i: point sub + 4 i
+          if (active) {
+            if (staged_box[x].lam > T(0)) {
+#pragma unroll
+              for (int i = 0; i < Layout::kPoints; ++i) {
+                const PointPos<T>& r = pos[sub + L * i];
+                if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
+              }
+            } else {
+              marked = Layout::kPointBits;
+            }
+          }
+          // two at a time, for instruction-level parallelism
+          while (__any_sync(kFullMask, marked != 0)) {
+            constexpr int kPair = 2;
+            int at[kPair];
+            bool real_point[kPair];
+#pragma unroll
+            for (int u = 0; u < kPair; ++u) {
+              real_point[u] = marked != 0;
+              at[u] = sub + L * (real_point[u] ? __ffs(marked) - 1 : 0);
+              marked &= marked - 1;
+            }
+            T k[kPair];
+#pragma unroll
+            for (int u = 0; u < kPair; ++u) {
+              T d[3], e[3];
+              PointShape<T> sh;
+              if (tile_slot + at[u] < P) {
+                sh = shb[tile_slot + at[u]];
+              } else {
+                for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
+                for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
+              }
+              k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
+            }
+#pragma unroll
+            for (int u = 0; u < kPair; ++u) {
+              if (real_point[u] && k[u] < queue.gate) queue.push(k[u], tile_ind[at[u]], lane);
+            }
+            if (__any_sync(kFullMask, queue.queued > kQueue - kPair)) queue.merge_into(list, lane);
+          }
+          if (__any_sync(kFullMask, queue.queued > 0)) {  // else no list and no gate changed
+            queue.merge_into(list, lane);
+            share_gate();
+          }
+          __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
+          buf ^= 1;
+        }
+      }
+    }
+    // A share stores its lists; the last of its walk's shares to finish merges them all.
+    bool write = true;
+    const int slot = job_slot, share = job_share;
+    if (slot >= 0) {
+      const int64_t at = (static_cast<int64_t>(slot) * kHandoffShares + share) * N * kWarp + lane;
+#pragma unroll
+      for (int x = 0; x < N; ++x) {
+        __stcg(handoff.key + at + x * kWarp, list.key[x]);
+        __stcg(handoff.ind + at + x * kWarp, list.ind[x]);
+      }
+      __threadfence();  // the lists before the count
+      __syncwarp();
+      int done = 0;
+      if (lane == 0) done = atomicAdd(handoff.finished(slot), 1) + 1;
+      write = __shfl_sync(kFullMask, done, 0) == kHandoffShares;
+      if (write) {
+        __threadfence();  // the other shares' lists after their counts
+#pragma unroll 1
+        for (int other = 0; other < kHandoffShares; ++other) {
+          if (other == share) continue;
+          const int64_t from = (static_cast<int64_t>(slot) * kHandoffShares + other) * N * kWarp;
+          T k[N];
+          int j[N];
+#pragma unroll
+          for (int x = 0; x < N; ++x) {
+            k[x] = __ldcg(handoff.key + from + x * kWarp + lane);
+            j[x] = __ldcg(handoff.ind + from + x * kWarp + lane);
+          }
+          merge_sorted_lists(list, k, j);
+        }
+      }
+    }
+    if (write) {
+      merge_group_lists<T, N, L>(list);
+#pragma unroll
+      for (int x = 0; x < N; ++x) {
+        if (active && x < K && x % L == sub) idx[(b * Q + qi) * K + x] = list.ind[x];
+      }
+    }
+    if (own_walk) {
+      if (slot >= 0) __threadfence();  // its slot's flag before this count
+      __syncwarp();
+      int done = 0;
+      if (lane == 0) done = atomicAdd(handoff.state + kGroupsDone, 1) + 1;
+      if (__shfl_sync(kFullMask, done, 0) == groups) close_unclaimed_slots(handoff, lane);
+    }
+    // The next job: a share of a handed-on walk, where every group has started.
+    int2 next = make_int2(-1, 0);
+    if (lane == 0 && volatile_load(handoff.state + kGroupsStarted) >= groups) {
+      next = take_share(handoff);
+    }
+    if (lane == 0 && next.x >= 0) {
+      job_group = __ldcg(handoff.group + next.x);
+      job_slot = next.x;
+      job_share = next.y;
+    }
+    if (__shfl_sync(kFullMask, next.x, 0) < 0) return;
+    __syncwarp();
   }
 }
 
@@ -1455,6 +1663,14 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   const int64_t counters = 2 * n.B << (3 * cell_bits);  // < INT_MAX (tile_cell_bits)
   const int blocks = static_cast<int>(std::min<int64_t>(
       tile_build_resident_blocks<T>(q.get_device()), (total + kBuildThreads - 1) / kBuildThreads));
+  const int lanes = tile_lanes_per_query(n);
+  const int64_t group_queries = kWarp / lanes;
+  const int64_t groups = n.B * ((n.Q + group_queries - 1) / group_queries);  // a block each
+  TORCH_CHECK(groups < INT_MAX, "neusdf: the CUDA tile search supports < 2^31 groups of queries");
+  // hand-off slots: one a group, within kHandoffBytes of lists
+  const size_t share_bytes = (sizeof(T) + sizeof(int)) * N * kWarp;
+  const int slots = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(groups, kHandoffBytes / (kHandoffShares * share_bytes))));
   // One allocation for every buffer of the call (each a caching-allocator call of several
   // microseconds of host time, which a small search's kernels do not hide).
   Workspace ws;
@@ -1471,6 +1687,12 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
   const size_t order_at = ws.reserve(sizeof(int) * BP);
   const size_t boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * tiles);
   const size_t chunk_boxes_at = ws.reserve(sizeof(TileBox<T>) * n.B * chunks);
+  const size_t state_at = ws.reserve(sizeof(int) * handoff_state_ints(slots));
+  const size_t slot_group_at = ws.reserve(sizeof(int) * slots);
+  const size_t slot_from_at = ws.reserve(sizeof(int) * slots);
+  const size_t slot_gate_at = ws.reserve(sizeof(T) * kWarp * slots);
+  const size_t slot_key_at = ws.reserve(sizeof(T) * kHandoffShares * N * kWarp * slots);
+  const size_t slot_ind_at = ws.reserve(sizeof(int) * kHandoffShares * N * kWarp * slots);
   const at::Tensor buffer = ws.allocate(q.options());
   const TileBuild<T> build{p.data_ptr<T>(),
                            q.data_ptr<T>(),
@@ -1495,19 +1717,24 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
                            ws.ptr<PointShape<T>>(buffer, shapes_at),
                            ws.ptr<int>(buffer, order_at),
                            ws.ptr<TileBox<T>>(buffer, boxes_at),
-                           ws.ptr<TileBox<T>>(buffer, chunk_boxes_at)};
+                           ws.ptr<TileBox<T>>(buffer, chunk_boxes_at),
+                           ws.ptr<int>(buffer, state_at),
+                           handoff_state_ints(slots)};
+  const TileHandoff<T> handoff{build.handoff_state,
+                               ws.ptr<int>(buffer, slot_group_at),
+                               ws.ptr<int>(buffer, slot_from_at),
+                               ws.ptr<T>(buffer, slot_gate_at),
+                               ws.ptr<T>(buffer, slot_key_at),
+                               ws.ptr<int>(buffer, slot_ind_at),
+                               slots};
   void* args[] = {const_cast<TileBuild<T>*>(&build)};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(tile_build_kernel<T>, blocks, kBuildThreads, args, 0,
                                              stream));
-  const int lanes = tile_lanes_per_query(n);
-  const int64_t group_queries = kWarp / lanes;
-  const int64_t groups = n.B * ((n.Q + group_queries - 1) / group_queries);  // a block each
-  TORCH_CHECK(groups < INT_MAX, "neusdf: the CUDA tile search supports < 2^31 groups of queries");
   const auto kernel =
       lanes == 2 ? knn_tile_search_kernel<T, N, 2> : knn_tile_search_kernel<T, N, 4>;
   kernel<<<groups, kWarp, group_warp_bytes<T>(), stream>>>(
       q.data_ptr<T>(), build.cells, build.sorted, build.positions, build.shapes, build.order,
-      build.boxes, build.chunk_boxes, n.B,
+      build.boxes, build.chunk_boxes, handoff, n.B,
       static_cast<int>(n.Q), static_cast<int>(n.P), static_cast<int>(n.K),
       idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

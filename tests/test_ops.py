@@ -717,6 +717,27 @@ def test_cuda_tile_search_many_chunks(dtype):
 @pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_tile_search_hands_on_long_walks(dtype):
+    """The CUDA tile search equals brute force where groups of queries hand their walks on to
+    other warps: points on a sphere (69 chunks of tiles a batch, every point twice, so that
+    exact ties fall in different shares), queries near its centre (every point at about the same
+    distance: each group scans nearly every tile, past the hand-off's 64, while the groups of
+    queries near the surface finish early and take the shares). 4400 centre queries in 8-query
+    groups are 550 long walks, more than the hand-off slots of K = 32 (512 in float, 341 in
+    float64): the rest walk alone."""
+    q, p, _, sigma, R = make_inputs(1, 4700, 35000, 1, dtype=dtype, device="cuda", seed=22)
+    sphere = torch.nn.functional.normalize(p, dim=-1).repeat(1, 2, 1)
+    sigma, R = sigma.repeat(1, 2, 1), R.repeat(1, 2, 1, 1)
+    queries = torch.cat((0.05 * q[:, :4400], sphere[:, :300] + 0.01 * q[:, 4400:]), dim=1)
+    for K in (1, 8, 32):
+        brute = knn_search_aniso(queries, sphere, sigma, R, K, method="brute")
+        tile = knn_search_aniso(queries, sphere, sigma, R, K, method="tile")
+        assert torch.equal(brute, tile), K
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_grid_search_at_scale(dtype):
     """The CUDA grid search equals the CUDA brute force at a training-like size, and in float64
     the CPU brute force too."""
