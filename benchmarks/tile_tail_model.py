@@ -14,6 +14,14 @@ stop there and hand the rest on to 8 equal shares (with room for 128 groups, or 
 group), the shares run in a second launch after the first (as measured on the GPU, docs/op.md)
 or as blocks dispatched after every group, each starting when its group hands on.
 
+And the hand-off the kernel does (``handoff_*`` columns; docs/op.md, "Handing long walks on"):
+once the last group has started, a group hands on at a chunk it is about to visit when it has
+scanned 64 tiles (looking again every 32) and 2 chunks of the round, that one included, pass
+the chunk test against its widest gate; share x of the 8 then walks tiles x, x + 8, ... of each
+chunk from there on (share 0 with the group's lists, the others empty under its gates), each
+share's scans counted as the group's are. The shares run on the slots their groups' ends free,
+in the order they were handed on. Bookkeeping and merges are not modelled.
+
     python benchmarks/tile_tail_model.py tile_tail_model.json
 """
 
@@ -28,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_crossover import inputs  # noqa: E402
-from tile_skip_model import morton_batch, outward_walk  # noqa: E402
+from tile_skip_model import CHUNK, morton_batch, outward_chunks, outward_walk  # noqa: E402
 
 from neusdf.ops.benchmark import write_json  # noqa: E402
 
@@ -42,28 +50,90 @@ SIZES = {
 }
 
 
-def group_scans(dist: str, B: int, Q: int, P: int, K: int, tile=32, home=8, seed=0) -> list[int]:
-    """Scanned tiles of every group (see the module docstring), batch by batch."""
+HANDOFF_TILES, HANDOFF_RECHECK, HANDOFF_MIN_CHUNKS, HANDOFF_SHARES = 64, 32, 2, 8  # the kernel's
+
+
+class Walk:
+    """One group's walk in the kernel's order: its scanned tiles (``scans``) and the points
+    where it could hand on (``looks``: scanned tiles so far, the chunk position about to be
+    visited, and the lists then), with what a share walk needs."""
+
+    def __init__(self, batch: dict, w: int, group: int, K: int, tile: int, home: int):
+        self.batch, self.K, self.tile = batch, K, tile
+        self.qw, self.bound, order = outward_walk(batch, w, group, tile, home)
+        nt = len(batch["tlo"])
+        home_tiles = order[:home]
+        self.chunks = outward_chunks(home_tiles[0] // CHUNK, (nt + CHUNK - 1) // CHUNK)
+        self.chunk_tiles = [
+            [t for t in range(c * CHUNK, min(nt, (c + 1) * CHUNK)) if t not in home_tiles]
+            for c in self.chunks
+        ]
+        # each query's bound on each chunk's box (the union of its tiles' boxes)
+        self.chunk_bound = torch.stack(
+            [self.box_bound(c * CHUNK, min(nt, (c + 1) * CHUNK)) for c in self.chunks], 1
+        )
+        best = torch.full((len(self.qw), K), float("inf"), dtype=torch.float64)
+        self.scans, best = self.scan(home_tiles, best, best[:, -1])
+        self.looks = []
+        next_look = HANDOFF_TILES
+        for pos, tiles in enumerate(self.chunk_tiles):
+            if self.scans >= next_look:
+                end = min(len(self.chunks), (pos // CHUNK + 1) * CHUNK)  # the round's end
+                widest = best[:, -1].max()
+                reach = int((self.chunk_bound[:, pos:end] <= widest).any(0).sum())
+                if reach >= HANDOFF_MIN_CHUNKS:
+                    self.looks.append((self.scans, pos, best.clone()))
+                    next_look = self.scans + HANDOFF_RECHECK
+            n, best = self.scan(tiles, best, best[:, -1])
+            self.scans += n
+
+    def box_bound(self, t0: int, t1: int) -> torch.Tensor:
+        """Each query's bound on the box of tiles [t0, t1): smallest lam times squared gap."""
+        lo = self.batch["tlo"][t0:t1].min(0).values
+        hi = self.batch["thi"][t0:t1].max(0).values
+        gap = (lo - self.qw).clamp(min=0) + (self.qw - hi).clamp(min=0)
+        return self.batch["tlam"][t0:t1].min() * (gap**2).sum(-1)
+
+    def scan(self, tiles, best, gate) -> tuple[int, torch.Tensor]:
+        """Scans the tiles in order, each where some query's bound is under min(its gate, its
+        list's last key); returns the scanned count and the lists."""
+        n = 0
+        for t in tiles:
+            if not bool((self.bound[:, t] <= torch.minimum(gate, best[:, -1])).any()):
+                continue
+            n += 1
+            cols = slice(t * self.tile, (t + 1) * self.tile)
+            d = self.qw[:, None] - self.batch["p"][cols][None]
+            D = torch.einsum("qpi,pij,qpj->qp", d, self.batch["M"][cols], d)
+            best = torch.cat([best, D], 1).sort(1).values[:, : self.K]
+        return n, best
+
+    def shares(self, look: int) -> list[int]:
+        """Scanned tiles of the 8 shares of a hand-off at looks[look]."""
+        _, pos, best = self.looks[look]
+        empty = torch.full_like(best, float("inf"))
+        out = []
+        for x in range(HANDOFF_SHARES):
+            tiles = [
+                t
+                for c, ts in zip(self.chunks[pos:], self.chunk_tiles[pos:], strict=True)
+                for t in ts
+                if (t - c * CHUNK) % HANDOFF_SHARES == x
+            ]
+            out.append(self.scan(tiles, best if x == 0 else empty, best[:, -1])[0])
+        return out
+
+
+def group_walks(dist: str, B: int, Q: int, P: int, K: int, tile=32, home=8, seed=0) -> list[Walk]:
+    """Every group's walk (see the module docstring), batch by batch."""
     lanes = 2 if P <= 4 * Q and B * Q >= 16384 else 4
     group = 32 // lanes
     q, p, sigma, R = inputs(dist, P, Q, batches=B, device="cpu", seed=seed)
-    scans = []
+    walks = []
     for b in range(B):
         batch = morton_batch(q[b], p[b], sigma[b], R[b], tile)
-        for w in range(Q // group):
-            qw, bound, order = outward_walk(batch, w, group, tile, home)
-            best = torch.full((group, K), float("inf"), dtype=torch.float64)
-            n = 0
-            for t in order:
-                if not bool((bound[:, t] <= best[:, -1]).any()):
-                    continue
-                n += 1
-                cols = slice(t * tile, (t + 1) * tile)
-                d = qw[:, None] - batch["p"][cols][None]
-                D = torch.einsum("qpi,pij,qpj->qp", d, batch["M"][cols], d)
-                best = torch.cat([best, D], 1).sort(1).values[:, :K]
-            scans.append(n)
-    return scans
+        walks += [Walk(batch, w, group, K, tile, home) for w in range(Q // group)]
+    return walks
 
 
 def span(costs: list[float], slots: int = SLOTS, release: list[float] | None = None) -> float:
@@ -76,6 +146,40 @@ def span(costs: list[float], slots: int = SLOTS, release: list[float] | None = N
         heapq.heappush(free, start + c)
         end = max(end, start + c)
     return end
+
+
+def handoff_span(walks: list[Walk], slots: int = SLOTS) -> tuple[float, int]:
+    """Span with the kernel's hand-off (see the module docstring) and the number of walks
+    handed on."""
+    free = [(0.0, x) for x in range(slots)]
+    starts, slot_of = [], []
+    for wk in walks:  # the launch: every group in order, on the first free slot
+        t, x = heapq.heappop(free)
+        starts.append(t)
+        slot_of.append(x)
+        heapq.heappush(free, (t + wk.scans, x))
+    all_started = max(starts)
+    slot_free = [0.0] * slots
+    shares, end, handed = [], 0.0, 0
+    for wk, t0, x in zip(walks, starts, slot_of, strict=True):
+        look = next((i for i, (n, _, _) in enumerate(wk.looks) if t0 + n >= all_started), None)
+        if look is None:
+            finish = t0 + wk.scans
+        else:
+            handed += 1
+            at = t0 + wk.looks[look][0]
+            costs = wk.shares(look)
+            finish = at + costs[0]
+            shares += [(at, c) for c in costs[1:]]
+        slot_free[x] = max(slot_free[x], finish)
+        end = max(end, finish)
+    pool = list(slot_free)
+    heapq.heapify(pool)
+    for at, c in sorted(shares, key=lambda s: s[0]):
+        start = max(heapq.heappop(pool), at)
+        heapq.heappush(pool, start + c)
+        end = max(end, start + c)
+    return end, handed
 
 
 def split_spans(costs: list[int], tiles: int, shares: int, cap: int) -> tuple[float, float]:
@@ -114,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dist in ("cube", "sphere"):
         for name, (B, Q, P, K) in SIZES.items():
-            scans = group_scans(dist, B, Q, P, K)
+            walks = group_walks(dist, B, Q, P, K)
+            scans = [wk.scans for wk in walks]
             s = torch.tensor(scans, dtype=torch.float64)
             row = {"dist": dist, "size": name, "B": B, "Q": Q, "P": P, "K": K}
             row.update(groups=len(scans), p50=float(s.median()), p90=float(s.quantile(0.9)))
@@ -123,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 after, concurrent = split_spans(scans, SPLIT_TILES, SPLIT_SHARES, cap)
                 row[f"split_cap{cap}_second_launch"] = after
                 row[f"split_cap{cap}_concurrent"] = concurrent
+            row["handoff_span"], row["handoff_walks"] = handoff_span(walks)
+            row["handoff_ratio"] = row["handoff_span"] / row["span"]
             rows.append(row)
             print(row, flush=True)
     write_json(args.json, {"slots": SLOTS, "rows": rows}, overwrite=args.overwrite)

@@ -1298,8 +1298,7 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
   if (lane == 0) atomicAdd(handoff.state + kGroupsStarted, 1);
 
   // The warp's jobs: its own group's walk (slot -1 until it hands on), then shares of
-  // handed-on walks.
-  // (in shared memory: registers are the kernel's tightest resource)
+  // handed-on walks. Kept in shared memory: registers are the kernel's tightest resource.
   __shared__ int job_group, job_slot, job_share;
   if (lane == 0) {
     job_group = static_cast<int>(blockIdx.x);
