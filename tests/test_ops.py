@@ -670,6 +670,15 @@ def test_cuda_brute_force_any_warps_per_block(warps):
     assert "same neighbours" in done.stdout
 
 
+def assert_tile_search_exact(q, p, sigma, R, Ks) -> None:
+    """The tile search's indices equal brute force's, for every K in Ks up to P."""
+    for K in Ks:
+        if K > p.shape[1]:
+            continue
+        brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
+        assert torch.equal(brute, knn_search_aniso(q, p, sigma, R, K, method="tile")), K
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tile_search_equals_brute_force(dtype, device):
@@ -691,11 +700,7 @@ def test_tile_search_equals_brute_force(dtype, device):
             for kind in SEARCH_CASES
         ]
     for q, p, sigma, R in cases:
-        for K in (1, 5, 16, 32):
-            if K > p.shape[1]:
-                continue
-            brute = knn_search_aniso(q, p, sigma, R, K, method="brute")
-            assert torch.equal(brute, knn_search_aniso(q, p, sigma, R, K, method="tile")), K
+        assert_tile_search_exact(q, p, sigma, R, (1, 5, 16, 32))
 
 
 @pytest.mark.cuda
@@ -708,10 +713,7 @@ def test_cuda_tile_search_many_chunks(dtype):
     q, p, _, sigma, R = make_inputs(2, 500, 70000, 1, dtype=dtype, device="cuda", seed=21)
     sphere = torch.nn.functional.normalize(p, dim=-1)
     for points, queries in ((p, q), (sphere, q), (sphere, 3 * q)):
-        for K in (1, 16, 32):
-            brute = knn_search_aniso(queries, points, sigma, R, K, method="brute")
-            tile = knn_search_aniso(queries, points, sigma, R, K, method="tile")
-            assert torch.equal(brute, tile), K
+        assert_tile_search_exact(queries, points, sigma, R, (1, 16, 32))
 
 
 @pytest.mark.cuda
@@ -730,10 +732,7 @@ def test_cuda_tile_search_hands_on_long_walks(dtype):
     sphere = torch.nn.functional.normalize(p, dim=-1).repeat(1, 2, 1)
     sigma, R = sigma.repeat(1, 2, 1), R.repeat(1, 2, 1, 1)
     queries = torch.cat((0.05 * q[:, :4400], sphere[:, :300] + 0.01 * q[:, 4400:]), dim=1)
-    for K in (1, 8, 32):
-        brute = knn_search_aniso(queries, sphere, sigma, R, K, method="brute")
-        tile = knn_search_aniso(queries, sphere, sigma, R, K, method="tile")
-        assert torch.equal(brute, tile), K
+    assert_tile_search_exact(queries, sphere, sigma, R, (1, 8, 32))
 
 
 @pytest.mark.cuda
