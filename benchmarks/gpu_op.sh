@@ -82,7 +82,8 @@ for search, K, P, Q in (("brute", 5, 37, 45), ("brute", 16, 300, 45), ("brute", 
                         ("grid", 8, 700, 64), ("grid", 32, 40, 33),
                         ("tile", 8, 700, 64), ("tile", 32, 40, 33), ("tile", 16, 3000, 300),
                         ("tile", 16, 3000, 8200), ("tile", 8, 70000, 64)):
-    ins = make_inputs(2, Q, P, 33, device="cuda", requires_grad=True)
+    F = 33 if search == "grid" else 32  # single-channel and 16-byte rows (WarpLayout)
+    ins = make_inputs(2, Q, P, F, device="cuda", requires_grad=True)
     f_out, w, d, idx = knn_aggregate_aniso(*ins, K, search=search)
     (gq,) = torch.autograd.grad((f_out.sum(-1) + w.sum(-1) - d[..., 0]).sum(), ins[0],
                                 create_graph=True)

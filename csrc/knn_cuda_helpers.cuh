@@ -1,13 +1,18 @@
 // Device and host helpers shared by the CUDA kernels of the op (knn_search_cuda.cu,
-// knn_aggregate_cuda.cu): warp reductions, the geometry of the (query, neighbour) pair a lane
-// holds, point-gradient scatters, and the loop over a warp's neighbours that reads and
-// scatters feature rows.
+// knn_aggregate_cuda.cu): the warp's constants, the devices' attributes, the geometry of the
+// (query, neighbour) pair a lane holds, and its point-gradient scatters.
 //
 // Names follow knn_aggregate.h: bq = b * Q + query (flat query index), pj = b * P + j (flat
 // point index), t = bq * K + k (flat pair index); upstreams gf, gw, gD.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+
 #include <cstdint>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "knn_aggregate.h"
 #include "knn_aggregate_math.h"
@@ -17,11 +22,27 @@ namespace neusdf {
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
+// What the launches need to know of a device, read for every visible device once per process
+// (no CUDA call per op call).
+struct DeviceFacts {
+  int multiprocessors;
+  int major;  // compute capability
+};
+
+inline const DeviceFacts& device_facts(c10::DeviceIndex device) {
+  static std::once_flag once;
+  static std::vector<DeviceFacts> facts;
+  std::call_once(once, [] {
+    std::vector<DeviceFacts> read(c10::cuda::device_count());
+    for (size_t d = 0; d < read.size(); ++d) {
+      const int index = static_cast<int>(d);
+      C10_CUDA_CHECK(
+          cudaDeviceGetAttribute(&read[d].multiprocessors, cudaDevAttrMultiProcessorCount, index));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&read[d].major, cudaDevAttrComputeCapabilityMajor, index));
+    }
+    facts = std::move(read);  // only after every query succeeded (a throw lets a later call retry)
+  });
+  return facts.at(device);
 }
 
 // ------------------------------------------------------------ per-query warp kernels
@@ -78,80 +99,6 @@ __device__ __forceinline__ void atomic_add_point_terms(int64_t pj, const T gp[3]
   }
 #pragma unroll
   for (int c = 0; c < 9; ++c) atomicAdd(grad_R + 9 * pj + c, gR[c]);
-}
-
-// For this lane's channels of one neighbour row: returns sum_c gfq[c] * f_row[c] (this lane's
-// part) and adds scale * gfq[c] to out_row[c] atomically. With `pairs` (float, F even, rows
-// 8-byte aligned) a lane takes two channels at a time: half the loads and, on sm_90, half the
-// atomics (one float2 atomic add).
-template <typename T>
-__device__ __forceinline__ T dot_and_scatter(const T* __restrict__ gfq, const T* __restrict__ f_row,
-                                             T* __restrict__ out_row, T scale, int64_t F,
-                                             int lane, bool pairs) {
-  T part = 0;
-  for (int64_t c = lane; c < F; c += kWarp) {
-    const T gfc = gfq[c];
-    part += gfc * f_row[c];
-    atomicAdd(out_row + c, scale * gfc);
-  }
-  return part;
-}
-
-template <>
-__device__ __forceinline__ float dot_and_scatter<float>(const float* __restrict__ gfq,
-                                                        const float* __restrict__ f_row,
-                                                        float* __restrict__ out_row, float scale,
-                                                        int64_t F, int lane, bool pairs) {
-  if (!pairs) {
-    float part = 0;
-    for (int64_t c = lane; c < F; c += kWarp) {
-      const float gfc = gfq[c];
-      part += gfc * f_row[c];
-      atomicAdd(out_row + c, scale * gfc);
-    }
-    return part;
-  }
-  float part = 0;
-  for (int64_t c = 2 * lane; c < F; c += 2 * kWarp) {
-    const float2 g2 = *reinterpret_cast<const float2*>(gfq + c);
-    const float2 f2 = *reinterpret_cast<const float2*>(f_row + c);
-    part += g2.x * f2.x + g2.y * f2.y;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(reinterpret_cast<float2*>(out_row + c), make_float2(scale * g2.x, scale * g2.y));
-#else
-    atomicAdd(out_row + c, scale * g2.x);
-    atomicAdd(out_row + c + 1, scale * g2.y);
-#endif
-  }
-  return part;
-}
-
-// The neighbour loop of the backward and double-backward kernels. The warp holds nk <= 32
-// neighbours of query bq, neighbour kk on lane kk (point j, coefficient scale; j = -1 for an
-// invalid pair). Channels run across lanes: for each neighbour kk it adds scale_kk * gf[bq] to
-// that point's row of grad_f and returns, on lane kk, gf[bq] . f[j_kk] (0 on other lanes and
-// when gfq, the row gf[bq], is null). Must be called by the whole warp.
-template <typename T>
-__device__ __forceinline__ T neighbour_dots_and_scatter(const T* __restrict__ gfq,
-                                                        const T* __restrict__ f,
-                                                        T* __restrict__ grad_f, int64_t j,
-                                                        T scale, int nk, int64_t b,
-                                                        const ProblemSize& n, int lane,
-                                                        bool pairs) {
-  T dot = 0;
-  if (gfq == nullptr) return dot;  // uniform across the warp
-  for (int kk = 0; kk < nk; ++kk) {
-    const int64_t jk = __shfl_sync(kFullMask, j, kk);
-    const T scale_k = __shfl_sync(kFullMask, scale, kk);
-    T part = 0;
-    if (jk >= 0) {
-      const int64_t row = (b * n.P + jk) * n.F;
-      part = dot_and_scatter(gfq, f + row, grad_f + row, scale_k, n.F, lane, pairs);
-    }
-    part = warp_sum(part);
-    if (lane == kk) dot = part;
-  }
-  return dot;
 }
 
 }  // namespace neusdf

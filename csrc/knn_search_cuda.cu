@@ -446,25 +446,6 @@ __global__ void knn_search_large_k_kernel(const T* __restrict__ q, const T* __re
   }
 }
 
-// Warps per search block: enough blocks x warps to fill the GPU, at most 4 (on an H100, 4 beat
-// 2, 6 and 8 at P = 4096 and P = 65536: benchmarks/RESULTS.md), a power of two (the scan's
-// steps must divide a tile). NEUSDF_SEARCH_WARPS (1..8, rounded down to a power of two)
-// overrides the choice, for tuning; it is read once per process, and the SM counts of the
-// devices once per process too: no getenv and no CUDA call per search.
-int multiprocessor_count(c10::DeviceIndex device) {
-  static std::once_flag once;
-  static std::vector<int> sms;
-  std::call_once(once, [] {
-    std::vector<int> counts(c10::cuda::device_count());
-    for (size_t d = 0; d < counts.size(); ++d) {
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[d], cudaDevAttrMultiProcessorCount,
-                                            static_cast<int>(d)));
-    }
-    sms = std::move(counts);  // only after every query succeeded (a throw lets a later call retry)
-  });
-  return sms.at(device);
-}
-
 // The largest power of two <= w (w >= 1): the scan needs warps to divide a tile's steps.
 int power_of_two_floor(int64_t w) {
   int p = 1;
@@ -472,6 +453,11 @@ int power_of_two_floor(int64_t w) {
   return p;
 }
 
+// Warps per search block: enough blocks x warps to fill the GPU, at most 4 (on an H100, 4 beat
+// 2, 6 and 8 at P = 4096 and P = 65536: benchmarks/RESULTS.md), a power of two (the scan's
+// steps must divide a tile). NEUSDF_SEARCH_WARPS (1..8, rounded down to a power of two)
+// overrides the choice, for tuning; it is read once per process, and the SM counts of the
+// devices once per process too: no getenv and no CUDA call per search.
 int search_warps(int64_t blocks, c10::DeviceIndex device) {
   static const int forced = [] {
     const char* env = std::getenv("NEUSDF_SEARCH_WARPS");
@@ -479,7 +465,7 @@ int search_warps(int64_t blocks, c10::DeviceIndex device) {
     return w >= 1 && w <= 8 ? power_of_two_floor(w) : 0;
   }();
   if (forced) return forced;
-  const int sms = multiprocessor_count(device);
+  const int sms = device_facts(device).multiprocessors;
   const int64_t target = static_cast<int64_t>(sms) * 32;  // resident warps to aim for
   const int64_t warps = (target + blocks - 1) / blocks;
   return power_of_two_floor(std::min<int64_t>(4, std::max<int64_t>(1, warps)));
@@ -1644,7 +1630,7 @@ int tile_build_resident_blocks(c10::DeviceIndex device) {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tile_build_kernel<T>,
                                                                  kBuildThreads, 0));
-    resident = per_sm * multiprocessor_count(device);
+    resident = per_sm * device_facts(device).multiprocessors;
   }
   return resident;
 }

@@ -629,6 +629,50 @@ def test_cuda_matches_cpu(size, opts, dtype):
         assert_close_scaled(y.cpu(), x, dtype)
 
 
+# (Q, F, K) for the CUDA kernels' layouts of a warp: several queries a warp (K <= 16) or one
+# (K = 32) or rounds of 32 neighbours (K > 32); feature rows of whole 16-byte loads (float
+# F % 4 == 0, double F % 2 == 0), of single channels (F odd), narrower or wider than a warp; Q
+# leaving the last warp's queries empty.
+AGGREGATE_LAYOUTS = [
+    (37, 1, 1),
+    (37, 3, 3),
+    (21, 4, 8),
+    (19, 12, 16),
+    (13, 64, 16),
+    (11, 70, 32),
+    (9, 130, 33),
+    (5, 2, 64),
+    (7, 256, 5),
+]
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("Q", "F", "K"), AGGREGATE_LAYOUTS)
+def test_cuda_aggregate_layouts(Q, F, K, dtype):
+    """Forward values and the gradients of all three outputs against the reference."""
+    inputs = make_inputs(2, Q, 80, F, dtype=dtype, device="cuda", seed=Q + F + K)
+    idx = knn_search_aniso(*(inputs[i] for i in (0, 1, 3, 4)), K)
+    cpu = [t.detach().cpu().requires_grad_() for t in inputs]
+    expected = knn_aggregate_aniso_reference(*cpu, K, idx=idx.cpu())[:3]
+    gen = torch.Generator().manual_seed(Q)
+    upstream = [torch.randn(t.shape, generator=gen, dtype=dtype) for t in expected]
+    expected_grads = torch.autograd.grad(expected, cpu, upstream)
+    # The same features stored one element past a 16-byte boundary: single-channel loads.
+    storage = torch.empty(inputs[2].numel() + 1, dtype=dtype, device="cuda")
+    shifted = storage[1:].view_as(inputs[2]).copy_(inputs[2])
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    for features in (inputs[2], shifted):
+        leaves = [t.detach().requires_grad_() for t in (*inputs[:2], features, *inputs[3:])]
+        outputs = knn_aggregate_aniso(*leaves, K, idx=idx)[:3]
+        for name, x, y in zip(("f_out", "w", "dists"), outputs, expected, strict=True):
+            assert_close_scaled(x.detach().cpu(), y.detach(), dtype, name)
+        grads = torch.autograd.grad(outputs, leaves, [g.cuda() for g in upstream])
+        for name, x, y in zip("q p f sigma R".split(), grads, expected_grads, strict=True):
+            assert_close_scaled(x.cpu(), y, dtype, f"grad {name}")
+
+
 @pytest.mark.cuda
 @CUDA
 def test_cuda_search_matches_reference_at_scale():
