@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_crossover import graph_ms  # noqa: E402
 
 from neusdf.ops import knn_aggregate_aniso  # noqa: E402
-from neusdf.ops.benchmark import SIZES, SMALL_SIZES, write_json  # noqa: E402
+from neusdf.ops.benchmark import SIZES, SMALL_SIZES, call_times, write_json  # noqa: E402
 from neusdf.ops.knn import ensure_registered  # noqa: E402
 from neusdf.ops.testing import make_inputs  # noqa: E402
 
@@ -44,17 +42,6 @@ def sizes() -> dict[str, tuple]:
     """Every size this script knows, name -> (B, Q, P, F, K, dtype)."""
     known = {name: (*size, torch.float32) for name, size in {**SIZES, **SMALL_SIZES}.items()}
     return {**known, **EXTRA_SIZES}
-
-
-def wall_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    """Median milliseconds of ``reps`` calls of fn after one untimed call (the CPU's timer)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def checksums(tensors) -> list[float]:
@@ -79,7 +66,13 @@ def measure(name: str, device: str) -> dict:
         return torch.randn(shape, dtype=dtype, device=device, generator=gen)
 
     ops = torch.ops.neusdf
-    timer = graph_ms if device == "cuda" else wall_ms
+    if device == "cuda":
+        timer = graph_ms
+    else:  # the op benchmark's timer: one untimed call, then the median of 5
+
+        def timer(fn):
+            return statistics.median(call_times(device, fn, warmup=1, reps=5))
+
     with torch.no_grad():
         idx = ops.knn_search(q, p, sigma, R, K, "auto")
         gf, gw, gD, ggq = randn(B, Q, F), randn(B, Q, K), randn(B, Q, K), randn(B, Q, 3)

@@ -289,8 +289,9 @@ __global__ void knn_aggregate_backward_kernel(
     load_lane_pair(p, sigma, R, idx, qv, b, t, has_query && k < n.K, n.P, pr);
     // gf . f_k on the pair's lane; grad_f[k] += w_k gf. Absent upstreams (null) count as
     // zero; the null tests are uniform across the warp.
-    const T dot = gf ? pair_dots_and_scatter<T, V>(gf, f, grad_f, pr.ok ? (b * n.P + pr.j) * n.F : -1,
-                                                   pr.w, layout, bq0, n.F, lane)
+    const T dot = gf ? pair_dots_and_scatter<T, V>(gf, f, grad_f,
+                                                   pr.ok ? (b * n.P + pr.j) * n.F : -1, pr.w,
+                                                   layout, bq0, n.F, lane)
                      : T(0);
     if (pr.ok) {
       const T dbar = backward_dbar(gD ? gD[t] : T(0), pr.w, dot + (gw ? gw[t] : T(0)));
@@ -489,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
         data_or_null<T>(gf), data_or_null<T>(gw), data_or_null<T>(gD), q.data_ptr<T>(),
         p.data_ptr<T>(), f.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(),
         idx.data_ptr<int64_t>(), n, layout, grad_q.data_ptr<T>(), grad_p.data_ptr<T>(),
-        grad_f.data_ptr<T>(), grad_sigma.data_ptr<T>(),         grad_R.data_ptr<T>());
+        grad_f.data_ptr<T>(), grad_sigma.data_ptr<T>(), grad_R.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_q, grad_p, grad_f, grad_sigma, grad_R};

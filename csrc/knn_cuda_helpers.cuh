@@ -38,7 +38,8 @@ inline const DeviceFacts& device_facts(c10::DeviceIndex device) {
       const int index = static_cast<int>(d);
       C10_CUDA_CHECK(
           cudaDeviceGetAttribute(&read[d].multiprocessors, cudaDevAttrMultiProcessorCount, index));
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&read[d].major, cudaDevAttrComputeCapabilityMajor, index));
+      C10_CUDA_CHECK(
+          cudaDeviceGetAttribute(&read[d].major, cudaDevAttrComputeCapabilityMajor, index));
     }
     facts = std::move(read);  // only after every query succeeded (a throw lets a later call retry)
   });
