@@ -24,7 +24,26 @@
 namespace neusdf {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;  // warps per block of the per-query warp kernels
+// Warps per block of the aggregation kernels: 4 rather than 8 (the same warps an SM; a block's
+// registers are freed when its last warp ends, so smaller blocks waste less of an SM while the
+// slowest warps finish): the double backward in float 0.97-0.99x the time, the rest about the
+// same (H200, docs/op.md).
+constexpr int kWarpsPerBlock = 4;
+
+// Warps an SM must have room for (the register budget of __launch_bounds__). For the float64
+// kernels this is what matters: left to itself the compiler took 87 registers for the backward
+// and 134 for the double backward (16 and 8 warps an SM); under budgets of 80 and 128 (24 and
+// 16 warps) they took 0.90x and 0.60x the time (H200, docs/op.md), with at most 8 bytes
+// spilled. The float budgets (32 and 16 warps) keep the occupancy the compiler's own choice
+// gives (64 and 96-112 registers).
+template <typename T>
+constexpr int backward_min_warps() {
+  return sizeof(T) == 8 ? 24 : 32;
+}
+template <typename T>
+constexpr int double_backward_min_warps() {
+  return 16;
+}
 
 // How the kernels lay a warp over pairs and feature rows (chosen on the host, warp_layout).
 //
@@ -45,6 +64,46 @@ struct WarpLayout {
   int row_lanes;  // lanes per feature row (a power of two <= 32)
   int V;          // channels a lane loads at a time (1, or 16 bytes of them)
 };
+
+// The queries a lane's warp holds and the lane's own (WarpLayout), the same in all three
+// kernels: warp w holds queries w * 32 / k_slots, ..., lane l the (l / k_slots)-th of them.
+struct LaneQuery {
+  int64_t bq0;     // the warp's first query (flat index b * Q + query)
+  int64_t BQ;      // B * Q
+  int64_t bq;      // this lane's query
+  int64_t b;       // its batch (0 where the lane has no query)
+  int lane;        // lane in the warp
+  int slot;        // neighbour slot in the query's round: lane % k_slots
+  bool has_query;  // bq < BQ (the last warp may hold fewer queries)
+
+  // Pair t = bq * K + k0 + slot of round k0 (neighbours k0, ..., k0 + k_slots - 1), or -1
+  // where the lane holds none (no query, or past K).
+  __device__ __forceinline__ int64_t pair(int64_t k0, int64_t K) const {
+    const int64_t k = k0 + slot;
+    return has_query && k < K ? bq * K + k : -1;
+  }
+};
+
+__device__ __forceinline__ LaneQuery lane_query(const ProblemSize& n, const WarpLayout& layout) {
+  LaneQuery lq;
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+  lq.lane = threadIdx.x % kWarp;
+  lq.slot = lq.lane & (layout.k_slots - 1);
+  lq.bq0 = warp * (kWarp / layout.k_slots);
+  lq.BQ = n.B * n.Q;
+  lq.bq = lq.bq0 + (lq.lane >> layout.k_shift);
+  lq.has_query = lq.bq < lq.BQ;
+  lq.b = lq.has_query ? lq.bq / n.Q : 0;
+  return lq;
+}
+
+// The lane's query position (zeros where it has none).
+template <typename T>
+__device__ __forceinline__ void load_query(const T* __restrict__ q, const LaneQuery& lq,
+                                           T (&qv)[3]) {
+#pragma unroll
+  for (int c = 0; c < 3; ++c) qv[c] = lq.has_query ? q[3 * lq.bq + c] : T(0);
+}
 
 // Loads V channels at src (16-byte aligned where V > 1).
 template <typename T, int V>
@@ -97,11 +156,11 @@ __device__ __forceinline__ void add_channels(T* __restrict__ dst, const T (&acc)
 // shuffles). Whole warp.
 template <typename T, int V>
 __device__ __forceinline__ void pair_weighted_rows(const T* __restrict__ f, int64_t row, T coef,
-                                                   const WarpLayout& layout, int64_t bq0,
-                                                   int64_t BQ, int64_t F, int lane, bool add,
+                                                   const WarpLayout& layout,
+                                                   const LaneQuery& lq, int64_t F, bool add,
                                                    T* __restrict__ out) {
   const T nan = NAN;
-  const int group = lane / layout.row_lanes;
+  const int lane = lq.lane, group = lane / layout.row_lanes;
   const bool shared_query = layout.row_lanes <= layout.k_slots;
   const int last_pair = layout.k_slots - 1;  // lane & last_pair: the pair's neighbour slot
   // Chunks of row_lanes * V channels, the same trip counts on every lane: the shuffles
@@ -140,8 +199,8 @@ __device__ __forceinline__ void pair_weighted_rows(const T* __restrict__ f, int6
         }
         const int src = group * layout.row_lanes + i0 + u;  // the pair's lane
         if (!shared_query && (src & last_pair) == last_pair) {  // the query's last pair
-          const int64_t bqs = bq0 + (src >> layout.k_shift);
-          if (has_c && bqs < BQ) add_channels<T, V>(out + bqs * F + c, acc, add);
+          const int64_t bqs = lq.bq0 + (src >> layout.k_shift);
+          if (has_c && bqs < lq.BQ) add_channels<T, V>(out + bqs * F + c, acc, add);
 #pragma unroll
           for (int e = 0; e < V; ++e) acc[e] = 0;
         }
@@ -152,9 +211,8 @@ __device__ __forceinline__ void pair_weighted_rows(const T* __restrict__ f, int6
 #pragma unroll
         for (int e = 0; e < V; ++e) acc[e] += __shfl_xor_sync(kFullMask, acc[e], o);
       }
-      const int64_t bqs = bq0 + (lane >> layout.k_shift);
-      if ((lane & last_pair) < layout.row_lanes && has_c && bqs < BQ)
-        add_channels<T, V>(out + bqs * F + c, acc, add);
+      if (lq.slot < layout.row_lanes && has_c && lq.has_query)
+        add_channels<T, V>(out + lq.bq * F + c, acc, add);
     }
   }
 }
@@ -165,32 +223,23 @@ __global__ void knn_aggregate_kernel(const T* __restrict__ q, const T* __restric
                                      const T* __restrict__ R, const int64_t* __restrict__ idx,
                                      ProblemSize n, WarpLayout layout, T* __restrict__ f_out,
                                      T* __restrict__ w, T* __restrict__ dists) {
-  const int per_warp = kWarp / layout.k_slots;  // queries a warp holds (1 when K > 32)
-  const int64_t bq0 =
-      (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp * per_warp;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t BQ = n.B * n.Q;
-  if (bq0 >= BQ) return;  // whole warps leave together
-  const int64_t bq = bq0 + (lane >> layout.k_shift);  // this lane's query
-  const bool has_query = bq < BQ;
-  const int64_t b = has_query ? bq / n.Q : 0;
-  T qv[3] = {0, 0, 0};
-  if (has_query) qv[0] = q[3 * bq], qv[1] = q[3 * bq + 1], qv[2] = q[3 * bq + 2];
+  const LaneQuery lq = lane_query(n, layout);
+  if (lq.bq0 >= lq.BQ) return;  // whole warps leave together
+  T qv[3];
+  load_query(q, lq, qv);
   const T nan = NAN;
   for (int64_t k0 = 0; k0 < n.K; k0 += kWarp) {  // one round unless K > 32
-    const int64_t k = k0 + (lane & (layout.k_slots - 1));
-    const int64_t t = bq * n.K + k;
-    const bool in_range = has_query && k < n.K;
+    const int64_t t = lq.pair(k0, n.K);
     LanePair<T> pr;
-    load_lane_pair(p, sigma, R, idx, qv, b, t, in_range, n.P, pr);
-    if (in_range) {
+    load_lane_pair(p, sigma, R, idx, qv, lq.b, t, t >= 0, n.P, pr);
+    if (t >= 0) {
       w[t] = pr.ok ? pr.w : nan;
       dists[t] = pr.ok ? pr.D : nan;
     }
     // The gather needs of this lane's pair the offset of its feature row in f, or -1 for an
     // invalid index (NaN sums, as the pair's w and dists), -2 for no pair (skipped).
-    const int64_t row = pr.ok ? (b * n.P + pr.j) * n.F : (in_range ? -1 : -2);
-    pair_weighted_rows<T, V>(f, row, pr.w, layout, bq0, BQ, n.F, lane, k0 > 0, f_out);
+    const int64_t row = pr.ok ? (lq.b * n.P + pr.j) * n.F : (t >= 0 ? -1 : -2);
+    pair_weighted_rows<T, V>(f, row, pr.w, layout, lq, n.F, k0 > 0, f_out);
   }
 }
 
@@ -218,9 +267,10 @@ template <typename T, int V>
 __device__ __forceinline__ T pair_dots_and_scatter(const T* __restrict__ gf,
                                                    const T* __restrict__ f,
                                                    T* __restrict__ grad_f, int64_t row, T scale,
-                                                   const WarpLayout& layout, int64_t bq0,
-                                                   int64_t F, int lane) {
-  const int group = lane / layout.row_lanes, first = (lane & (layout.row_lanes - 1)) * V;
+                                                   const WarpLayout& layout,
+                                                   const LaneQuery& lq, int64_t F) {
+  const int lane = lq.lane, group = lane / layout.row_lanes;
+  const int first = (lane & (layout.row_lanes - 1)) * V;
   T dot = 0;
   for (int i = 0; i < layout.row_lanes; ++i) {
     const int src = group * layout.row_lanes + i;  // the pair's lane
@@ -228,7 +278,7 @@ __device__ __forceinline__ T pair_dots_and_scatter(const T* __restrict__ gf,
     const T scale_k = __shfl_sync(kFullMask, scale, src);
     T part = 0;
     if (row_k >= 0) {
-      const T* gfq = gf + (bq0 + (src >> layout.k_shift)) * F;  // the pair's query's upstream
+      const T* gfq = gf + (lq.bq0 + (src >> layout.k_shift)) * F;  // the pair's query's upstream
       for (int64_t c = first; c < F; c += layout.row_lanes * V) {
         T g[V], v[V], add[V];
         load_channels<T, V>(gfq + c, g);
@@ -251,12 +301,12 @@ __device__ __forceinline__ T pair_dots_and_scatter(const T* __restrict__ gf,
 // values) from the query's first lane. Whole warp.
 template <typename T>
 __device__ __forceinline__ void add_query_gradient(T (&gq)[3], const WarpLayout& layout,
-                                                   int lane, bool has_query, T* __restrict__ out) {
+                                                   const LaneQuery& lq, T* __restrict__ out) {
   for (int o = 1; o < layout.k_slots; o <<= 1) {
 #pragma unroll
     for (int c = 0; c < 3; ++c) gq[c] += __shfl_xor_sync(kFullMask, gq[c], o);
   }
-  if ((lane & (layout.k_slots - 1)) == 0 && has_query) {
+  if (lq.slot == 0 && lq.has_query) {
 #pragma unroll
     for (int c = 0; c < 3; ++c) out[c] = gq[c];
   }
@@ -264,34 +314,29 @@ __device__ __forceinline__ void add_query_gradient(T (&gq)[3], const WarpLayout&
 
 // The backward: pairs laid over the warp as in the forward (several queries a warp for K < 32).
 template <typename T, int V>
-__global__ void knn_aggregate_backward_kernel(
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarp,
+                                  backward_min_warps<T>() / kWarpsPerBlock)
+    knn_aggregate_backward_kernel(
     const T* __restrict__ gf, const T* __restrict__ gw, const T* __restrict__ gD,
     const T* __restrict__ q, const T* __restrict__ p, const T* __restrict__ f,
     const T* __restrict__ sigma, const T* __restrict__ R, const int64_t* __restrict__ idx,
     ProblemSize n, WarpLayout layout, T* __restrict__ grad_q, T* __restrict__ grad_p,
     T* __restrict__ grad_f, T* __restrict__ grad_sigma, T* __restrict__ grad_R) {
-  const int per_warp = kWarp / layout.k_slots;
-  const int64_t bq0 =
-      (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp * per_warp;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t BQ = n.B * n.Q;
-  if (bq0 >= BQ) return;  // whole warps leave together
-  const int64_t bq = bq0 + (lane >> layout.k_shift);
-  const bool has_query = bq < BQ;
-  const int64_t b = has_query ? bq / n.Q : 0;
-  T qv[3] = {0, 0, 0};
-  if (has_query) qv[0] = q[3 * bq], qv[1] = q[3 * bq + 1], qv[2] = q[3 * bq + 2];
+  const LaneQuery lq = lane_query(n, layout);
+  if (lq.bq0 >= lq.BQ) return;  // whole warps leave together
+  T qv[3];
+  load_query(q, lq, qv);
   T gq[3] = {0, 0, 0};
   for (int64_t k0 = 0; k0 < n.K; k0 += kWarp) {  // one round unless K > 32
-    const int64_t k = k0 + (lane & (layout.k_slots - 1));
-    const int64_t t = bq * n.K + k;
+    const int64_t t = lq.pair(k0, n.K);
     LanePair<T> pr;
-    load_lane_pair(p, sigma, R, idx, qv, b, t, has_query && k < n.K, n.P, pr);
+    load_lane_pair(p, sigma, R, idx, qv, lq.b, t, t >= 0, n.P, pr);
+    const int64_t pj = lq.b * n.P + pr.j;  // the pair's flat point index (where pr.ok)
     // gf . f_k on the pair's lane; grad_f[k] += w_k gf. Absent upstreams (null) count as
     // zero; the null tests are uniform across the warp.
     const T dot = gf ? pair_dots_and_scatter<T, V>(gf, f, grad_f,
-                                                   pr.ok ? (b * n.P + pr.j) * n.F : -1, pr.w,
-                                                   layout, bq0, n.F, lane)
+                                                   pr.ok ? pj * n.F : -1, pr.w,
+                                                   layout, lq, n.F)
                      : T(0);
     if (pr.ok) {
       const T dbar = backward_dbar(gD ? gD[t] : T(0), pr.w, dot + (gw ? gw[t] : T(0)));
@@ -299,51 +344,44 @@ __global__ void knn_aggregate_backward_kernel(
       for (int c = 0; c < 3; ++c) gq[c] += dbar * pr.g[c];
       T gp[3] = {0, 0, 0}, gs[3] = {0, 0, 0}, gR[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
       add_first_order_point_terms(dbar, pr.s, pr.d, pr.u, pr.g, gp, gs, gR);
-      atomic_add_point_terms(b * n.P + pr.j, gp, gs, gR, grad_p, grad_sigma, grad_R);
+      atomic_add_point_terms(pj, gp, gs, gR, grad_p, grad_sigma, grad_R);
     }
   }
-  add_query_gradient(gq, layout, lane, has_query, grad_q + 3 * bq);
+  add_query_gradient(gq, layout, lq, grad_q + 3 * lq.bq);
 }
 
 // The double backward: pairs laid over the warp as in the forward.
 template <typename T, int V>
-__global__ void knn_aggregate_double_backward_kernel(
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarp,
+                                  double_backward_min_warps<T>() / kWarpsPerBlock)
+    knn_aggregate_double_backward_kernel(
     const T* __restrict__ ggq, const T* __restrict__ gf, const T* __restrict__ gw,
     const T* __restrict__ gD, const T* __restrict__ q, const T* __restrict__ p,
     const T* __restrict__ f, const T* __restrict__ sigma, const T* __restrict__ R,
     const int64_t* __restrict__ idx, ProblemSize n, WarpLayout layout, T* __restrict__ g_gf,
     T* __restrict__ g_gw, T* __restrict__ g_gD, T* __restrict__ g_q, T* __restrict__ g_p,
     T* __restrict__ g_f, T* __restrict__ g_sigma, T* __restrict__ g_R) {
-  const int per_warp = kWarp / layout.k_slots;
-  const int64_t bq0 =
-      (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp * per_warp;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t BQ = n.B * n.Q;
-  if (bq0 >= BQ) return;  // whole warps leave together
-  const int64_t bq = bq0 + (lane >> layout.k_shift);
-  const bool has_query = bq < BQ;
-  const int64_t b = has_query ? bq / n.Q : 0;
-  T qv[3] = {0, 0, 0}, e[3] = {0, 0, 0};
-  if (has_query) {
-#pragma unroll
-    for (int c = 0; c < 3; ++c) qv[c] = q[3 * bq + c], e[c] = ggq[3 * bq + c];
-  }
+  const LaneQuery lq = lane_query(n, layout);
+  if (lq.bq0 >= lq.BQ) return;  // whole warps leave together
+  T qv[3], e[3];
+  load_query(q, lq, qv);
+  load_query(ggq, lq, e);  // the upstream of the query gradient, laid out as q
   T gq[3] = {0, 0, 0};
   for (int64_t k0 = 0; k0 < n.K; k0 += kWarp) {  // one round unless K > 32
-    const int64_t k = k0 + (lane & (layout.k_slots - 1));
-    const int64_t t = bq * n.K + k;
+    const int64_t t = lq.pair(k0, n.K);
     LanePair<T> pr;
-    load_lane_pair(p, sigma, R, idx, qv, b, t, has_query && k < n.K, n.P, pr);
+    load_lane_pair(p, sigma, R, idx, qv, lq.b, t, t >= 0, n.P, pr);
+    const int64_t pj = lq.b * n.P + pr.j;  // the pair's flat point index (where pr.ok)
     const T es = pr.ok ? e[0] * pr.g[0] + e[1] * pr.g[1] + e[2] * pr.g[2] : T(0);
     const T ws = pr.w * es;  // w_k (e . g_k)
     // Absent upstreams (null) count as zero and have no gradient to write; the null tests
     // are uniform across the warp.
     T dot = 0;
     if (gf) {
-      const int64_t row = pr.ok ? (b * n.P + pr.j) * n.F : -2;  // -2: no row, skipped
+      const int64_t row = pr.ok ? pj * n.F : -2;  // -2: no row, skipped
       // gf . f_k on the pair's lane; g_f[k] -= ws_k gf; g_gf[query] -= sum_k ws_k f_k.
-      dot = pair_dots_and_scatter<T, V>(gf, f, g_f, row, -ws, layout, bq0, n.F, lane);
-      pair_weighted_rows<T, V>(f, row, -ws, layout, bq0, BQ, n.F, lane, k0 > 0, g_gf);
+      dot = pair_dots_and_scatter<T, V>(gf, f, g_f, row, -ws, layout, lq, n.F);
+      pair_weighted_rows<T, V>(f, row, -ws, layout, lq, n.F, k0 > 0, g_gf);
     }
     if (pr.ok) {
       const DoubleBackwardScalars<T> sc =
@@ -353,10 +391,10 @@ __global__ void knn_aggregate_double_backward_kernel(
       add_double_backward_query_terms(sc, e, pr.s, pr.R, pr.g, gq);
       T gp[3] = {0, 0, 0}, gs[3] = {0, 0, 0}, gR[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
       add_double_backward_point_terms(sc, e, pr.s, pr.R, pr.d, pr.u, pr.g, gp, gs, gR);
-      atomic_add_point_terms(b * n.P + pr.j, gp, gs, gR, g_p, g_sigma, g_R);
+      atomic_add_point_terms(pj, gp, gs, gR, g_p, g_sigma, g_R);
     }
   }
-  add_query_gradient(gq, layout, lane, has_query, g_q + 3 * bq);
+  add_query_gradient(gq, layout, lq, g_q + 3 * lq.bq);
 }
 
 // Zeroes several buffers in one launch (the outputs that are accumulated with atomics): one
