@@ -16,11 +16,13 @@ or as blocks dispatched after every group, each starting when its group hands on
 
 And the hand-off the kernel does (``handoff_*`` columns; docs/op.md, "Handing long walks on"):
 once the last group has started, a group hands on at a chunk it is about to visit when it has
-scanned 64 tiles (looking again every 32) and 2 chunks of the round, that one included, pass
-the chunk test against its widest gate; share x of the 8 then walks tiles x, x + 8, ... of each
-chunk from there on (share 0 with the group's lists, the others empty under its gates), each
-share's scans counted as the group's are. The shares run on the slots their groups' ends free,
-in the order they were handed on. Bookkeeping and merges are not modelled.
+scanned 32 tiles (64 where a batch has more than 512 tiles; looking again every 32) and 2 chunks
+of the round, that one included, pass the chunk test against its widest gate; share x of the 8
+then walks tiles x, x + 8, ... of each chunk from there on (share 0 with the group's lists,
+the others empty under its gates), each share's scans counted as the group's are. The shares
+run on the slots their groups' ends free, in the order they were handed on. Bookkeeping and
+merges are not modelled. (``benchmarks/tile_tail_model.json`` was computed when the kernel
+handed on after 64 tiles at every size.)
 
     python benchmarks/tile_tail_model.py tile_tail_model.json
 """
@@ -50,7 +52,13 @@ SIZES = {
 }
 
 
-HANDOFF_TILES, HANDOFF_RECHECK, HANDOFF_MIN_CHUNKS, HANDOFF_SHARES = 64, 32, 2, 8  # the kernel's
+HANDOFF_RECHECK, HANDOFF_MIN_CHUNKS, HANDOFF_SHARES = 32, 2, 8  # the kernel's
+
+
+def handoff_after_tiles(tiles: int) -> int:
+    """Tiles a group scans before it may hand on, for a batch of ``tiles`` tiles (the kernel's
+    ``handoff_after_tiles``)."""
+    return 32 if tiles <= 512 else 64
 
 
 class Walk:
@@ -75,7 +83,7 @@ class Walk:
         best = torch.full((len(self.qw), K), float("inf"), dtype=torch.float64)
         self.scans, best = self.scan(home_tiles, best, best[:, -1])
         self.looks = []
-        next_look = HANDOFF_TILES
+        next_look = handoff_after_tiles(nt)
         for pos, tiles in enumerate(self.chunk_tiles):
             if self.scans >= next_look:
                 end = min(len(self.chunks), (pos // CHUNK + 1) * CHUNK)  # the round's end

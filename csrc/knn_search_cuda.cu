@@ -1160,7 +1160,7 @@ __host__ __device__ constexpr int group_max_registers() {
 // tiles while the others are long done (docs/op.md, "Handing long walks on"). With one warp a
 // group, the kernel's end then runs a handful of warps on an idle GPU. So once every group of
 // the launch has started (before, a freed SM slot goes to the next group anyway), a group that
-// has scanned kHandoffAfterTiles tiles, with at least kHandoffMinChunks chunks known to be in
+// has scanned handoff_after_tiles() tiles, with at least kHandoffMinChunks chunks known to be in
 // reach, hands the rest of its walk on: it publishes its lanes' gates in a hand-off slot, and
 // the tiles of the chunks it has not yet visited are dealt to kHandoffShares shares, share x
 // taking tiles x, x + 8, x + 16 and x + 24 of each chunk (a spread of the same region each).
@@ -1177,12 +1177,17 @@ __host__ __device__ constexpr int group_max_registers() {
 // 0.50x), on points filling a cube 0.98-1.07x (the bookkeeping, where few walks are long).
 constexpr int kHandoffShares = 8;
 static_assert(kTilePoints % kHandoffShares == 0, "a chunk's tiles are dealt evenly");
-// 64 rather than 128 tiles: on the sphere 0.80x the time at the training size and 0.87x at the
-// reference size, on the cube 1.04x at P = 65536 (H200, docs/op.md)
-constexpr int kHandoffAfterTiles = 64;   // tiles a group scans before it may hand on
 constexpr int kHandoffRecheckTiles = 32;  // tiles between two looks at the launch's state
 constexpr int kHandoffMinChunks = 2;      // chunks of the round in reach, this one included
 constexpr size_t kHandoffBytes = size_t{32} << 20;  // at most this much for the slots' lists
+
+// Tiles a group scans before it may hand on, for a batch of `tiles` tiles. 64 rather than 128:
+// on the sphere 0.80x the time at the training size and 0.87x at the reference size, on the
+// cube 1.04x at P = 65536. 32 where a batch has at most 512 tiles (P <= 16384): against 64, the
+// reference size 0.96x (cube) and 0.86x (sphere), the training size 0.96x and 0.93x; with more
+// tiles 32 took longer (sphere, P = 65536: 1.59x; presumably medium walks take the slots before
+// the longest reach 32 tiles). All on an H200, docs/op.md.
+__device__ __forceinline__ int handoff_after_tiles(int tiles) { return tiles <= 512 ? 32 : 64; }
 
 // Share 0's tiles of a chunk (bit x: tile x); share x's are these shifted by x.
 __host__ __device__ constexpr unsigned handoff_tiles() {
@@ -1334,7 +1339,7 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
                           : own_walk ? static_cast<T>(INFINITY)
                                      : __ldcg(handoff.gate + job_slot * kWarp + lane));
     unsigned walk_tiles = own_walk ? kFullMask : handoff_tiles() << job_share;  // bit x: tile x
-    int until_look = own_walk ? kHandoffAfterTiles : INT_MAX;  // tiles to scan before
+    int until_look = own_walk ? handoff_after_tiles(tiles) : INT_MAX;  // tiles to scan before
 
     // Home: the tiles around where the warp's middle query falls in the points' order.
     const unsigned cell = cells[BP + b * Q + min(first_query + Layout::kQueries / 2, Q - 1)];
