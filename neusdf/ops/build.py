@@ -20,6 +20,11 @@ Knobs (environment variables):
 
 The CUDA part is built when PyTorch has CUDA, ``nvcc`` is found (``CUDA_HOME``) and either a GPU
 is visible or ``TORCH_CUDA_ARCH_LIST`` is set; otherwise only the CPU part is.
+
+Processes that load the op at once take turns through a lock file in the build directory (torch
+waits for it to go away). A process killed while it built or loaded the op leaves that file
+behind, and torch would then wait forever without a word: after 10 s of waiting the loader
+names the file on stderr, to be deleted if no other process is building.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +93,24 @@ def _check_toolchain() -> None:
         )
 
 
+def _wait_for_build_lock(lock: Path, notice_after: float = 10.0, poll: float = 0.5) -> None:
+    """Returns once ``lock`` (torch's build lock of the op) does not exist; after
+    ``notice_after`` seconds of waiting says once on stderr which file it waits for."""
+    start = time.monotonic()
+    told = False
+    while lock.exists():
+        if not told and time.monotonic() - start >= notice_after:
+            print(
+                f"neusdf: waiting for '{lock}' to go away: another process is building or "
+                "loading the op. If none is (one killed part-way leaves this file behind), "
+                "delete the file.",
+                file=sys.stderr,
+                flush=True,
+            )
+            told = True
+        time.sleep(poll)
+
+
 def load_library(verbose: bool | None = None) -> bool:
     """Builds (if needed) and loads the op library; registers the ``torch.ops.neusdf`` ops.
 
@@ -100,10 +124,13 @@ def load_library(verbose: bool | None = None) -> bool:
     with _lock:
         if _loaded is not None:
             return _loaded
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         with_cuda = cuda_enabled()
         _check_toolchain()
+        name = "neusdf_ops_cuda" if with_cuda else "neusdf_ops_cpu"
+        # torch's own wait on this lock is silent and unbounded (module docstring)
+        _wait_for_build_lock(Path(_get_build_directory(name, verbose=False)) / "lock")
         if verbose is None:
             verbose = os.environ.get("NEUSDF_BUILD_VERBOSE", "0") == "1"
         sources = [str(SOURCE_DIR / s) for s in _CPU_SOURCES]
@@ -114,7 +141,7 @@ def load_library(verbose: bool | None = None) -> bool:
         if with_cuda:
             sources += [str(SOURCE_DIR / s) for s in _CUDA_SOURCES]
         load(
-            name="neusdf_ops_cuda" if with_cuda else "neusdf_ops_cpu",
+            name=name,
             sources=sources,
             extra_include_paths=[str(SOURCE_DIR)],
             extra_cflags=cflags,
