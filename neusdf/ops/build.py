@@ -93,6 +93,11 @@ def _check_toolchain() -> None:
         )
 
 
+def _library_name(with_cuda: bool) -> str:
+    """The extension's name, which names its build directory in the torch extensions cache."""
+    return "neusdf_ops_cuda" if with_cuda else "neusdf_ops_cpu"
+
+
 def _wait_for_build_lock(lock: Path, notice_after: float = 10.0, poll: float = 0.5) -> None:
     """Returns once ``lock`` (torch's build lock of the op) does not exist; after
     ``notice_after`` seconds of waiting says once on stderr which file it waits for."""
@@ -128,7 +133,7 @@ def load_library(verbose: bool | None = None) -> bool:
 
         with_cuda = cuda_enabled()
         _check_toolchain()
-        name = "neusdf_ops_cuda" if with_cuda else "neusdf_ops_cpu"
+        name = _library_name(with_cuda)
         # torch's own wait on this lock is silent and unbounded (module docstring)
         _wait_for_build_lock(Path(_get_build_directory(name, verbose=False)) / "lock")
         if verbose is None:
@@ -160,7 +165,7 @@ def main() -> int:
     """Command line: build and load the library, print what it holds."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    name = "neusdf_ops_cuda" if cuda_enabled() else "neusdf_ops_cpu"
+    name = _library_name(cuda_enabled())
     if (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file():
         print("neusdf: loading the op (built before; rebuilt only if its sources changed)")
     else:
