@@ -66,34 +66,10 @@ NEUSDF_HD bool is_finite(T x) {
   return x - x == T(0);  // false for NaN and +-inf
 }
 
-// Coefficient lam with D >= lam |q - p|^2 for the distance D that pair_distance computes in
-// precision T, for every q: a lower bound on the smallest eigenvalue of M = R^T diag(s) R
-// (cyclic Jacobi in double, then Weyl's bound for what is left off the diagonal), reduced by
-// the rounding error of pair_distance. With gamma = 16 eps(T), the computed u_i is within
-// gamma |R_i| |d| of the exact one, so D_computed >= (1 - gamma) (lam - 2 gamma sqrt(lam tr M))
-// |d|^2. Returns 0 when no positive bound survives, and -1 for a point that the grid cannot
-// bound at all (non-finite inputs, a precision <= 0, or a bound beyond T's range).
-template <typename T>
-NEUSDF_HD T point_lambda(const T p[3], const T s[3], const T R[9]) {
-  for (int i = 0; i < 3; ++i) {
-    if (!is_finite(p[i]) || !is_finite(s[i]) || !(s[i] > T(0))) return T(-1);
-  }
-  for (int i = 0; i < 9; ++i) {
-    if (!is_finite(R[i])) return T(-1);
-  }
-  double m[3][3];
-  for (int a = 0; a < 3; ++a) {
-    for (int b = 0; b < 3; ++b) {
-      double sum = 0;
-      for (int i = 0; i < 3; ++i) {
-        sum += static_cast<double>(s[i]) * static_cast<double>(R[3 * i + a]) *
-               static_cast<double>(R[3 * i + b]);
-      }
-      m[a][b] = sum;
-    }
-  }
-  const double tr = m[0][0] + m[1][1] + m[2][2];
-  if (!(tr < 1e300)) return T(-1);
+// The smallest eigenvalue of the symmetric m (destroyed) from below: cyclic Jacobi sweeps in
+// double, then Weyl's bound for what they leave off the diagonal, less 1e-12 tr (tr = trace of
+// m, >= 0) for their rounding.
+NEUSDF_HD double jacobi_lambda_min(double m[3][3], double tr) {
   for (int sweep = 0; sweep < 12; ++sweep) {
     const double off = m[0][1] * m[0][1] + m[0][2] * m[0][2] + m[1][2] * m[1][2];
     if (!(off > 1e-36 * tr * tr)) break;
@@ -119,7 +95,74 @@ NEUSDF_HD T point_lambda(const T p[3], const T s[3], const T R[9]) {
     }
   }
   const double off = m[0][1] * m[0][1] + m[0][2] * m[0][2] + m[1][2] * m[1][2];
-  double lam = fmin(m[0][0], fmin(m[1][1], m[2][2])) - sqrt(2 * off) - 1e-12 * tr;
+  return fmin(m[0][0], fmin(m[1][1], m[2][2])) - sqrt(2 * off) - 1e-12 * tr;
+}
+
+// Coefficient lam with D >= lam |q - p|^2 for the distance D that pair_distance computes in
+// precision T, for every q: a lower bound on the smallest eigenvalue of M = R^T diag(s) R,
+// reduced by the rounding error of pair_distance. With gamma = 16 eps(T), the computed u_i is
+// within gamma |R_i| |d| of the exact one, so D_computed >= (1 - gamma) (lam - 2 gamma
+// sqrt(lam tr M)) |d|^2. Returns 0 when no positive bound survives, and -1 for a point that the
+// grid cannot bound at all (non-finite inputs, a precision <= 0, or a bound beyond T's range).
+//
+// The bound on the smallest eigenvalue comes first from the rows' Gram matrix G = R R^T:
+// |R x|^2 >= lam_min(G) |x|^2, so lam_min(M) >= min(s) lam_min(G), and Gershgorin's discs give
+// lam_min(G) >= min_i (G_ii - sum_{k != i} |G_ik|): a few products, and tight to rounding where
+// the rows are orthogonal (rotations, a scaled rotation). It is taken when it is within 1e-3 of
+// an upper bound on lam_min(M), the Rayleigh quotient of M at row j of R (s_j the smallest
+// precision), which is min(s) itself for orthonormal rows. Otherwise (axes far from orthogonal)
+// Jacobi on M decides, the larger of the two bounds kept. With Jacobi for every point the
+// tile build's per-tile phase took 1.8-2.4x as long (docs/op.md, "The tile build's phases").
+template <typename T>
+NEUSDF_HD T point_lambda(const T p[3], const T s[3], const T R[9]) {
+  for (int i = 0; i < 3; ++i) {
+    if (!is_finite(p[i]) || !is_finite(s[i]) || !(s[i] > T(0))) return T(-1);
+  }
+  for (int i = 0; i < 9; ++i) {
+    if (!is_finite(R[i])) return T(-1);
+  }
+  double G[3][3];  // G_ik = R_i . R_k (products of floats are exact in double)
+  for (int i = 0; i < 3; ++i) {
+    for (int k = 0; k < 3; ++k) {
+      double sum = 0;
+      for (int c = 0; c < 3; ++c) {
+        sum += static_cast<double>(R[3 * i + c]) * static_cast<double>(R[3 * k + c]);
+      }
+      G[i][k] = sum;
+    }
+  }
+  // the trace of M (sum_i s_i G_ii); j the smallest precision's axis, G's column j and s_j by
+  // selects (a run-time index would put G in local memory on the GPU)
+  double tr = 0;
+  for (int i = 0; i < 3; ++i) tr += static_cast<double>(s[i]) * G[i][i];
+  if (!(tr < 1e300)) return T(-1);
+  const int j = s[1] < s[0] ? (s[2] < s[1] ? 2 : 1) : (s[2] < s[0] ? 2 : 0);
+  double gj[3];
+  for (int i = 0; i < 3; ++i) gj[i] = j == 0 ? G[i][0] : (j == 1 ? G[i][1] : G[i][2]);
+  const double s_min = static_cast<double>(j == 0 ? s[0] : (j == 1 ? s[1] : s[2]));
+  const double g_jj = j == 0 ? gj[0] : (j == 1 ? gj[1] : gj[2]);
+  double gram_min = G[0][0] - fabs(G[0][1]) - fabs(G[0][2]);
+  gram_min = fmin(gram_min, G[1][1] - fabs(G[1][0]) - fabs(G[1][2]));
+  gram_min = fmin(gram_min, G[2][2] - fabs(G[2][0]) - fabs(G[2][1]));
+  // The rounding of G and of this expression is below 1e-14 min(s) max_i G_ii <= 1e-14 tr.
+  double lam = s_min * gram_min - 1e-12 * tr;
+  double upper = 0;
+  for (int i = 0; i < 3; ++i) upper += static_cast<double>(s[i]) * gj[i] * gj[i];
+  upper /= g_jj;  // NaN for a zero row j: Jacobi decides
+  if (!(lam >= (1 - 1e-3) * upper)) {
+    double m[3][3];
+    for (int a = 0; a < 3; ++a) {
+      for (int b = 0; b < 3; ++b) {
+        double sum = 0;
+        for (int i = 0; i < 3; ++i) {
+          sum += static_cast<double>(s[i]) * static_cast<double>(R[3 * i + a]) *
+                 static_cast<double>(R[3 * i + b]);
+        }
+        m[a][b] = sum;
+      }
+    }
+    lam = fmax(lam, jacobi_lambda_min(m, tr));
+  }
   if (!(lam > 0)) return T(0);
   const double gamma = 16 * Eps<T>::value;
   lam = (1 - gamma) * (lam - 2 * gamma * sqrt(lam * tr));
