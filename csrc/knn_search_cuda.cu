@@ -793,8 +793,8 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // search, L lanes a query").
 //
 // The order inside a cell is the atomics' order, so it varies between calls; the search is
-// exact, so only its speed could depend on it, and a cell holds about one point or query (at
-// most 8 cells each, tile_cell_bits). A radix sort of full Morton keys (CUB's onesweep) made 12
+// exact, so only its speed could depend on it, and a cell holds one to eight points or queries
+// of the larger kind (tile_cell_bits). A radix sort of full Morton keys (CUB's onesweep) made 12
 // of the call's 18 CUDA runtime calls, which the host took longer to launch than the GPU to run
 // (docs/op.md, "Lanes a query, and a call's launches").
 
@@ -1608,14 +1608,16 @@ int tile_lanes_per_query(const ProblemSize& n) {
   return n.P <= 4 * n.Q && n.B * n.Q >= kTileTwoLaneQueries ? 2 : 4;
 }
 
-// Bits an axis of the tile search's sort cells (tile_cell_count_kernel): the most with at most 8
-// cells a point or query of the larger kind (2^(3 bits) <= 8 max(P, Q)), so that a cell holds
-// about one, and the counts and offsets (4 bytes each a cell, two segments a batch) take at most
-// 128 bytes a point or query; at most 7 (2^21 cells a segment), and fewer where the counts of
-// all B batches would not fit an int index.
+// Bits an axis of the tile search's sort cells (tile_count_cell): the most with at most one cell
+// a point or query of the larger kind (2^(3 bits) <= max(P, Q)), so that a cell holds one to
+// eight of them, and the counts and offsets (4 bytes each a cell, two segments a batch) take at
+// most 16 bytes a point or query; at most 7 (2^21 cells a segment), and fewer where the counts
+// of all B batches would not fit an int index. Against 8 cells an entry (one bit more), the
+// build's zeroing and scan of the counts shrink 8x and the whole search took 0.96-1.0x the time
+// on every case of benchmarks/tile_cases.py (docs/op.md, "The tile build's phases").
 int tile_cell_bits(const ProblemSize& n) {
   int bits = 0;
-  while (bits < 7 && (int64_t{1} << (3 * (bits + 1))) <= 8 * std::max(n.P, n.Q) &&
+  while (bits < 7 && (int64_t{1} << (3 * (bits + 1))) <= std::max(n.P, n.Q) &&
          (2 * n.B << (3 * (bits + 1))) < INT_MAX) {
     ++bits;
   }
