@@ -8,11 +8,14 @@ search method, times ``torch.ops.neusdf.knn_search`` three ways and the forward 
 - ``raw_ms`` and ``public_ms``: CUDA events around one call of the raw operator and of
   ``knn_search_aniso`` (median of ``--reps``), which include the time the GPU waits for the
   host's launches;
-- ``host_ms``: the host's wall time for one raw call started with the GPU idle;
-- ``forward_ms`` (events, ``knn_aggregate_aniso``) and ``aggregate_graph_ms``;
+- ``host_ms``: the host's wall time for one raw call started with the GPU idle, and
+  ``public_host_ms`` the same for ``knn_search_aniso`` (the difference is the Python layer:
+  its input checks and the operator's lookup);
+- ``forward_ms`` (events, ``knn_aggregate_aniso``), ``forward_graph_ms`` (the same forward as
+  a graph) and ``forward_host_ms`` (its host time), and ``aggregate_graph_ms``;
 
-and counts, with the torch profiler, the CUDA runtime calls (kernel launches, memsets) and the
-device activities of one search.
+and counts, with the torch profiler, the CUDA runtime calls (kernel launches, memsets) of one
+search with the host microseconds each takes (``runtime_call_us``), and its device activities.
 
     python benchmarks/search_host.py host.json
     python benchmarks/search_host.py host.json --method grid --size reference
@@ -57,20 +60,26 @@ def host_ms(fn, reps: int = 50) -> float:
     return statistics.median(times)
 
 
-def runtime_calls(fn, calls: int = 10) -> tuple[dict, dict]:
-    """CUDA runtime calls (CPU side) and device activities per call of fn (torch profiler)."""
+def runtime_calls(fn, calls: int = 10) -> tuple[dict, dict, dict]:
+    """CUDA runtime calls (CPU side) per call of fn, the mean host microseconds of each kind,
+    and the device activities per call of fn (torch profiler)."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    host, device = collections.Counter(), collections.Counter()
+    host, host_us, device = collections.Counter(), collections.Counter(), collections.Counter()
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             device[event.name[:80]] += 1
         elif event.name.startswith("cuda") and event.name != "cudaDeviceSynchronize":
             host[event.name] += 1
-    return ({k: v / calls for k, v in host.items()}, {k: v / calls for k, v in device.items()})
+            host_us[event.name] += event.cpu_time_total
+    return (
+        {k: v / calls for k, v in host.items()},
+        {k: host_us[k] / v for k, v in host.items()},
+        {k: v / calls for k, v in device.items()},
+    )
 
 
 def measure(size: str, method: str, reps: int) -> dict:
@@ -81,6 +90,12 @@ def measure(size: str, method: str, reps: int) -> dict:
 
     def search():
         return raw(q, p, sigma, R, K, method)
+
+    def public():
+        return knn_search_aniso(q, p, sigma, R, K, method=method)
+
+    def forward():
+        return knn_aggregate_aniso(q, p, f, sigma, R, K, search=method)
 
     with torch.no_grad():
         idx = search()
@@ -94,16 +109,19 @@ def measure(size: str, method: str, reps: int) -> dict:
             "method": method,
             "graph_ms": graph_ms(search, reps=20),
             "raw_ms": event_ms(search, reps),
-            "public_ms": event_ms(lambda: knn_search_aniso(q, p, sigma, R, K, method=method), reps),
+            "public_ms": event_ms(public, reps),
             "host_ms": host_ms(search),
-            "forward_ms": event_ms(
-                lambda: knn_aggregate_aniso(q, p, f, sigma, R, K, search=method), reps
-            ),
+            "public_host_ms": host_ms(public),
+            "forward_ms": event_ms(forward, reps),
+            "forward_graph_ms": graph_ms(forward, reps=20),
+            "forward_host_ms": host_ms(forward),
             "aggregate_graph_ms": graph_ms(
                 lambda: torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx), reps=20
             ),
         }
-        row["runtime_calls"], row["device_activities"] = runtime_calls(search)
+        row["runtime_calls"], row["runtime_call_us"], row["device_activities"] = runtime_calls(
+            search
+        )
     return row
 
 
@@ -135,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{size:16s} graph {row['graph_ms']:.4f}  raw {row['raw_ms']:.4f}  public "
-            f"{row['public_ms']:.4f}  host {row['host_ms']:.4f}  forward {row['forward_ms']:.4f}  "
+            f"{row['public_ms']:.4f}  host {row['host_ms']:.4f} (public "
+            f"{row['public_host_ms']:.4f})  forward {row['forward_ms']:.4f} (graph "
+            f"{row['forward_graph_ms']:.4f}, host {row['forward_host_ms']:.4f})  "
             f"aggregate graph {row['aggregate_graph_ms']:.4f} ms; launches + memsets {calls:g}",
             flush=True,
         )
