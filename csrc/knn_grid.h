@@ -121,7 +121,7 @@ NEUSDF_HD T point_lambda(const T p[3], const T s[3], const T R[9]) {
   for (int i = 0; i < 9; ++i) {
     if (!is_finite(R[i])) return T(-1);
   }
-  double G[3][3];  // G_ik = R_i . R_k (products of floats are exact in double)
+  double G[3][3];  // G_ik = R_i . R_k (for float inputs the products are exact in double)
   for (int i = 0; i < 3; ++i) {
     for (int k = 0; k < 3; ++k) {
       double sum = 0;
