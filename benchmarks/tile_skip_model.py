@@ -18,8 +18,11 @@ This script computes that fraction exactly (float64) on the op benchmark's input
 - ``home``: each warp first scans the H tiles around where its queries fall in the points'
   Morton order, then every other tile in index order with the skip test (no sort);
 - ``outward``: the home tiles, then the chunks of 32 tiles outward from the home tiles' chunk
-  (c, c + 1, c - 1, c + 2, ...; the CUDA kernel's order since the nineteenth session), each
-  chunk's tiles in index order;
+  (c, c + 1, c - 1, c + 2, ...; the CUDA kernel's order from the nineteenth to the
+  twenty-fourth session), each chunk's tiles in index order;
+- ``outward-start``: as ``outward``, but the home tiles from the one where the group's middle
+  query falls, upward, then wrapping to the first (``home_start``: the CUDA kernel's order
+  since the twenty-fifth session);
 - ``chunks-sorted``: the home tiles, then the chunks in ascending order of the group's smallest
   bound on them (the chunk's box and smallest lam; a kernel would sort P / 1024 keys a warp);
 - ``oracle``: every lane's gate is its exact K-th distance from the start, so a tile is kept
@@ -76,7 +79,7 @@ SIZES = {
     "P=65536": (2, 12288, 65536, 16),
     "training size": (1, 32768, 16384, 8),
 }
-ORDERS = ("sorted", "home", "outward", "chunks-sorted", "oracle")
+ORDERS = ("sorted", "home", "outward", "outward-start", "chunks-sorted", "oracle")
 CHUNK = 32  # tiles a chunk (the CUDA kernel's)
 MORTON_BITS = 10
 
@@ -194,9 +197,12 @@ def kept_fraction(
             homes = list(range(first, first + home))
             if "home" in orders:
                 visits["home"] = homes + [t for t in range(nt) if not first <= t < first + home]
+            at = min(max(start - first, 0), home - 1)  # home_start
+            homes_from_start = homes[at:] + homes[:at]
             chunk_orders = {}
-            if "outward" in orders:
-                chunk_orders["outward"] = outward_chunks(first // CHUNK, nc)
+            for name in ("outward", "outward-start"):
+                if name in orders:
+                    chunk_orders[name] = outward_chunks(first // CHUNK, nc)
             if "chunks-sorted" in orders:
                 cgap = (clo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - chi[None]).clamp(
                     min=0
@@ -204,7 +210,7 @@ def kept_fraction(
                 cbound = (clam[None] * (cgap**2).sum(-1)).min(0).values  # (chunks,)
                 chunk_orders["chunks-sorted"] = torch.argsort(cbound, stable=True).tolist()
             for name, chunk_order in chunk_orders.items():
-                visits[name] = homes + [
+                visits[name] = (homes_from_start if name == "outward-start" else homes) + [
                     t
                     for c in chunk_order
                     for t in range(c * CHUNK, min(nt, (c + 1) * CHUNK))

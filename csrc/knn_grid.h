@@ -430,6 +430,16 @@ NEUSDF_HD int home_tile(int64_t pos, int tiles) {
   return first < 0 ? 0 : (first > last_first ? last_first : first);
 }
 
+// Where the home tiles' scan starts: the offset in [0, home) of the tile that holds position
+// pos (where the queries fall among the points). The home tiles are scanned from that tile
+// upward, then from first upward: the nearest points first tighten the gates before the rest
+// are bounded, so fewer points get an exact key and fewer enter a list (in the index order,
+// the scan began 4 tiles, 128 points, away; docs/op.md, "The home tiles' order").
+NEUSDF_HD int home_start(int64_t pos, int first, int home) {
+  const int at = static_cast<int>(pos / kTilePoints) - first;
+  return at < 0 ? 0 : (at >= home ? home - 1 : at);
+}
+
 // Chunk (of 32 tiles) visited at step i after the home tiles: outward from the chunk hc that
 // holds the home tiles' first, alternating above and below (hc, hc + 1, hc - 1, hc + 2, ...),
 // then the longer side's rest; a permutation of [0, chunks). Nearer tiles first tighten the

@@ -334,8 +334,10 @@ void search_tiles(const T* q, const T* p, const T* sigma, const T* R, const Prob
             }
           }
         };
-        // the CUDA kernel's order: the home tiles, then the chunks outward (outward_chunk)
-        for (int t = first; t < first + home; ++t) visit(t, false);
+        // the CUDA kernel's order: the home tiles from home_start, wrapping, then the chunks
+        // outward (outward_chunk)
+        const int start = home_start(pos, first, home);
+        for (int i = 0; i < home; ++i) visit(first + (start + i) % home, false);
         for (int i = 0; i < chunks; ++i) {
           const int c = outward_chunk(i, first / kTilePoints, chunks);
           for (int t = c * kTilePoints; t < std::min(tiles, (c + 1) * kTilePoints); ++t) {

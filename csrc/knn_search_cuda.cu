@@ -1253,8 +1253,8 @@ __device__ void close_unclaimed_slots(const TileHandoff<T>& handoff, int lane) {
 }
 
 // One warp (block) per group of 32 / L queries. The tiles in chunks: first the home tiles
-// (around where the group's middle query falls in the points' order), then the others 32 at a
-// time in order; a chunk's box, then its tiles' boxes, are tested for the group's queries at
+// (around where the group's middle query falls in the points' order, from that query's tile:
+// home_start), then the others 32 at a time, the chunks outward (outward_chunk); a chunk's box, then its tiles' boxes, are tested for the group's queries at
 // once (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some
 // query needs are copied (cp.async, while the previous tile is scanned); each lane bounds its
 // 32 / L points (point_bound_key) and computes exact keys for the ones under its gate; after a
@@ -1343,7 +1343,9 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
 
     // Home: the tiles around where the warp's middle query falls in the points' order.
     const unsigned cell = cells[BP + b * Q + min(first_query + Layout::kQueries / 2, Q - 1)];
-    const int first = home_tile(warp_lower_bound(cells + b * P, P, cell, lane), tiles);
+    const int pos = warp_lower_bound(cells + b * P, P, cell, lane);
+    const int first = home_tile(pos, tiles);
+    const int home_rot = home_start(pos, first, home);
     const TileBox<T>* bb = boxes + b * tiles;
     const TileBox<T>* cb = chunk_boxes + b * chunks;
     const PointPos<T>* pb = positions + b * P;
@@ -1465,13 +1467,18 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
         }
         unsigned todo = warp_or(needs);
         until_look -= __popc(todo);
+        // The home tiles from home_start, wrapping: bit y of todo is then tile tile_of(y).
+        const int rot = home_chunk ? home_rot : 0;
+        const int wrap = home_chunk ? home : kWarp;
+        if (home_chunk) todo = ((todo >> rot) | (todo << (home - rot))) & ((1u << home) - 1);
+        const auto tile_of = [&](int y) { return y + rot >= wrap ? y + rot - wrap : y + rot; };
         int buf = 0;
-        if (todo != 0) prefetch(base + __ffs(todo) - 1, buf);
+        if (todo != 0) prefetch(base + tile_of(__ffs(todo) - 1), buf);
         while (todo != 0) {
-          const int x = __ffs(todo) - 1;
+          const int x = tile_of(__ffs(todo) - 1);
           todo &= todo - 1;
           if (todo != 0) {
-            prefetch(base + __ffs(todo) - 1, buf ^ 1);
+            prefetch(base + tile_of(__ffs(todo) - 1), buf ^ 1);
             __pipeline_wait_prior(1);
           } else {
             __pipeline_wait_prior(0);
