@@ -1258,9 +1258,20 @@ __device__ void close_unclaimed_slots(const TileHandoff<T>& handoff, int lane) {
 // once (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some
 // query needs are copied (cp.async, while the previous tile is scanned); each lane bounds its
 // 32 / L points (point_bound_key) and computes exact keys for the ones under its gate; after a
-// tile that changed some list, each query's gate becomes the N-th key of its lanes' lists'
-// union. At the end the L lists of a query are merged. A long walk may be handed on
+// tile where some lane queued kTileEndMerge candidates, the queues are merged into the lists
+// and each query's gate becomes the N-th key of its lanes' lists' union. At the end the L lists of a query are merged. A long walk may be handed on
 // (TileHandoff), and the warp then takes shares of handed-on walks until none is left.
+// A tile's end merges the queues and shares the gates (the whole warp, about as long as
+// inserting and merging a list or two) only when some lane has queued at least this many
+// candidates; a single one waits in its queue for a later merge, as do the gates it would
+// have lowered, which stay sound, only looser. 2 against 1 (a merge after every tile that
+// queued anything): 0.97-0.99x the time from P = 65536 up, 0.99-1.00x at the smaller sizes;
+// 3 was 1.03x at the training size (docs/op.md, "The home tiles' order").
+constexpr int kTileEndMerge = 2;
+// A tile starts with at most kTileEndMerge - 1 candidates queued and merges mid-tile once a
+// lane has more than kQueue - 2 (the scan pushes two at a time): the queue never overflows.
+static_assert(kTileEndMerge >= 1 && kTileEndMerge - 1 <= kQueue - 2, "queue capacity");
+
 template <typename T, int N, int L>
 __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>()))
     knn_tile_search_kernel(const T* __restrict__ q, const unsigned* __restrict__ cells,
@@ -1430,7 +1441,9 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
           claimed = __shfl_sync(kFullMask, claimed, 0);
           if (claimed == -2) until_look = INT_MAX;
           if (claimed >= 0) {
-            handoff.gate[claimed * kWarp + lane] = queue.block;  // the lists' queues are empty
+            // queue.block bounds the query's N-th key by the lists alone; what waits in the
+            // queues can only lower it
+            handoff.gate[claimed * kWarp + lane] = queue.block;
             if (lane == 0) {
               handoff.group[claimed] = job_group;
               handoff.from[claimed] = i0 + src;
@@ -1531,7 +1544,7 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
             }
             if (__any_sync(kFullMask, queue.queued > kQueue - kPair)) queue.merge_into(list, lane);
           }
-          if (__any_sync(kFullMask, queue.queued > 0)) {  // else no list and no gate changed
+          if (__any_sync(kFullMask, queue.queued >= kTileEndMerge)) {
             queue.merge_into(list, lane);
             share_gate();
           }
@@ -1540,6 +1553,7 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
         }
       }
     }
+    if (__any_sync(kFullMask, queue.queued > 0)) queue.merge_into(list, lane);
     // A share stores its lists; the last of its walk's shares to finish merges them all.
     bool write = true;
     const int slot = job_slot, share = job_share;
