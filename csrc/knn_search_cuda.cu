@@ -1252,15 +1252,6 @@ __device__ void close_unclaimed_slots(const TileHandoff<T>& handoff, int lane) {
   }
 }
 
-// One warp (block) per group of 32 / L queries. The tiles in chunks: first the home tiles
-// (around where the group's middle query falls in the points' order, from that query's tile:
-// home_start), then the others 32 at a time, the chunks outward (outward_chunk); a chunk's box, then its tiles' boxes, are tested for the group's queries at
-// once (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some
-// query needs are copied (cp.async, while the previous tile is scanned); each lane bounds its
-// 32 / L points (point_bound_key) and computes exact keys for the ones under its gate; after a
-// tile where some lane queued kTileEndMerge candidates, the queues are merged into the lists
-// and each query's gate becomes the N-th key of its lanes' lists' union. At the end the L lists of a query are merged. A long walk may be handed on
-// (TileHandoff), and the warp then takes shares of handed-on walks until none is left.
 // A tile's end merges the queues and shares the gates (the whole warp, about as long as
 // inserting and merging a list or two) only when some lane has queued at least this many
 // candidates; a single one waits in its queue for a later merge, as do the gates it would
@@ -1272,6 +1263,17 @@ constexpr int kTileEndMerge = 2;
 // lane has more than kQueue - 2 (the scan pushes two at a time): the queue never overflows.
 static_assert(kTileEndMerge >= 1 && kTileEndMerge - 1 <= kQueue - 2, "queue capacity");
 
+// One warp (block) per group of 32 / L queries. The tiles in chunks: first the home tiles
+// (around where the group's middle query falls in the points' order, from that query's tile:
+// home_start), then the others 32 at a time, the chunks outward (outward_chunk); a chunk's
+// box, then its tiles' boxes, are tested for the group's queries at once
+// (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some query
+// needs are copied (cp.async, while the previous tile is scanned); each lane bounds its 32 / L
+// points (point_bound_key) and computes exact keys for the ones under its gate; after a tile
+// where some lane queued kTileEndMerge candidates, the queues are merged into the lists and
+// each query's gate becomes the N-th key of its lanes' lists' union. At the end the L lists
+// of a query are merged. A long walk may be handed on (TileHandoff), and the warp then takes
+// shares of handed-on walks until none is left.
 template <typename T, int N, int L>
 __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>()))
     knn_tile_search_kernel(const T* __restrict__ q, const unsigned* __restrict__ cells,
@@ -1461,7 +1463,14 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
         const T gate = min(list.key[N - 1], queue.block);
         const T widest = widest_gate();
         if (!home_chunk && group_test && group_tile_bound_key(qlo, qhi, cb[c]) > widest) continue;
-        const int tile = base + lane;
+        // Lane (and bit) x of the chunk stands for tile tile_at(x); in the home chunk the home
+        // tiles from home_start, wrapping, so that the scan (lowest bit first) starts at the
+        // queries' own tile.
+        const auto tile_at = [&](int x) {
+          const int y = home_chunk ? x + home_rot : x;
+          return base + (home_chunk && y >= home ? y - home : y);
+        };
+        const int tile = tile_at(lane);
         const bool real = lane < count && (walk_tiles >> lane & 1) &&
                           (home_chunk || tile < first || tile >= first + home);
         const TileBox<T> box = real ? bb[tile] : empty_tile_box<T>();
@@ -1480,18 +1489,13 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
         }
         unsigned todo = warp_or(needs);
         until_look -= __popc(todo);
-        // The home tiles from home_start, wrapping: bit y of todo is then tile tile_of(y).
-        const int rot = home_chunk ? home_rot : 0;
-        const int wrap = home_chunk ? home : kWarp;
-        if (home_chunk) todo = ((todo >> rot) | (todo << (home - rot))) & ((1u << home) - 1);
-        const auto tile_of = [&](int y) { return y + rot >= wrap ? y + rot - wrap : y + rot; };
         int buf = 0;
-        if (todo != 0) prefetch(base + tile_of(__ffs(todo) - 1), buf);
+        if (todo != 0) prefetch(tile_at(__ffs(todo) - 1), buf);
         while (todo != 0) {
-          const int x = tile_of(__ffs(todo) - 1);
+          const int x = __ffs(todo) - 1;
           todo &= todo - 1;
           if (todo != 0) {
-            prefetch(base + tile_of(__ffs(todo) - 1), buf ^ 1);
+            prefetch(tile_at(__ffs(todo) - 1), buf ^ 1);
             __pipeline_wait_prior(1);
           } else {
             __pipeline_wait_prior(0);
@@ -1499,7 +1503,7 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
           __syncwarp();  // every lane's copy of this tile has landed
           const PointPos<T>* pos = staged_pos + buf * kTilePoints;
           const int* tile_ind = staged_ind + buf * kTilePoints;
-          const int tile_slot = (base + x) * kTilePoints;
+          const int tile_slot = tile_at(x) * kTilePoints;
           // This lane's points under its gate (point_bound_key); a tile with a point that has
           // no bound (its smallest lam is not > 0) is scanned whole.
           unsigned marked = 0;  // bit i: point sub + 4 i
