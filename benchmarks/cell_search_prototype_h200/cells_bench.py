@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from search_crossover import graph_ms, inputs  # noqa: E402
+from tile_cases import CASES  # noqa: E402
 
 from neusdf.ops.knn import ensure_registered  # noqa: E402
 from neusdf.ops.testing import SEARCH_CASES, make_search_case  # noqa: E402
@@ -32,16 +33,6 @@ ADV_SIZES = (
     (2, 64, 64, 32),
     (1, 257, 5000, 1),
 )
-CASES = [
-    ("cube", 2, 12288, 4096, 16),
-    ("cube", 1, 32768, 16384, 8),
-    ("cube", 2, 12288, 65536, 16),
-    ("sphere", 2, 12288, 4096, 16),
-    ("sphere", 1, 32768, 16384, 8),
-    ("sphere", 2, 12288, 65536, 16),
-    ("cube", 1, 262144, 1048576, 16),
-    ("sphere", 1, 131072, 262144, 16),
-]
 
 
 def main() -> int:

@@ -18,14 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from search_crossover import inputs  # noqa: E402
+from tile_cases import CASES as TILE_CASES  # noqa: E402
 
 from neusdf.ops.knn import ensure_registered  # noqa: E402
 
-CASES = (
-    ("cube", 2, 12288, 4096, 16),
-    ("cube", 2, 12288, 65536, 16),
-    ("sphere", 1, 32768, 16384, 8),
-)
+CASES = (TILE_CASES[0], TILE_CASES[2], TILE_CASES[4])  # cube reference, P = 65536; sphere training
 
 
 def main() -> int:
