@@ -103,6 +103,29 @@ def outward_chunks(hc: int, chunks: int) -> list[int]:
     return order
 
 
+def metric(sigma: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M = R^T diag(sigma) R (P, 3, 3) and its smallest eigenvalue lam (P,), in float64."""
+    M = R.double().transpose(1, 2) @ torch.diag_embed(sigma.double()) @ R.double()
+    return M, torch.linalg.eigvalsh(M)[:, 0].contiguous()
+
+
+def box_bound(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor):
+    """(G, n): lam (n,) times the squared gap between each of x (G, 3) and each box [lo, hi]
+    (n, 3): the search's lower bound on a box's distances."""
+    gap = (lo[None] - x[:, None]).clamp(min=0) + (x[:, None] - hi[None]).clamp(min=0)
+    return lam[None] * (gap**2).sum(-1)
+
+
+def chunk_boxes(tlo: torch.Tensor, thi: torch.Tensor, tlam: torch.Tensor):
+    """The boxes (chunks, 3) twice and smallest lam (chunks,) of each CHUNK consecutive tiles."""
+    parts = [slice(c, c + CHUNK) for c in range(0, len(tlo), CHUNK)]
+    return (
+        torch.stack([tlo[s].min(0).values for s in parts]),
+        torch.stack([thi[s].max(0).values for s in parts]),
+        torch.stack([tlam[s].min() for s in parts]),
+    )
+
+
 def morton_batch(q, p, sigma, R, tile: int = 32, lam_classes: int = 1) -> dict:
     """One batch's queries (Q, 3) and points (P, 3) sorted along one Morton curve over both, in
     float64: "q", "qc" (their codes), "p", "pc", "sigma", "R" (in the points' order), "M"
@@ -113,8 +136,7 @@ def morton_batch(q, p, sigma, R, tile: int = 32, lam_classes: int = 1) -> dict:
     both = torch.cat([qb, pb])
     lo, hi = both.min(0).values, both.max(0).values
     qc, pc = morton(qb, lo, hi), morton(pb, lo, hi)
-    M = R.double().transpose(1, 2) @ torch.diag_embed(sigma.double()) @ R.double()
-    lam = torch.linalg.eigvalsh(M)[:, 0].contiguous()
+    M, lam = metric(sigma, R)
     rank = torch.zeros(len(pb), dtype=torch.long)
     if lam_classes > 1:
         cuts = torch.quantile(lam, torch.linspace(0, 1, lam_classes + 1)[1:-1].double())
@@ -136,8 +158,7 @@ def outward_walk(batch: dict, w: int, group: int, tile: int = 32, home: int = 8)
     points, then the chunks outward (``outward_chunks``)."""
     qw = batch["q"][w * group : (w + 1) * group]
     tlo, thi = batch["tlo"], batch["thi"]
-    gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
-    bound = batch["tlam"][None] * (gap**2).sum(-1)
+    bound = box_bound(batch["tlam"], tlo, thi, qw)
     nt = len(tlo)
     start = int(torch.searchsorted(batch["pc"], batch["qc"][w * group + group // 2])) // tile
     first = max(0, min(start - home // 2, nt - home))
@@ -181,14 +202,11 @@ def kept_fraction(
         tlo, thi, tlam = batch["tlo"], batch["thi"], batch["tlam"]
         nt = P // tile
         nc = (nt + CHUNK - 1) // CHUNK
-        clo = torch.stack([tlo[c * CHUNK : (c + 1) * CHUNK].min(0).values for c in range(nc)])
-        chi = torch.stack([thi[c * CHUNK : (c + 1) * CHUNK].max(0).values for c in range(nc)])
-        clam = torch.stack([tlam[c * CHUNK : (c + 1) * CHUNK].min() for c in range(nc)])
+        clo, chi, clam = chunk_boxes(tlo, thi, tlam)
         for w in range(Q // group):
             qw = qb[w * group : (w + 1) * group]
             queries += group
-            gap = (tlo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - thi[None]).clamp(min=0)
-            bound = tlam[None] * (gap**2).sum(-1)  # (group, tiles)
+            bound = box_bound(tlam, tlo, thi, qw)  # (group, tiles)
             visits = {}
             if "sorted" in orders:
                 visits["sorted"] = torch.argsort(bound.min(0).values).tolist()
@@ -204,10 +222,7 @@ def kept_fraction(
                 if name in orders:
                     chunk_orders[name] = outward_chunks(first // CHUNK, nc)
             if "chunks-sorted" in orders:
-                cgap = (clo[None] - qw[:, None]).clamp(min=0) + (qw[:, None] - chi[None]).clamp(
-                    min=0
-                )
-                cbound = (clam[None] * (cgap**2).sum(-1)).min(0).values  # (chunks,)
+                cbound = box_bound(clam, clo, chi, qw).min(0).values  # (chunks,)
                 chunk_orders["chunks-sorted"] = torch.argsort(cbound, stable=True).tolist()
             for name, chunk_order in chunk_orders.items():
                 visits[name] = (homes_from_start if name == "outward-start" else homes) + [

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from search_crossover import inputs  # noqa: E402
+from tile_skip_model import metric  # noqa: E402
 
 SIZES = {
     "reference": (12288, 4096, 16),
@@ -93,10 +94,27 @@ def ring_cells(qc: list[int], r: int, n: int):
                     yield (cx, cy, cz)
 
 
+def near_far_means(q: torch.Tensor, p: torch.Tensor, sample: int, walk_one) -> dict:
+    """The mean of walk_one(i)'s counts (a dict) over ``sample`` queries of q (Q, 3) drawn with
+    a fixed seed, apart for those within 0.1 of some point of p (P, 3) ("near_<count>") and the
+    others ("far_<count>"), with each part's number of queries."""
+    sel = torch.randint(0, len(q), (sample,), generator=torch.Generator().manual_seed(1)).tolist()
+    far = {i: torch.cdist(q[i : i + 1], p).min().item() > 0.1 for i in sel}
+    row: dict = {}
+    for part in ("near", "far"):
+        chosen = [i for i in sel if far[i] == (part == "far")]
+        row[f"{part}_queries"] = len(chosen)
+        tot: dict[str, float] = {}
+        for i in chosen:
+            for k, v in walk_one(i).items():
+                tot[k] = tot.get(k, 0) + v / len(chosen)
+        row.update({f"{part}_{k}": round(v, 1) for k, v in tot.items()})
+    return row
+
+
 def model(dist: str, Q: int, P: int, K: int, ppc: int, sample: int, oracle: bool) -> dict:
     q, p, sigma, R = (t[0].double() for t in inputs(dist, P, Q, batches=1, device="cpu"))
-    M = R.transpose(1, 2) @ torch.diag_embed(sigma) @ R
-    lam = torch.linalg.eigvalsh(M)[:, 0]
+    M, lam = metric(sigma, R)
     lo, hi = p.min(0).values, p.max(0).values
     level = max(1, min(7, int(math.floor(math.log(P / ppc, 8) + 1e-9))))
     n = 2**level
@@ -106,17 +124,10 @@ def model(dist: str, Q: int, P: int, K: int, ppc: int, sample: int, oracle: bool
     for i, c in enumerate(map(tuple, pc.tolist())):
         cells.setdefault(c, []).append(i)
     clam = {c: lam[v].min().item() for c, v in cells.items()}
-    sel = torch.randint(0, Q, (sample,), generator=torch.Generator().manual_seed(1)).tolist()
     row = {"dist": dist, "Q": Q, "P": P, "K": K, "level": level, "points_a_cell": P / 8**level}
-    far = {i: torch.cdist(q[i : i + 1], p).min().item() > 0.1 for i in sel}
-    for part in ("near", "far"):
-        chosen = [i for i in sel if far[i] == (part == "far")]
-        row[f"{part}_queries"] = len(chosen)
-        tot: dict[str, float] = {}
-        for i in chosen:
-            for k, v in walk(q[i], p, M, lam, cells, clam, lo, size, n, K).items():
-                tot[k] = tot.get(k, 0) + v / len(chosen)
-        row.update({f"{part}_{k}": round(v, 1) for k, v in tot.items()})
+    row.update(
+        near_far_means(q, p, sample, lambda i: walk(q[i], p, M, lam, cells, clam, lo, size, n, K))
+    )
     if oracle:
         row["oracle_points"] = round(oracle_points(q, p, M, lam, K), 1)
     return row

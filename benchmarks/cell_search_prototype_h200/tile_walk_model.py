@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cell_walk_model import near_far_means  # noqa: E402
 from search_crossover import inputs  # noqa: E402
-from tile_skip_model import CHUNK, morton_batch  # noqa: E402
+from tile_skip_model import CHUNK, box_bound, chunk_boxes, morton_batch  # noqa: E402
 
 SIZES = {
     "reference": (12288, 4096, 16),
@@ -32,15 +34,10 @@ SIZES = {
 }
 
 
-def box_bound(lam, lo, hi, x):
-    """lam times the squared gap between x (3,) and each box [lo, hi] (n, 3)."""
-    return lam * ((lo - x).clamp(min=0) + (x - hi).clamp(min=0)).pow(2).sum(-1)
-
-
 def walk(x, pb, M, lam, tiles, chunks, K: int) -> dict:
     """One query's best-first walk (see the module docstring)."""
     (tlo, thi, tlam), (clo, chi, clam) = tiles, chunks
-    cb, tb = box_bound(clam, clo, chi, x), box_bound(tlam, tlo, thi, x)
+    cb, tb = box_bound(clam, clo, chi, x[None])[0], box_bound(tlam, tlo, thi, x[None])[0]
     d = x - pb
     key = torch.einsum("pi,pij,pj->p", d, M, d)
     pre = lam * (d * d).sum(-1)
@@ -69,25 +66,14 @@ def model(dist: str, Q: int, P: int, K: int, sample: int) -> dict:
     q, p, sigma, R = (t[0] for t in inputs(dist, P, Q, batches=1, device="cpu"))
     bt = morton_batch(q, p, sigma, R, 32)
     tlo, thi, tlam = bt["tlo"], bt["thi"], bt["tlam"]
-    nc = (len(tlo) + CHUNK - 1) // CHUNK
-    parts = [slice(c * CHUNK, (c + 1) * CHUNK) for c in range(nc)]
-    chunks = (
-        torch.stack([tlo[s].min(0).values for s in parts]),
-        torch.stack([thi[s].max(0).values for s in parts]),
-        torch.stack([tlam[s].min() for s in parts]),
-    )
-    sel = torch.randint(0, Q, (sample,), generator=torch.Generator().manual_seed(1)).tolist()
-    row: dict = {"dist": dist, "Q": Q, "P": P, "K": K, "chunks": nc}
-    far = {i: torch.cdist(bt["q"][i : i + 1], bt["p"]).min().item() > 0.1 for i in sel}
-    for part in ("near", "far"):
-        chosen = [i for i in sel if far[i] == (part == "far")]
-        row[f"{part}_queries"] = len(chosen)
-        tot: dict[str, float] = {}
-        for i in chosen:
-            counts = walk(bt["q"][i], bt["p"], bt["M"], bt["lam"], (tlo, thi, tlam), chunks, K)
-            for k, v in counts.items():
-                tot[k] = tot.get(k, 0) + v / len(chosen)
-        row.update({f"{part}_{k}": round(v, 1) for k, v in tot.items()})
+    chunks = chunk_boxes(tlo, thi, tlam)
+    row: dict = {"dist": dist, "Q": Q, "P": P, "K": K, "chunks": len(chunks[2])}
+    tiles = (tlo, thi, tlam)
+
+    def walk_one(i: int) -> dict:
+        return walk(bt["q"][i], bt["p"], bt["M"], bt["lam"], tiles, chunks, K)
+
+    row.update(near_far_means(bt["q"], bt["p"], sample, walk_one))
     return row
 
 
