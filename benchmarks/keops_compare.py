@@ -38,6 +38,7 @@ import torch
 
 from neusdf.ops.benchmark import SIZES, SMALL_SIZES, call_times, write_json
 from neusdf.ops.knn import knn_search_aniso
+from neusdf.ops.reference import euclidean_metric, knn_aggregate_aniso_reference
 from neusdf.ops.testing import make_inputs
 
 
@@ -53,20 +54,13 @@ def keops_search(q, p, M, K: int) -> torch.Tensor:
 
 
 def exact_keys(q, p, sigma, R, idx) -> torch.Tensor:
-    """(B, Q, K) float64 keys of the points idx names: sum_j sigma_j (R (q - p))_j^2, the op's
-    formula (the Euclidean |q - p|^2 if sigma is None)."""
-    B, Q, K = idx.shape
-    flat = idx.reshape(B, Q * K, 1)
-
-    def pick(t: torch.Tensor, *trailing: int) -> torch.Tensor:  # (B, P, ...) -> (B, Q, K, ...)
-        rows = t.double().reshape(B, t.shape[1], -1)
-        return torch.gather(rows, 1, flat.expand(-1, -1, rows.shape[2])).reshape(B, Q, K, *trailing)
-
-    d = q.double()[:, :, None, :] - pick(p, 3)
+    """(B, Q, K) float64 keys of the points idx names, by the plain-PyTorch reference's formula
+    sum_j sigma_j (R (q - p))_j^2 (sigma = 1 and R = I if sigma is None)."""
     if sigma is None:
-        return (d * d).sum(-1)
-    u = torch.einsum("bqkij,bqkj->bqki", pick(R, 3, 3), d)
-    return (pick(sigma, 3) * u * u).sum(-1)
+        sigma, R = euclidean_metric(p)
+    q, p, sigma, R = (t.double() for t in (q, p, sigma, R))
+    features = p.new_zeros(p.shape[0], p.shape[1], 1)  # the reference wants some; unused
+    return knn_aggregate_aniso_reference(q, p, features, sigma, R, idx.shape[2], idx).dists
 
 
 def agreement(q, p, sigma, R, ours, theirs) -> dict:
@@ -105,6 +99,7 @@ def measure(name: str, dims: tuple, device: str, warmup: int, reps: int) -> dict
 
 
 def table(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
     lines = [
         "| size (B, Q, P, K) | neusdf ms | KeOps ms | KeOps / neusdf | same lists "
         "| Euclidean: neusdf ms | KeOps ms | KeOps / neusdf | same lists |",
