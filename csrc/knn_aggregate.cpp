@@ -96,6 +96,18 @@ SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n,
   return cuda ? SearchMethod::kTile : SearchMethod::kGrid;
 }
 
+at::Tensor check_order(const std::optional<at::Tensor>& order, const ProblemSize& n,
+                       const at::Tensor& q) {
+  if (!order.has_value() || !order->defined()) return at::Tensor();
+  const at::Tensor& o = *order;
+  TORCH_CHECK(o.scalar_type() == at::kLong, "neusdf: order must be int64, got ", o.scalar_type());
+  TORCH_CHECK(o.dim() == 1 && o.size(0) == n.B * n.Q,
+              "neusdf: order must have shape (B * Q,) = (", n.B * n.Q, ",), got ", o.sizes());
+  TORCH_CHECK(o.device() == q.device(), "neusdf: order is on ", o.device(), " but q is on ",
+              q.device());
+  return o.contiguous();
+}
+
 void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
                     const at::Tensor& q) {
   TORCH_CHECK(grad.sizes() == shape, "neusdf: ", name, " must have shape ", shape, ", got ",
@@ -124,14 +136,17 @@ TORCH_LIBRARY(neusdf, m) {
       "knn_search(Tensor q, Tensor p, Tensor? sigma, Tensor? R, int K, str method=\"auto\")"
       " -> Tensor");
   m.def(
-      "knn_aggregate(Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
-      " -> (Tensor, Tensor, Tensor)");
+      "knn_search_ordered(Tensor q, Tensor p, Tensor? sigma, Tensor? R, int K,"
+      " str method=\"auto\") -> (Tensor, Tensor)");
+  m.def(
+      "knn_aggregate(Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx,"
+      " Tensor? order=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "knn_aggregate_backward(Tensor? gf, Tensor? gw, Tensor? gD, Tensor q, Tensor p,"
-      " Tensor f, Tensor sigma, Tensor R, Tensor idx)"
+      " Tensor f, Tensor sigma, Tensor R, Tensor idx, Tensor? order=None)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "knn_aggregate_double_backward(Tensor ggq, Tensor? gf, Tensor? gw, Tensor? gD,"
-      " Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx)"
+      " Tensor q, Tensor p, Tensor f, Tensor sigma, Tensor R, Tensor idx, Tensor? order=None)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -20,16 +20,31 @@
 //       (choose_search_method). Every method gives identical results. sigma and R both absent: the Euclidean metric,
 //       the same result, bit for bit, as sigma = 1 and R = I (CUDA's brute force has a kernel
 //       for it; the other paths run the general one on a materialised identity).
-//   knn_aggregate(q, p, f, sigma, R, idx) -> (f_out (B, Q, F), w (B, Q, K), dists (B, Q, K))
-//       f_out = sum_k w_k f_idx[k]; not normalised.
-//   knn_aggregate_backward(gf?, gw?, gD?, q, p, f, sigma, R, idx)
+//   knn_search_ordered(q, p, sigma?, R?, K, method="auto") -> (idx, order)
+//       knn_search's idx, and order (B * Q,) int64: a permutation of the flat queries bq in
+//       which queries near each other in space come near each other, where the method sorted
+//       the queries (the tile search's Morton order, the CUDA grid's cell order), else the
+//       identity (brute force, and on the CPU). The aggregation operators take it as their
+//       visiting order.
+//   knn_aggregate(q, p, f, sigma, R, idx, order?) -> (f_out (B, Q, F), w (B, Q, K),
+//       dists (B, Q, K)): f_out = sum_k w_k f_idx[k]; not normalised.
+//       order (optional, (B * Q,) int64, a permutation of the flat queries, as
+//       knn_search_ordered returns): the order in which the CUDA kernels visit the queries
+//       (slot s of the launch takes query order[s]), which changes no result: queries whose
+//       neighbours overlap then share a block, and their feature rows the block's caches (at
+//       P = 1M the forward kernel 0.52x and each backward 0.60x the time, docs/op.md). The CPU
+//       kernels check it and ignore it. A value outside [0, B * Q) leaves its slot idle; an
+//       order that is not a permutation leaves the outputs of the queries it misses
+//       unwritten (never an out-of-bounds access).
+//   knn_aggregate_backward(gf?, gw?, gD?, q, p, f, sigma, R, idx, order?)
 //       -> (grad_q, grad_p, grad_f, grad_sigma, grad_R): the vector-Jacobian product of
 //       knn_aggregate for upstreams gf of f_out (B, Q, F), gw of w and gD of dists (B, Q, K);
 //       an absent (None) upstream counts as zero and its terms are skipped.
-//   knn_aggregate_double_backward(ggq, gf?, gw?, gD?, q, p, f, sigma, R, idx)
+//   knn_aggregate_double_backward(ggq, gf?, gw?, gD?, q, p, f, sigma, R, idx, order?)
 //       -> (g_gf, g_gw, g_gD, g_q, g_p, g_f, g_sigma, g_R): the gradient of
 //       sum(ggq * grad_q) with respect to every input of knn_aggregate_backward; ggq (B, Q, 3).
 //       The gradient of an absent upstream is returned as an empty tensor of shape (0,).
+//       Both backward operators take knn_aggregate's visiting order (same rules).
 //
 // Index names used by every kernel: bq = b * Q + query (flat query), pj = b * P + j (flat
 // point), t = bq * K + k (flat (query, neighbour) pair).
@@ -89,6 +104,13 @@ SearchMethod choose_search_method(c10::string_view method, const ProblemSize& n,
 // Checks everything knn_aggregate takes (idx: int64, (B, Q, K) with 1 <= K <= P); returns sizes.
 ProblemSize check_aggregate(const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
                             const at::Tensor& sigma, const at::Tensor& R, const at::Tensor& idx);
+
+// Checks the aggregation operators' optional visiting order: absent, or (B * Q,) int64 on q's
+// device; returns it contiguous, or an undefined tensor when absent. Its values are not read
+// on the host (a device synchronisation on CUDA): the kernels skip a slot whose value is out
+// of range.
+at::Tensor check_order(const std::optional<at::Tensor>& order, const ProblemSize& n,
+                       const at::Tensor& q);
 
 // Checks that an upstream gradient has the given shape, q's dtype and q's device.
 void check_upstream(const at::Tensor& grad, const char* name, at::IntArrayRef shape,

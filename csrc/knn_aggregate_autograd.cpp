@@ -28,39 +28,43 @@ using Tensor8 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 
 // Typed dispatcher handles of the operators (looked up once).
 Tensor3 aggregate_op(const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
-                     const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx) {
+                     const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx,
+                     const OptTensor& order) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("neusdf::knn_aggregate", "")
                              .typed<Tensor3(const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&)>();
-  return op.call(q, p, f, s, R, idx);
+                                            const at::Tensor&, const at::Tensor&,
+                                            const OptTensor&)>();
+  return op.call(q, p, f, s, R, idx, order);
 }
 
 Tensor5 backward_op(const OptTensor& gf, const OptTensor& gw, const OptTensor& gD,
                     const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
-                    const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx) {
+                    const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx,
+                    const OptTensor& order) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("neusdf::knn_aggregate_backward", "")
           .typed<Tensor5(const OptTensor&, const OptTensor&, const OptTensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(gf, gw, gD, q, p, f, s, R, idx);
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const OptTensor&)>();
+  return op.call(gf, gw, gD, q, p, f, s, R, idx, order);
 }
 
 Tensor8 double_backward_op(const at::Tensor& ggq, const OptTensor& gf, const OptTensor& gw,
                            const OptTensor& gD, const at::Tensor& q, const at::Tensor& p,
                            const at::Tensor& f, const at::Tensor& s, const at::Tensor& R,
-                           const at::Tensor& idx) {
+                           const at::Tensor& idx, const OptTensor& order) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("neusdf::knn_aggregate_double_backward", "")
           .typed<Tensor8(const at::Tensor&, const OptTensor&, const OptTensor&,
                          const OptTensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&)>();
-  return op.call(ggq, gf, gw, gD, q, p, f, s, R, idx);
+                         const at::Tensor&, const OptTensor&)>();
+  return op.call(ggq, gf, gw, gD, q, p, f, s, R, idx, order);
 }
 
 OptTensor optional_of(const at::Tensor& t) {
@@ -91,9 +95,10 @@ class DoubleBackwardFunction : public torch::autograd::Function<DoubleBackwardFu
   static variable_list forward(AutogradContext* ctx, const at::Tensor& ggq, const OptTensor& gf,
                                const OptTensor& gw, const OptTensor& gD, const at::Tensor& q,
                                const at::Tensor& p, const at::Tensor& f, const at::Tensor& s,
-                               const at::Tensor& R, const at::Tensor& idx) {
+                               const at::Tensor& R, const at::Tensor& idx,
+                               const OptTensor& order) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto out = double_backward_op(ggq, gf, gw, gD, q, p, f, s, R, idx);
+    const auto out = double_backward_op(ggq, gf, gw, gD, q, p, f, s, R, idx, order);
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
             std::get<4>(out), std::get<5>(out), std::get<6>(out), std::get<7>(out)};
   }
@@ -108,26 +113,28 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
   static variable_list forward(AutogradContext* ctx, const OptTensor& gf, const OptTensor& gw,
                                const OptTensor& gD, const at::Tensor& q, const at::Tensor& p,
                                const at::Tensor& f, const at::Tensor& s, const at::Tensor& R,
-                               const at::Tensor& idx) {
+                               const at::Tensor& idx, const OptTensor& order) {
     ctx->set_materialize_grads(false);  // unused outputs give undefined grads: skip their work
     ctx->save_for_backward({gf.value_or(at::Tensor()), gw.value_or(at::Tensor()),
-                            gD.value_or(at::Tensor()), q, p, f, s, R, idx});
+                            gD.value_or(at::Tensor()), q, p, f, s, R, idx,
+                            order.value_or(at::Tensor())});
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto out = backward_op(gf, gw, gD, q, p, f, s, R, idx);
+    const auto out = backward_op(gf, gw, gD, q, p, f, s, R, idx, order);
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
             std::get<4>(out)};
   }
 
   // grads: upstreams of (grad_q, grad_p, grad_f, grad_sigma, grad_R). Returns the gradients of
-  // (gf, gw, gD, q, p, f, sigma, R, idx).
+  // (gf, gw, gD, q, p, f, sigma, R, idx, order).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list v = ctx->get_saved_variables();
     const at::Tensor &gf = v[0], &gw = v[1], &gD = v[2], &q = v[3], &p = v[4], &f = v[5],
-                     &s = v[6], &R = v[7], &idx = v[8];
-    variable_list out(9);
+                     &s = v[6], &R = v[7], &idx = v[8], &order = v[9];
+    variable_list out(10);
     if (grads[0].defined()) {  // the query gradient's upstream: the fast kernels
       const auto fast = double_backward_op(grads[0], optional_of(gf), optional_of(gw),
-                                           optional_of(gD), q, p, f, s, R, idx);
+                                           optional_of(gD), q, p, f, s, R, idx,
+                                           optional_of(order));
       // The gradient of an absent upstream comes back empty; its input is None.
       out[0] = gf.defined() ? std::get<0>(fast) : at::Tensor();
       out[1] = gw.defined() ? std::get<1>(fast) : at::Tensor();
@@ -202,45 +209,48 @@ class AggregateFunction : public torch::autograd::Function<AggregateFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& p,
                                const at::Tensor& f, const at::Tensor& s, const at::Tensor& R,
-                               const at::Tensor& idx) {
+                               const at::Tensor& idx, const OptTensor& order) {
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({q, p, f, s, R, idx});
+    ctx->save_for_backward({q, p, f, s, R, idx, order.value_or(at::Tensor())});
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto out = aggregate_op(q, p, f, s, R, idx);
+    const auto out = aggregate_op(q, p, f, s, R, idx, order);
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list v = ctx->get_saved_variables();
     if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) {
-      return variable_list(6);
+      return variable_list(7);
     }
     // Through the dispatcher: with create_graph this records BackwardFunction.
     const auto g = backward_op(optional_of(grads[0]), optional_of(grads[1]),
-                               optional_of(grads[2]), v[0], v[1], v[2], v[3], v[4], v[5]);
+                               optional_of(grads[2]), v[0], v[1], v[2], v[3], v[4], v[5],
+                               optional_of(v[6]));
     return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
 Tensor3 aggregate_autograd(const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
-                           const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx) {
-  const auto out = AggregateFunction::apply(q, p, f, s, R, idx);
+                           const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx,
+                           const OptTensor& order) {
+  const auto out = AggregateFunction::apply(q, p, f, s, R, idx, order);
   return {out[0], out[1], out[2]};
 }
 
 Tensor5 backward_autograd(const OptTensor& gf, const OptTensor& gw, const OptTensor& gD,
                           const at::Tensor& q, const at::Tensor& p, const at::Tensor& f,
-                          const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx) {
-  const auto out = BackwardFunction::apply(gf, gw, gD, q, p, f, s, R, idx);
+                          const at::Tensor& s, const at::Tensor& R, const at::Tensor& idx,
+                          const OptTensor& order) {
+  const auto out = BackwardFunction::apply(gf, gw, gD, q, p, f, s, R, idx, order);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 Tensor8 double_backward_autograd(const at::Tensor& ggq, const OptTensor& gf, const OptTensor& gw,
                                  const OptTensor& gD, const at::Tensor& q, const at::Tensor& p,
                                  const at::Tensor& f, const at::Tensor& s, const at::Tensor& R,
-                                 const at::Tensor& idx) {
-  const auto out = DoubleBackwardFunction::apply(ggq, gf, gw, gD, q, p, f, s, R, idx);
+                                 const at::Tensor& idx, const OptTensor& order) {
+  const auto out = DoubleBackwardFunction::apply(ggq, gf, gw, gD, q, p, f, s, R, idx, order);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
 }
 
@@ -248,8 +258,9 @@ Tensor8 double_backward_autograd(const at::Tensor& ggq, const OptTensor& gf, con
 }  // namespace neusdf
 
 TORCH_LIBRARY_IMPL(neusdf, Autograd, m) {
-  // The search returns integer indices only: nothing to differentiate, no node to record.
+  // The searches return integer indices only: nothing to differentiate, no node to record.
   m.impl("knn_search", torch::CppFunction::makeFallthrough());
+  m.impl("knn_search_ordered", torch::CppFunction::makeFallthrough());
   m.impl("knn_aggregate", &neusdf::aggregate_autograd);
   m.impl("knn_aggregate_backward", &neusdf::backward_autograd);
   m.impl("knn_aggregate_double_backward", &neusdf::double_backward_autograd);

@@ -127,8 +127,10 @@ void add_scaled(T* out, T scale, const T* x, int64_t F) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_aggregate_cpu(
     const at::Tensor& q_in, const at::Tensor& p_in, const at::Tensor& f_in,
-    const at::Tensor& sigma_in, const at::Tensor& R_in, const at::Tensor& idx_in) {
+    const at::Tensor& sigma_in, const at::Tensor& R_in, const at::Tensor& idx_in,
+    const std::optional<at::Tensor>& order) {
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
+  check_order(order, n, q_in);  // the visiting order changes nothing here: checked, unused
   at::Tensor f_out = at::zeros({n.B, n.Q, n.F}, q_in.options());
   at::Tensor w = at::empty({n.B, n.Q, n.K}, q_in.options());
   at::Tensor dists = at::empty({n.B, n.Q, n.K}, q_in.options());
@@ -184,8 +186,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
     const std::optional<at::Tensor>& gf_in, const std::optional<at::Tensor>& gw_in,
     const std::optional<at::Tensor>& gD_in, const at::Tensor& q_in, const at::Tensor& p_in,
     const at::Tensor& f_in, const at::Tensor& sigma_in, const at::Tensor& R_in,
-    const at::Tensor& idx_in) {
+    const at::Tensor& idx_in, const std::optional<at::Tensor>& order) {
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
+  check_order(order, n, q_in);
   const Upstreams up = check_upstreams(gf_in, gw_in, gD_in, n, q_in);
   at::Tensor grad_q = at::zeros_like(q_in, at::MemoryFormat::Contiguous);
   at::Tensor grad_p = at::zeros_like(p_in, at::MemoryFormat::Contiguous);
@@ -283,9 +286,11 @@ knn_aggregate_double_backward_cpu(const at::Tensor& ggq_in,
                                   const std::optional<at::Tensor>& gD_in, const at::Tensor& q_in,
                                   const at::Tensor& p_in, const at::Tensor& f_in,
                                   const at::Tensor& sigma_in, const at::Tensor& R_in,
-                                  const at::Tensor& idx_in) {
+                                  const at::Tensor& idx_in,
+                                  const std::optional<at::Tensor>& order) {
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
   check_upstream(ggq_in, "ggq", {n.B, n.Q, 3}, q_in);
+  check_order(order, n, q_in);
   const Upstreams up = check_upstreams(gf_in, gw_in, gD_in, n, q_in);
   const auto opts = q_in.options();
   // The gradient of an absent upstream is empty (its input is None).

@@ -69,15 +69,26 @@ struct WarpLayout {
 };
 
 // The queries a lane's warp holds and the lane's own (WarpLayout), the same in all three
-// kernels: warp w holds queries w * 32 / k_slots, ..., lane l the (l / k_slots)-th of them.
+// kernels: warp w holds query slots w * 32 / k_slots, ..., lane l the (l / k_slots)-th of them,
+// and slot s is query order[s] (the visiting order, knn_aggregate.h), or s without an order.
 struct LaneQuery {
-  int64_t bq0;     // the warp's first query (flat index b * Q + query)
+  int64_t bq0;     // the warp's first query slot
   int64_t BQ;      // B * Q
-  int64_t bq;      // this lane's query
+  int64_t bq;      // this lane's query (flat index b * Q + query)
   int64_t b;       // its batch (0 where the lane has no query)
+  const int64_t* order;  // the visiting order, or null
   int lane;        // lane in the warp
   int slot;        // neighbour slot in the query's round: lane % k_slots
-  bool has_query;  // bq < BQ (the last warp may hold fewer queries)
+  bool has_query;  // the lane's slot is < BQ (the last warp may hold fewer) and its query valid
+
+  // The query of the lane src's slot, or -1 where there is none (past BQ, or an order value
+  // outside [0, BQ)).
+  __device__ __forceinline__ int64_t query_of_lane(int src, int k_shift) const {
+    const int64_t s = bq0 + (src >> k_shift);
+    if (s >= BQ) return -1;
+    const int64_t x = order != nullptr ? order[s] : s;
+    return x >= 0 && x < BQ ? x : -1;
+  }
 
   // Pair t = bq * K + k0 + slot of round k0 (neighbours k0, ..., k0 + k_slots - 1), or -1
   // where the lane holds none (no query, or past K).
@@ -87,15 +98,17 @@ struct LaneQuery {
   }
 };
 
-__device__ __forceinline__ LaneQuery lane_query(const ProblemSize& n, const WarpLayout& layout) {
+__device__ __forceinline__ LaneQuery lane_query(const ProblemSize& n, const WarpLayout& layout,
+                                                const int64_t* __restrict__ order) {
   LaneQuery lq;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
   lq.lane = threadIdx.x % kWarp;
   lq.slot = lq.lane & (layout.k_slots - 1);
   lq.bq0 = warp * (kWarp / layout.k_slots);
   lq.BQ = n.B * n.Q;
-  lq.bq = lq.bq0 + (lq.lane >> layout.k_shift);
-  lq.has_query = lq.bq < lq.BQ;
+  lq.order = order;
+  lq.bq = lq.query_of_lane(lq.lane, layout.k_shift);
+  lq.has_query = lq.bq >= 0;
   lq.b = lq.has_query ? lq.bq / n.Q : 0;
   return lq;
 }
@@ -256,8 +269,8 @@ __device__ __forceinline__ void pair_weighted_rows(const T* __restrict__ f, int6
         }
         const int src = group * layout.row_lanes + i0 + u;  // the pair's lane
         if (!shared_query && (src & last_pair) == last_pair) {  // the query's last pair
-          const int64_t bqs = lq.bq0 + (src >> layout.k_shift);
-          if (has_c && bqs < lq.BQ) add_channels<T, V>(out + bqs * F + c, acc, add);
+          const int64_t bqs = lq.query_of_lane(src, layout.k_shift);
+          if (has_c && bqs >= 0) add_channels<T, V>(out + bqs * F + c, acc, add);
 #pragma unroll
           for (int e = 0; e < V; ++e) acc[e] = 0;
         }
@@ -278,9 +291,10 @@ template <typename T, int V>
 __global__ void knn_aggregate_kernel(const T* __restrict__ q, const T* __restrict__ p,
                                      const T* __restrict__ f, const T* __restrict__ sigma,
                                      const T* __restrict__ R, const int64_t* __restrict__ idx,
-                                     ProblemSize n, WarpLayout layout, T* __restrict__ f_out,
+                                     const int64_t* __restrict__ order, ProblemSize n,
+                                     WarpLayout layout, T* __restrict__ f_out,
                                      T* __restrict__ w, T* __restrict__ dists) {
-  const LaneQuery lq = lane_query(n, layout);
+  const LaneQuery lq = lane_query(n, layout, order);
   if (lq.bq0 >= lq.BQ) return;  // whole warps leave together
   T qv[3];
   load_query(q, lq, qv);
@@ -335,7 +349,7 @@ __device__ __forceinline__ T pair_dots_and_scatter(const T* __restrict__ gf,
     const T scale_k = __shfl_sync(kFullMask, scale, src);
     T part = 0;
     if (row_k >= 0) {
-      const T* gfq = gf + (lq.bq0 + (src >> layout.k_shift)) * F;  // the pair's query's upstream
+      const T* gfq = gf + lq.query_of_lane(src, layout.k_shift) * F;  // the pair's query's upstream
       for (int64_t c = first; c < F; c += layout.row_lanes * V) {
         T g[V], v[V], add[V];
         load_channels<T, V>(gfq + c, g);
@@ -377,9 +391,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarp,
     const T* __restrict__ gf, const T* __restrict__ gw, const T* __restrict__ gD,
     const T* __restrict__ q, const T* __restrict__ p, const T* __restrict__ f,
     const T* __restrict__ sigma, const T* __restrict__ R, const int64_t* __restrict__ idx,
-    ProblemSize n, WarpLayout layout, T* __restrict__ grad_q, T* __restrict__ grad_p,
-    T* __restrict__ grad_f, T* __restrict__ grad_sigma, T* __restrict__ grad_R) {
-  const LaneQuery lq = lane_query(n, layout);
+    const int64_t* __restrict__ order, ProblemSize n, WarpLayout layout,
+    T* __restrict__ grad_q, T* __restrict__ grad_p, T* __restrict__ grad_f,
+    T* __restrict__ grad_sigma, T* __restrict__ grad_R) {
+  const LaneQuery lq = lane_query(n, layout, order);
   if (lq.bq0 >= lq.BQ) return;  // whole warps leave together
   T qv[3];
   load_query(q, lq, qv);
@@ -415,10 +430,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarp,
     const T* __restrict__ ggq, const T* __restrict__ gf, const T* __restrict__ gw,
     const T* __restrict__ gD, const T* __restrict__ q, const T* __restrict__ p,
     const T* __restrict__ f, const T* __restrict__ sigma, const T* __restrict__ R,
-    const int64_t* __restrict__ idx, ProblemSize n, WarpLayout layout, T* __restrict__ g_gf,
-    T* __restrict__ g_gw, T* __restrict__ g_gD, T* __restrict__ g_q, T* __restrict__ g_p,
-    T* __restrict__ g_f, T* __restrict__ g_sigma, T* __restrict__ g_R) {
-  const LaneQuery lq = lane_query(n, layout);
+    const int64_t* __restrict__ idx, const int64_t* __restrict__ order, ProblemSize n,
+    WarpLayout layout, T* __restrict__ g_gf, T* __restrict__ g_gw, T* __restrict__ g_gD,
+    T* __restrict__ g_q, T* __restrict__ g_p, T* __restrict__ g_f, T* __restrict__ g_sigma,
+    T* __restrict__ g_R) {
+  const LaneQuery lq = lane_query(n, layout, order);
   if (lq.bq0 >= lq.BQ) return;  // whole warps leave together
   T qv[3], e[3];
   load_query(q, lq, qv);
@@ -527,9 +543,11 @@ int64_t layout_blocks(const ProblemSize& n, const WarpLayout& layout) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_aggregate_cuda(
     const at::Tensor& q_in, const at::Tensor& p_in, const at::Tensor& f_in,
-    const at::Tensor& sigma_in, const at::Tensor& R_in, const at::Tensor& idx_in) {
+    const at::Tensor& sigma_in, const at::Tensor& R_in, const at::Tensor& idx_in,
+    const std::optional<at::Tensor>& order_in) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
+  const at::Tensor order = check_order(order_in, n, q_in);
   at::Tensor f_out = at::empty({n.B, n.Q, n.F}, q_in.options());
   at::Tensor w = at::empty({n.B, n.Q, n.K}, q_in.options());
   at::Tensor dists = at::empty({n.B, n.Q, n.K}, q_in.options());
@@ -547,8 +565,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_aggregate_cuda(
         layout.V == 1 ? knn_aggregate_kernel<T, 1> : knn_aggregate_kernel<T, kVector>;
     kernel<<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(
         q.data_ptr<T>(), p.data_ptr<T>(), f.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(),
-        idx.data_ptr<int64_t>(), n, layout, f_out.data_ptr<T>(), w.data_ptr<T>(),
-        dists.data_ptr<T>());
+        idx.data_ptr<int64_t>(), data_or_null<int64_t>(order), n, layout, f_out.data_ptr<T>(),
+        w.data_ptr<T>(), dists.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {f_out, w, dists};
@@ -558,9 +576,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
     const std::optional<at::Tensor>& gf_in, const std::optional<at::Tensor>& gw_in,
     const std::optional<at::Tensor>& gD_in, const at::Tensor& q_in, const at::Tensor& p_in,
     const at::Tensor& f_in, const at::Tensor& sigma_in, const at::Tensor& R_in,
-    const at::Tensor& idx_in) {
+    const at::Tensor& idx_in, const std::optional<at::Tensor>& order_in) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
+  const at::Tensor order = check_order(order_in, n, q_in);
   const Upstreams up = check_upstreams(gf_in, gw_in, gD_in, n, q_in);
   const at::Tensor &gf = up.gf, &gw = up.gw, &gD = up.gD;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -584,7 +603,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_aggre
     kernel<<<layout_blocks(n, layout), kWarpsPerBlock * kWarp, 0, stream>>>(
         data_or_null<T>(gf), data_or_null<T>(gw), data_or_null<T>(gD), q.data_ptr<T>(),
         p.data_ptr<T>(), f.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(),
-        idx.data_ptr<int64_t>(), n, layout, grad_q.data_ptr<T>(), grad_p.data_ptr<T>(),
+        idx.data_ptr<int64_t>(), data_or_null<int64_t>(order), n, layout,
+        grad_q.data_ptr<T>(), grad_p.data_ptr<T>(),
         grad_f.data_ptr<T>(), grad_sigma.data_ptr<T>(), grad_R.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -599,10 +619,12 @@ knn_aggregate_double_backward_cuda(const at::Tensor& ggq_in,
                                    const std::optional<at::Tensor>& gD_in,
                                    const at::Tensor& q_in, const at::Tensor& p_in,
                                    const at::Tensor& f_in, const at::Tensor& sigma_in,
-                                   const at::Tensor& R_in, const at::Tensor& idx_in) {
+                                   const at::Tensor& R_in, const at::Tensor& idx_in,
+                                   const std::optional<at::Tensor>& order_in) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const ProblemSize n = check_aggregate(q_in, p_in, f_in, sigma_in, R_in, idx_in);
   check_upstream(ggq_in, "ggq", {n.B, n.Q, 3}, q_in);
+  const at::Tensor order = check_order(order_in, n, q_in);
   const Upstreams up = check_upstreams(gf_in, gw_in, gD_in, n, q_in);
   const at::Tensor &gf = up.gf, &gw = up.gw, &gD = up.gD;
   const auto opts = q_in.options();
@@ -637,7 +659,7 @@ knn_aggregate_double_backward_cuda(const at::Tensor& ggq_in,
     kernel<<<layout_blocks(n, layout), kWarpsPerBlock * kWarp, 0, stream>>>(
             ggq.data_ptr<T>(), data_or_null<T>(gf), data_or_null<T>(gw), data_or_null<T>(gD),
             q.data_ptr<T>(), p.data_ptr<T>(), f.data_ptr<T>(), sigma.data_ptr<T>(), R.data_ptr<T>(),
-            idx.data_ptr<int64_t>(), n, layout,
+            idx.data_ptr<int64_t>(), data_or_null<int64_t>(order), n, layout,
             gf.defined() ? g_gf.data_ptr<T>() : none, gw.defined() ? g_gw.data_ptr<T>() : none,
             gD.defined() ? g_gD.data_ptr<T>() : none, g_q.data_ptr<T>(), g_p.data_ptr<T>(),
             g_f.data_ptr<T>(), g_sigma.data_ptr<T>(), g_R.data_ptr<T>());

@@ -378,9 +378,18 @@ at::Tensor knn_search_cpu(const at::Tensor& q_in, const at::Tensor& p_in,
   return idx;
 }
 
+// The CPU kernels visit the queries in any order at the same cost: the identity.
+std::tuple<at::Tensor, at::Tensor> knn_search_ordered_cpu(
+    const at::Tensor& q, const at::Tensor& p, const std::optional<at::Tensor>& sigma,
+    const std::optional<at::Tensor>& R, int64_t K, c10::string_view method) {
+  at::Tensor idx = knn_search_cpu(q, p, sigma, R, K, method);
+  return {idx, at::arange(q.size(0) * q.size(1), idx.options())};
+}
+
 }  // namespace
 }  // namespace neusdf
 
 TORCH_LIBRARY_IMPL(neusdf, CPU, m) {
   m.impl("knn_search", &neusdf::knn_search_cpu);
+  m.impl("knn_search_ordered", &neusdf::knn_search_ordered_cpu);
 }

@@ -354,7 +354,8 @@ __device__ __forceinline__ void merge_warp_lists(unsigned char* buf, int warp, i
 template <typename T, int N, bool kEuclidean>
 __global__ void knn_search_kernel(const T* __restrict__ q, const T* __restrict__ p,
                                   const T* __restrict__ sigma, const T* __restrict__ R, int Q,
-                                  int P, int K, int64_t* __restrict__ idx) {
+                                  int P, int K, int64_t* __restrict__ idx,
+                                  int64_t* __restrict__ query_order) {
   constexpr int kTile = search_tile<T>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PointRec<T>* tile = reinterpret_cast<PointRec<T>*>(smem_raw);
@@ -411,6 +412,7 @@ __global__ void knn_search_kernel(const T* __restrict__ q, const T* __restrict__
     for (int s = 0; s < N; ++s) {
       if (s < K) idx[bq * K + s] = list.ind[s];
     }
+    if (query_order != nullptr) query_order[bq] = bq;  // brute force keeps the given order
   }
 }
 
@@ -475,7 +477,7 @@ int search_warps(int64_t blocks, c10::DeviceIndex device) {
 template <typename T, int N>
 void launch_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                    const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
-                   cudaStream_t stream) {
+                   int64_t* query_order, cudaStream_t stream) {
   const int64_t blocks = n.B * ((n.Q + kWarp - 1) / kWarp);
   const int warps = search_warps(blocks, q.get_device());
   const size_t smem = search_smem_bytes<T, N>(warps);
@@ -483,7 +485,8 @@ void launch_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& s
       sigma.defined() ? knn_search_kernel<T, N, false> : knn_search_kernel<T, N, true>;
   kernel<<<blocks, warps * kWarp, smem, stream>>>(q.data_ptr<T>(), p.data_ptr<T>(),
                                                   data_or_null<T>(sigma), data_or_null<T>(R),
-                                                  n.Q, n.P, n.K, idx.data_ptr<int64_t>());
+                                                  n.Q, n.P, n.K, idx.data_ptr<int64_t>(),
+                                                  query_order);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -720,7 +723,7 @@ std::pair<at::Tensor, at::Tensor> counting_sort(const at::Tensor& bucket, const 
 template <typename T, int N>
 void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                         const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
-                        cudaStream_t stream) {
+                        int64_t* query_order, cudaStream_t stream) {
   const int G = grid_cells_per_axis(n.P, kGridPointsPerCellCuda);
   const int cells = G * G * G, buckets = cells + 1;
   TORCH_CHECK(n.B * n.P < INT_MAX && n.B * n.Q < INT_MAX && n.B * buckets < INT_MAX,
@@ -779,6 +782,9 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
       q.data_ptr<T>(), qorder.data_ptr<int>(), view, n.B * n.Q, static_cast<int>(n.Q),
       static_cast<int>(n.K), idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (query_order != nullptr) {  // the queries' cell order, widened to int64
+    at::from_blob(query_order, {n.B * n.Q}, q.options().dtype(at::kLong)).copy_(qorder);
+  }
 }
 
 // ------------------------------------------------------------------------------ tile search
@@ -1283,7 +1289,7 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
                             const int* __restrict__ order, const TileBox<T>* __restrict__ boxes,
                             const TileBox<T>* __restrict__ chunk_boxes,
                             const TileHandoff<T> handoff, int64_t B, int Q, int P, int K,
-                            int64_t* __restrict__ idx) {
+                            int64_t* __restrict__ idx, int64_t* __restrict__ query_order) {
   using Layout = GroupLayout<L>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x;
@@ -1300,6 +1306,11 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
   const int chunks = (tiles + kTilePoints - 1) / kTilePoints;
   constexpr int kPosChunks = static_cast<int>(sizeof(PointPos<T>)) / 16;
   if (lane == 0) atomicAdd(handoff.state + kGroupsStarted, 1);
+  if (query_order != nullptr && sub == 0) {  // this group's queries, in Morton order
+    const int64_t b = blockIdx.x / qgroups;
+    const int s = blockIdx.x % qgroups * Layout::kQueries + lane / L;
+    if (s < Q) query_order[b * Q + s] = sorted[BP + b * Q + s] - BP;
+  }
 
   // The warp's jobs: its own group's walk (slot -1 until it hands on), then shares of
   // handed-on walks. Kept in shared memory: registers are the kernel's tightest resource.
@@ -1670,7 +1681,7 @@ int tile_build_resident_blocks(c10::DeviceIndex device) {
 template <typename T, int N>
 void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tensor& sigma,
                         const at::Tensor& R, const ProblemSize& n, at::Tensor& idx,
-                        cudaStream_t stream) {
+                        int64_t* query_order, cudaStream_t stream) {
   TORCH_CHECK(n.B * (n.P + n.Q) < INT_MAX,
               "neusdf: the CUDA tile search supports B * (P + Q) < 2^31");
   const int64_t BP = n.B * n.P, total = n.B * (n.P + n.Q);
@@ -1753,7 +1764,7 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
       q.data_ptr<T>(), build.cells, build.sorted, build.positions, build.shapes, build.order,
       build.boxes, build.chunk_boxes, handoff, n.B,
       static_cast<int>(n.Q), static_cast<int>(n.P), static_cast<int>(n.K),
-      idx.data_ptr<int64_t>());
+      idx.data_ptr<int64_t>(), query_order);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1775,10 +1786,12 @@ void launch_tile_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
     }                                             \
   } while (0)
 
-at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
-                           const std::optional<at::Tensor>& sigma_opt,
-                           const std::optional<at::Tensor>& R_opt, int64_t K,
-                           c10::string_view method) {
+// knn_search's body; query_order (B * Q int64 on q's device, or null): where to write the
+// order the method visited the queries in (knn_search_ordered).
+at::Tensor search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
+                       const std::optional<at::Tensor>& sigma_opt,
+                       const std::optional<at::Tensor>& R_opt, int64_t K,
+                       c10::string_view method, at::Tensor* query_order) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   auto [sigma_in, R_in] = search_metric(sigma_opt, R_opt);
   const ProblemSize n = check_points(q_in, p_in, sigma_in, R_in, K);
@@ -1789,7 +1802,9 @@ at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
               "neusdf: knn_search supports P < 2^31 - 256 and Q < 2^31 on CUDA");
   TORCH_CHECK(n.B * ((n.Q + kWarp - 1) / kWarp) < INT_MAX, "neusdf: B * Q too large");
   at::Tensor idx = at::empty({n.B, n.Q, K}, q_in.options().dtype(at::kLong));
+  if (query_order != nullptr) *query_order = at::empty({n.B * n.Q}, idx.options());
   if (n.B * n.Q == 0) return idx;
+  int64_t* order = query_order != nullptr ? query_order->data_ptr<int64_t>() : nullptr;
   // The Euclidean metric: the brute force's own kernel (K <= 32); the other paths run the
   // general kernels on the identity (bit for bit the same keys).
   const bool euclidean_kernel = how == SearchMethod::kBrute && K <= 32;
@@ -1801,16 +1816,32 @@ at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knn_search_cuda", [&] {
     using T = scalar_t;
     if (how == SearchMethod::kTile) {
-      NEUSDF_DISPATCH_LIST_SIZE(K, launch_tile_search, q, p, sigma, R, n, idx, stream);
+      NEUSDF_DISPATCH_LIST_SIZE(K, launch_tile_search, q, p, sigma, R, n, idx, order, stream);
     } else if (how == SearchMethod::kGrid) {
-      NEUSDF_DISPATCH_LIST_SIZE(K, launch_grid_search, q, p, sigma, R, n, idx, stream);
+      NEUSDF_DISPATCH_LIST_SIZE(K, launch_grid_search, q, p, sigma, R, n, idx, order, stream);
     } else if (K <= 32) {
-      NEUSDF_DISPATCH_LIST_SIZE(K, launch_search, q, p, sigma, R, n, idx, stream);
+      NEUSDF_DISPATCH_LIST_SIZE(K, launch_search, q, p, sigma, R, n, idx, order, stream);
     } else {
       launch_search_large_k<T>(q, p, sigma, R, n, idx, stream);
+      if (query_order != nullptr) at::arange_out(*query_order, n.B * n.Q);
     }
   });
   return idx;
+}
+
+at::Tensor knn_search_cuda(const at::Tensor& q, const at::Tensor& p,
+                           const std::optional<at::Tensor>& sigma,
+                           const std::optional<at::Tensor>& R, int64_t K,
+                           c10::string_view method) {
+  return search_cuda(q, p, sigma, R, K, method, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_search_ordered_cuda(
+    const at::Tensor& q, const at::Tensor& p, const std::optional<at::Tensor>& sigma,
+    const std::optional<at::Tensor>& R, int64_t K, c10::string_view method) {
+  at::Tensor order;
+  at::Tensor idx = search_cuda(q, p, sigma, R, K, method, &order);
+  return {idx, order};
 }
 
 }  // namespace
@@ -1818,4 +1849,5 @@ at::Tensor knn_search_cuda(const at::Tensor& q_in, const at::Tensor& p_in,
 
 TORCH_LIBRARY_IMPL(neusdf, CUDA, m) {
   m.impl("knn_search", &neusdf::knn_search_cuda);
+  m.impl("knn_search_ordered", &neusdf::knn_search_ordered_cuda);
 }

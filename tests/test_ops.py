@@ -217,13 +217,18 @@ def test_opcheck(device):
     ggq = torch.randn_like(q)
     torch.library.opcheck(ops.knn_search, (q, p, sigma, R, K))
     torch.library.opcheck(ops.knn_search, (q, p, None, None, K))  # the Euclidean metric
+    torch.library.opcheck(ops.knn_search_ordered, (q, p, sigma, R, K))
+    torch.library.opcheck(ops.knn_search_ordered, (q, p, None, None, K, "brute"))
+    order = torch.randperm(B * Q, device=device)
     leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
     torch.library.opcheck(ops.knn_aggregate, (*leaves, idx))
+    torch.library.opcheck(ops.knn_aggregate, (*leaves, idx, order))
     torch.library.opcheck(ops.knn_aggregate_backward, (gf, gw, gd, *leaves, idx))
-    torch.library.opcheck(ops.knn_aggregate_backward, (gf, None, None, *leaves, idx))
+    torch.library.opcheck(ops.knn_aggregate_backward, (gf, None, None, *leaves, idx, order))
     for upstream in ((gf, gw, gd), (gf, None, None), (None, gw, None)):
         args = (ggq, *upstream, q, p, f, sigma, R, idx)
         torch.library.opcheck(ops.knn_aggregate_double_backward, args)
+        torch.library.opcheck(ops.knn_aggregate_double_backward, (*args, order))
 
 
 def test_result_is_a_named_tuple():
@@ -253,7 +258,9 @@ def test_fake_kernels_match_real_outputs(device):
     gf, gw, gd = (torch.randn(s, dtype=q.dtype, device=device) for s in shapes)
     calls = [
         (ops.knn_search, (qn, p, sigma, Rn, K)),
+        (ops.knn_search_ordered, (qn, p, sigma, Rn, K)),
         (ops.knn_aggregate, (qn, p, fn, sigma, Rn, idx)),
+        (ops.knn_aggregate, (qn, p, fn, sigma, Rn, idx, torch.randperm(B * Q, device=device))),
         (ops.knn_aggregate_backward, (gf, gw, gd, qn, p, fn, sigma, Rn, idx)),
         (ops.knn_aggregate_double_backward, (qn, gf, None, gd, qn, p, fn, sigma, Rn, idx)),
     ]
@@ -671,6 +678,103 @@ def test_cuda_aggregate_layouts(Q, F, K, dtype):
         grads = torch.autograd.grad(outputs, leaves, [g.cuda() for g in upstream])
         for name, x, y in zip("q p f sigma R".split(), grads, expected_grads, strict=True):
             assert_close_scaled(x.cpu(), y, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("method", "K"), [("auto", 8), ("brute", 8), ("grid", 8), ("tile", 8),
+                                           ("brute", 40)])
+def test_search_ordered_is_the_search_with_a_query_order(method, K, device):
+    """knn_search_ordered returns knn_search's idx and a permutation of the flat queries: the
+    tile search's Morton order on CUDA, the identity for brute force and on the CPU."""
+    ensure_registered()
+    q, p, _, sigma, R = make_inputs(2, 3000, 1200, 1, device=device, seed=31)
+    idx, order = torch.ops.neusdf.knn_search_ordered(q, p, sigma, R, K, method)
+    assert torch.equal(idx, torch.ops.neusdf.knn_search(q, p, sigma, R, K, method))
+    assert order.dtype == torch.int64 and order.shape == (2 * 3000,)
+    identity = torch.arange(2 * 3000, device=device)
+    assert torch.equal(order.sort().values, identity)
+    sorts_queries = device == "cuda" and method in ("grid", "tile")
+    assert torch.equal(order, identity) != sorts_queries
+    if sorts_queries:  # neighbours in the order are neighbours in space
+        flat = q.reshape(-1, 3)
+        steps = (flat[order[1:]] - flat[order[:-1]]).norm(dim=-1).median()
+        assert steps < 0.5 * (flat[1:] - flat[:-1]).norm(dim=-1).median()
+
+
+# The layouts of the aggregation kernels' shared-query path (row lanes <= K slots) and of the
+# path where a group of row lanes spans several queries (F large against K), float and double.
+ORDER_LAYOUTS = [(2, 30, 64, 16), (3, 37, 64, 4), (1, 33, 5, 3), (2, 21, 130, 40)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("B", "Q", "F", "K"), ORDER_LAYOUTS)
+def test_visiting_order_changes_no_result(B, Q, F, K, dtype, device):
+    """The aggregation operators visit the queries in any given order with the same results:
+    the forward bit for bit (each query's sums run in the same order), the gradients up to the
+    order of their atomic additions."""
+    ensure_registered()
+    q, p, f, sigma, R = make_inputs(B, Q, 50, F, dtype=dtype, device=device, seed=Q + F)
+    idx = torch.ops.neusdf.knn_search(q, p, sigma, R, K)
+    order = torch.randperm(B * Q, generator=torch.Generator().manual_seed(K)).to(device)
+    gen = torch.Generator().manual_seed(F)
+    gf, gw, gD, ggq = (
+        torch.randn(shape, generator=gen, dtype=dtype).to(device)
+        for shape in ((B, Q, F), (B, Q, K), (B, Q, K), (B, Q, 3))
+    )
+    ops = torch.ops.neusdf
+    plain = ops.knn_aggregate(q, p, f, sigma, R, idx)
+    for x, y in zip(ops.knn_aggregate(q, p, f, sigma, R, idx, order), plain, strict=True):
+        assert torch.equal(x, y)
+    for upstream in ((gf, gw, gD), (gf, None, None), (None, gw, None)):
+        got = ops.knn_aggregate_backward(*upstream, q, p, f, sigma, R, idx, order)
+        want = ops.knn_aggregate_backward(*upstream, q, p, f, sigma, R, idx)
+        for x, y in zip(got, want, strict=True):
+            assert_close_scaled(x, y, dtype)
+        got = ops.knn_aggregate_double_backward(ggq, *upstream, q, p, f, sigma, R, idx, order)
+        want = ops.knn_aggregate_double_backward(ggq, *upstream, q, p, f, sigma, R, idx)
+        for x, y in zip(got, want, strict=True):
+            assert x.shape == y.shape  # (0,) for the gradient of an absent upstream
+            if y.numel():
+                assert_close_scaled(x, y, dtype)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_order_values_out_of_range_are_skipped():
+    """A visiting order with values outside [0, B * Q) leaves those slots idle (no access out
+    of bounds, which the sanitizer run checks); the queries of the other slots are right."""
+    ensure_registered()
+    q, p, f, sigma, R = make_inputs(2, 40, 50, 8, device="cuda", seed=33)
+    idx = torch.ops.neusdf.knn_search(q, p, sigma, R, 4)
+    order = torch.arange(80, device="cuda")
+    order[[5, 60]] = torch.tensor([-7, 1 << 40], device="cuda")
+    kept = torch.ones(80, dtype=torch.bool)
+    kept[[5, 60]] = False
+    plain = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx)
+    skipped = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx, order)
+    for x, y in zip(skipped, plain, strict=True):
+        assert torch.equal(x.reshape(80, -1)[kept.cuda()], y.reshape(80, -1)[kept.cuda()])
+    grads = torch.ops.neusdf.knn_aggregate_backward(
+        torch.ones_like(plain[0]), None, None, q, p, f, sigma, R, idx, order
+    )
+    assert all(torch.isfinite(g[..., :1]).any() for g in grads)
+
+
+def test_bad_order_gets_clear_errors():
+    ensure_registered()
+    q, p, f, sigma, R = make_inputs(2, 5, 8, 4, seed=34)
+    idx = torch.ops.neusdf.knn_search(q, p, sigma, R, 3)
+    ops = torch.ops.neusdf
+    for order, message in (
+        (torch.arange(10, dtype=torch.int32), r"order must be int64"),
+        (torch.arange(9), r"order must have shape \(B \* Q,\) = \(10,\)"),
+        (torch.arange(10).view(2, 5), r"order must have shape"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            ops.knn_aggregate(q, p, f, sigma, R, idx, order)
+        with pytest.raises(RuntimeError, match=message):
+            ops.knn_aggregate_backward(q, None, None, q, p, f, sigma, R, idx, order)
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
 """Python face of the compiled anisotropic kNN aggregation: input checks and fake kernels.
 
-The C++ library (``csrc/``) defines four ``torch.ops.neusdf`` operators: ``knn_search``,
+The C++ library (``csrc/``) defines five ``torch.ops.neusdf`` operators: ``knn_search``,
+``knn_search_ordered`` (the same search, with the order it visited the queries in),
 ``knn_aggregate``, ``knn_aggregate_backward`` and ``knn_aggregate_double_backward``, with their
 autograd in C++ (``csrc/knn_aggregate_autograd.cpp``): the forward's backward is the backward
 op, whose own backward is the double-backward op (exact for the upstream of the query gradient,
@@ -158,11 +159,14 @@ def knn_aggregate_aniso(
         _check_method(search, K, q)
     if _wants_value_check(check_values, q):
         _check_values(sigma, idx, p.shape[1])
+    ensure_registered()
+    order = None
     if idx is None:
-        idx = _search(q, p, sigma, R, K, search)
-    else:
-        ensure_registered()
-    f_out, w, dists = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx)
+        # The search's order of the queries (Morton order in the CUDA tile search) becomes the
+        # order the aggregation kernels visit them in: queries that share neighbours then
+        # share a block and its caches (docs/op.md, "The aggregation's visiting order").
+        idx, order = torch.ops.neusdf.knn_search_ordered(q, p, sigma, R, K, search)
+    f_out, w, dists = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx, order)
     return KnnAggregateResult(f_out, w, dists, idx)
 
 
@@ -342,28 +346,45 @@ def _register_fakes() -> None:
         _check_method(method, K, q)
         return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.int64)
 
+    @torch.library.register_fake("neusdf::knn_search_ordered")
+    def _(q, p, sigma, R, K, method="auto"):
+        _check_points(q, p, sigma, R, euclidean_ok=True)
+        _check_k(K, p.shape[1])
+        _check_method(method, K, q)
+        B, Q = q.shape[0], q.shape[1]
+        return q.new_empty((B, Q, K), dtype=torch.int64), q.new_empty(B * Q, dtype=torch.int64)
+
     @torch.library.register_fake("neusdf::knn_aggregate")
-    def _(q, p, f, sigma, R, idx):
-        _check_aggregate(q, p, f, sigma, R, idx)
+    def _(q, p, f, sigma, R, idx, order=None):
+        _check_aggregate(q, p, f, sigma, R, idx, order)
         B, Q, K = idx.shape
         return q.new_empty((B, Q, f.shape[2])), q.new_empty((B, Q, K)), q.new_empty((B, Q, K))
 
     @torch.library.register_fake("neusdf::knn_aggregate_backward")
-    def _(gf, gw, gD, q, p, f, sigma, R, idx):
-        _check_aggregate(q, p, f, sigma, R, idx)
+    def _(gf, gw, gD, q, p, f, sigma, R, idx, order=None):
+        _check_aggregate(q, p, f, sigma, R, idx, order)
         return tuple(fresh(t) for t in (q, p, f, sigma, R))
 
     @torch.library.register_fake("neusdf::knn_aggregate_double_backward")
-    def _(ggq, gf, gw, gD, q, p, f, sigma, R, idx):
-        _check_aggregate(q, p, f, sigma, R, idx)
+    def _(ggq, gf, gw, gD, q, p, f, sigma, R, idx, order=None):
+        _check_aggregate(q, p, f, sigma, R, idx, order)
         upstream = tuple(q.new_empty(0) if g is None else fresh(g) for g in (gf, gw, gD))
         return (*upstream, *(fresh(t) for t in (q, p, f, sigma, R)))
 
 
-def _check_aggregate(q, p, f, sigma, R, idx) -> None:
+def _check_aggregate(q, p, f, sigma, R, idx, order=None) -> None:
     """The shape and dtype rules of the aggregation operators (for the fake kernels)."""
     _check_points(q, p, sigma, R)
     _check_features(f, q, p)
     if not isinstance(idx, torch.Tensor) or idx.dim() != 3:
         raise ValueError(f"idx must have shape (B, Q, K), got {getattr(idx, 'shape', idx)}")
     _check_idx(idx, q, idx.shape[2])
+    if order is not None:
+        expected = (q.shape[0] * q.shape[1],)
+        if order.dtype != torch.int64 or tuple(order.shape) != expected:
+            raise ValueError(
+                f"order must be int64 of shape (B * Q,) = {expected}, got {order.dtype} "
+                f"{tuple(order.shape)}"
+            )
+        if order.device != q.device:
+            raise ValueError(f"order is on {order.device} but q is on {q.device}")
