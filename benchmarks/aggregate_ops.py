@@ -9,8 +9,15 @@ on the CPU the median wall time of 5 calls. Checksums of every output let two bu
 compared: run the script under each build (its own ``TORCH_EXTENSIONS_DIR`` and checkout on
 ``PYTHONPATH``), then compare the JSON files.
 
+``--query-order morton`` sorts each batch's queries along a Morton curve over their bounding box
+before the search (the queries come in random order otherwise): the order in which the
+operators visit the queries then follows space, so that a block's queries share most of their
+neighbours' feature rows. It measures what the kernels would gain from visiting the queries in
+the search's own Morton order (the checksums then differ, the queries being permuted).
+
     python benchmarks/aggregate_ops.py aggregate.json
     python benchmarks/aggregate_ops.py small.json --device cpu --size small
+    python benchmarks/aggregate_ops.py sorted.json --query-order morton
 """
 
 from __future__ import annotations
@@ -56,10 +63,27 @@ def checksums(tensors) -> list[float]:
     return sums
 
 
-def measure(name: str, device: str) -> dict:
-    """Times and checksums of the aggregation operators at size ``name`` on ``device``."""
+def morton_sorted(q: torch.Tensor, bits: int = 10) -> torch.Tensor:
+    """q (B, Q, 3) with each batch's queries sorted by their Morton code (``bits`` per axis)
+    over the batch's bounding box; a non-finite coordinate counts as the box's low corner."""
+    q0 = torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = q0.amin(1, keepdim=True), q0.amax(1, keepdim=True)
+    cell = ((q0 - lo) / (hi - lo).clamp(min=1e-30) * (2**bits - 1)).long().clamp(0, 2**bits - 1)
+    code = torch.zeros(q.shape[:2], dtype=torch.long, device=q.device)
+    for bit in range(bits):
+        for axis in range(3):
+            code |= ((cell[..., axis] >> bit) & 1) << (3 * bit + axis)
+    order = torch.argsort(code, dim=1)
+    return torch.gather(q, 1, order[..., None].expand(-1, -1, 3)).contiguous()
+
+
+def measure(name: str, device: str, query_order: str = "given") -> dict:
+    """Times and checksums of the aggregation operators at size ``name`` on ``device``, the
+    queries in their given (random) order or sorted along a Morton curve (``"morton"``)."""
     B, Q, P, F, K, dtype = sizes()[name]
     q, p, f, sigma, R = make_inputs(B, Q, P, F, dtype=dtype, device=device, seed=0)
+    if query_order == "morton":
+        q = morton_sorted(q)
     gen = torch.Generator(device=device).manual_seed(1)
 
     def randn(*shape):
@@ -88,6 +112,7 @@ def measure(name: str, device: str) -> dict:
             "public_forward": lambda: knn_aggregate_aniso(q, p, f, sigma, R, K),
         }
         record = {"size": name, "B": B, "Q": Q, "P": P, "F": F, "K": K, "dtype": str(dtype)}
+        record["query_order"] = query_order
         for op, fn in calls.items():
             record[f"{op}_ms"] = timer(fn)
             if op != "public_forward":
@@ -120,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(sizes()),
         help="default: the op benchmark's sizes and " + ", ".join(EXTRA_SIZES),
     )
+    parser.add_argument(
+        "--query-order",
+        choices=("given", "morton"),
+        default="given",
+        help="the queries as make_inputs draws them (random) or sorted along a Morton curve",
+    )
     parser.add_argument("--label", default="", help="a name for this build, kept in the JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -132,13 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device_name}; torch {torch.__version__}", flush=True)
     records = []
     for name in names:
-        records.append(measure(name, args.device))
+        records.append(measure(name, args.device, args.query_order))
         print(table(records[-1:]).splitlines()[-1], flush=True)
     print(table(records))
     payload = {
         "device": device_name,
         "torch": torch.__version__,
         "label": args.label,
+        "query_order": args.query_order,
         "timer": "graph" if args.device == "cuda" else "wall",
         "records": records,
     }

@@ -71,7 +71,7 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   cat > /tmp/neusdf_sanitize_case.py <<'PY'
 """Search (grid, tile and brute), forward, backward and double backward on small CUDA cases
 (the tile search with 4 and 2 lanes a query, with over 64 chunks of tiles, and handing long
-walks on: queries at the centre of a sphere of points)."""
+walks on: queries at the centre of a sphere of points; a visiting order out of range)."""
 import torch
 
 from neusdf.ops import knn_aggregate_aniso, knn_search_aniso
@@ -98,6 +98,15 @@ for kind in ("clusters", "far-queries", "duplicates"):
     assert torch.equal(a, b) and torch.equal(t, b), kind
     e = knn_search_aniso(q, p, None, None, 6, method="brute")  # the Euclidean kernel
     assert torch.equal(e, knn_search_aniso(q, p, *euclidean_metric(p), 6)), kind
+# a visiting order with values out of range: those slots stay idle, nothing read out of bounds
+q, p, f, sigma, R = make_inputs(2, 40, 50, 8, device="cuda", seed=3)
+idx = torch.ops.neusdf.knn_search(q, p, sigma, R, 4)
+order = torch.arange(80, device="cuda")
+order[[5, 60]] = torch.tensor([-7, 1 << 40], device="cuda")
+f_out = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx, order)[0]
+torch.ops.neusdf.knn_aggregate_backward(f_out, None, None, q, p, f, sigma, R, idx, order)
+torch.ops.neusdf.knn_aggregate_double_backward(q, f_out, None, None, q, p, f, sigma, R, idx,
+                                               order)
 q, p, _, sigma, R = make_inputs(1, 96, 70000, 1, device="cuda", seed=2)
 sphere = torch.nn.functional.normalize(p, dim=-1)
 queries = torch.cat((0.05 * q[:, :64], sphere[:, :32] + 0.01 * q[:, 64:]), dim=1)
