@@ -681,8 +681,9 @@ def test_cuda_aggregate_layouts(Q, F, K, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("method", "K"), [("auto", 8), ("brute", 8), ("grid", 8), ("tile", 8),
-                                           ("brute", 40)])
+@pytest.mark.parametrize(
+    ("method", "K"), [("auto", 8), ("brute", 8), ("grid", 8), ("tile", 8), ("brute", 40)]
+)
 def test_search_ordered_is_the_search_with_a_query_order(method, K, device):
     """knn_search_ordered returns knn_search's idx and a permutation of the flat queries: the
     tile search's Morton order on CUDA, the identity for brute force and on the CPU."""
@@ -759,6 +760,47 @@ def test_cuda_order_values_out_of_range_are_skipped():
         torch.ones_like(plain[0]), None, None, q, p, f, sigma, R, idx, order
     )
     assert all(torch.isfinite(g[..., :1]).any() for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_order_round_trip(device):
+    """knn_search_aniso(..., return_order=True) gives the search's neighbours and order; the
+    aggregation with both gives what it gives with the neighbours alone."""
+    q, p, f, sigma, R = make_inputs(2, 300, 4096, 8, device=device, seed=35, requires_grad=True)
+    idx, order = knn_search_aniso(q, p, sigma, R, 8, method="tile", return_order=True)
+    assert torch.equal(idx, knn_search_aniso(q, p, sigma, R, 8))
+    assert torch.equal(order, torch.arange(600, device=device)) == (device == "cpu")
+    assert torch.equal(order.sort().values, torch.arange(600, device=device))
+    with_order = knn_aggregate_aniso(q, p, f, sigma, R, 8, idx=idx, order=order)
+    without = knn_aggregate_aniso(q, p, f, sigma, R, 8, idx=idx)
+    for x, y in zip(with_order, without, strict=True):
+        assert torch.equal(x, y)
+    loss = with_order.f_out.square().sum() + with_order.w.sum()
+    grads = torch.autograd.grad(loss, (q, p, f, sigma, R))
+    loss = without.f_out.square().sum() + without.w.sum()
+    for x, y in zip(grads, torch.autograd.grad(loss, (q, p, f, sigma, R)), strict=True):
+        assert_close_scaled(x, y, torch.float32)
+
+
+def test_public_order_gets_clear_errors():
+    q, p, f, sigma, R = make_inputs(2, 5, 8, 4, seed=36)
+    idx = knn_search_aniso(q, p, sigma, R, 3)
+    good = torch.arange(10)
+    with pytest.raises(ValueError, match=r"pass it together with idx"):
+        knn_aggregate_aniso(q, p, f, sigma, R, 3, order=good)
+    with pytest.raises(TypeError, match=r"order must be int64, got torch.int32"):
+        knn_aggregate_aniso(q, p, f, sigma, R, 3, idx=idx, order=good.int())
+    with pytest.raises(TypeError, match=r"order must be a torch.Tensor or None, got list"):
+        knn_aggregate_aniso(q, p, f, sigma, R, 3, idx=idx, order=list(range(10)))
+    with pytest.raises(ValueError, match=r"order must have shape \(B \* Q,\) = \(10,\)"):
+        knn_aggregate_aniso(q, p, f, sigma, R, 3, idx=idx, order=good.view(2, 5))
+    for bad in (torch.tensor([0, 0, 2, 3, 4, 5, 6, 7, 8, 9]), good + 1, good - 1):
+        with pytest.raises(ValueError, match=r"order must be a permutation of \[0, B \* Q\)"):
+            knn_aggregate_aniso(q, p, f, sigma, R, 3, idx=idx, order=bad)
+    # unchecked, the CPU kernels never read it
+    knn_aggregate_aniso(q, p, f, sigma, R, 3, idx=idx, order=good + 1, check_values=False)
+    with pytest.raises(TypeError, match=r"return_order must be True or False"):
+        knn_search_aniso(q, p, sigma, R, 3, return_order=1)
 
 
 def test_bad_order_gets_clear_errors():

@@ -59,7 +59,8 @@ def knn_search_aniso(
     *,
     method: str = "auto",
     check_values: bool | None = None,
-) -> torch.Tensor:
+    return_order: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The K nearest points of every query under the points' own anisotropic metrics.
 
     Args:
@@ -79,16 +80,28 @@ def knn_search_aniso(
             where the points lie on a surface and queries are far from it; docs/op.md).
         check_values: whether to check sigma > 0 (see :func:`knn_aggregate_aniso`); by
             default only tensors on the CPU are checked.
+        return_order: also return the order in which the search visited the queries.
 
     Returns:
         idx (B, Q, K) int64, ascending in D = sum_j sigma_kj (R_k (q - p_k))_j^2, ties to the
-        lower index; NaN distances sort last. Not differentiable.
+        lower index; NaN distances sort last. Not differentiable. With ``return_order`` the
+        tuple ``(idx, order)``: order (B * Q,) int64 is a permutation of the flat queries
+        b * Q + i that puts queries near each other in space next to each other where the
+        search sorted them (the tile search's Morton order and the grid's cell order on
+        CUDA), else the identity. Passed with idx to :func:`knn_aggregate_aniso`, it makes
+        the aggregation visit the queries in that order: the same results, and at large sizes
+        much faster (docs/op.md, "The aggregation's visiting order").
     """
     _check_points(q, p, sigma, R, euclidean_ok=True)
     _check_k(K, p.shape[1])
     _check_method(method, K, q)
+    if not isinstance(return_order, bool):
+        raise TypeError(f"return_order must be True or False, got {return_order!r}")
     if _wants_value_check(check_values, q) and sigma is not None:
         _check_values(sigma, None, p.shape[1])
+    if return_order:
+        ensure_registered()
+        return tuple(torch.ops.neusdf.knn_search_ordered(q, p, sigma, R, K, method))
     return _search(q, p, sigma, R, K, method)
 
 
@@ -108,6 +121,7 @@ def knn_aggregate_aniso(
     K: int,
     idx: torch.Tensor | None = None,
     *,
+    order: torch.Tensor | None = None,
     search: str = "auto",
     check_values: bool | None = None,
 ) -> KnnAggregateResult:
@@ -125,9 +139,14 @@ def knn_aggregate_aniso(
         K: neighbours per query, 1 <= K <= P.
         idx: optional (B, Q, K) int64 neighbours from an earlier call; skips the search and
             gives the same values and gradients as searching.
+        order: optional (B * Q,) int64 visiting order of the given idx's queries, as
+            ``knn_search_aniso(..., return_order=True)`` returns it: the same results, faster
+            at large sizes (without idx the search's own order is used). It must be a
+            permutation of [0, B * Q); checked with the values (``check_values``).
         search: the search method, ``"auto"``, ``"grid"``, ``"tile"`` or ``"brute"``
             (identical results; see :func:`knn_search_aniso`); ignored when idx is given.
-        check_values: whether to check the values sigma > 0 and idx in [0, P). None
+        check_values: whether to check the values sigma > 0, idx in [0, P) and order a
+            permutation. None
             (default): on CPU tensors only, where the check is free; on CUDA it needs a
             device synchronisation, which in a loop of eager calls leaves the GPU idle while
             the host launches the next work (0.1-0.2 ms per call on an H100, docs/op.md).
@@ -157,10 +176,16 @@ def knn_aggregate_aniso(
         _check_idx(idx, q, K)
     else:
         _check_method(search, K, q)
+    if order is not None:
+        if idx is None:
+            raise ValueError(
+                "order is the visiting order of given neighbours: pass it together with idx "
+                "(knn_search_aniso(..., return_order=True) returns both)"
+            )
+        _check_order(order, q)
     if _wants_value_check(check_values, q):
-        _check_values(sigma, idx, p.shape[1])
+        _check_values(sigma, idx, p.shape[1], order)
     ensure_registered()
-    order = None
     if idx is None:
         # The search's order of the queries (Morton order in the CUDA tile search) becomes the
         # order the aggregation kernels visit them in: queries that share neighbours then
@@ -265,6 +290,18 @@ def _check_idx(idx, q: torch.Tensor, K: int) -> None:
         raise ValueError(f"idx must have shape (B, Q, K) = {expected}, got {tuple(idx.shape)}")
 
 
+def _check_order(order, q: torch.Tensor) -> None:
+    if not isinstance(order, torch.Tensor):
+        raise TypeError(f"order must be a torch.Tensor or None, got {type(order).__name__}")
+    if order.dtype != torch.int64:
+        raise TypeError(f"order must be int64, got {order.dtype}")
+    if order.device != q.device:
+        raise ValueError(f"order is on {order.device} but q is on {q.device}")
+    expected = (q.shape[0] * q.shape[1],)
+    if tuple(order.shape) != expected:
+        raise ValueError(f"order must have shape (B * Q,) = {expected}, got {tuple(order.shape)}")
+
+
 def _wants_value_check(check_values: bool | None, q: torch.Tensor) -> bool:
     """Whether :func:`_check_values` runs: as asked, or by default where it needs no device
     synchronisation (tensors on the CPU; q's device is every input's, checked before)."""
@@ -275,9 +312,11 @@ def _wants_value_check(check_values: bool | None, q: torch.Tensor) -> bool:
     return check_values
 
 
-def _check_values(sigma: torch.Tensor, idx: torch.Tensor | None, P: int) -> None:
-    """sigma > 0 everywhere and idx (if given) in [0, P): one reduction, one read of its
-    result (a device synchronisation on CUDA).
+def _check_values(
+    sigma: torch.Tensor, idx: torch.Tensor | None, P: int, order: torch.Tensor | None = None
+) -> None:
+    """sigma > 0 everywhere, idx (if given) in [0, P) and order (if given) a permutation of
+    [0, B * Q): one read of the reductions' results (a device synchronisation on CUDA).
 
     Why sigma must be positive: sigma are precisions (inverse squared scales). Zero is an
     infinitely wide axis and a negative one no Gaussian at all (D < 0, w = exp(-D) > 1 and
@@ -286,24 +325,34 @@ def _check_values(sigma: torch.Tensor, idx: torch.Tensor | None, P: int) -> None
     Skipped while torch.compile traces (data-dependent) and while a CUDA graph is being
     captured (a device-to-host read is not allowed there; a replay runs no Python at all, so
     the eager calls before the capture are where the values get checked). The kernels never
-    read out of bounds: a bad index gives NaN outputs.
+    read out of bounds: a bad index gives NaN outputs, an order value out of range an idle slot.
     """
     if torch.compiler.is_compiling() or sigma.numel() == 0:
         return
     if sigma.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    ok = (sigma > 0).all().to(torch.int64)
-    if idx is None or idx.numel() == 0:
-        if not bool(ok):
-            raise ValueError(_bad_sigma(sigma))
-        return
-    lo, hi = torch.aminmax(idx)
-    sigma_ok, lo, hi = torch.stack([ok, lo, hi]).tolist()
-    if not sigma_ok:
+    has_idx = idx is not None and idx.numel() > 0
+    has_order = order is not None and order.numel() > 0
+    flags = [(sigma > 0).all().to(torch.int64)]
+    if has_idx:
+        flags += list(torch.aminmax(idx))
+    if has_order:
+        n = order.numel()
+        inside = ((order >= 0) & (order < n)).all()
+        once = torch.bincount(order.clamp(0, n - 1), minlength=n).eq(1).all()
+        flags.append((inside & once).to(torch.int64))
+    values = torch.stack(flags).tolist()
+    if not values[0]:
         raise ValueError(_bad_sigma(sigma))
-    if lo < 0 or hi >= P:
+    if has_idx and (values[1] < 0 or values[2] >= P):
         raise ValueError(
-            f"idx must hold point indices in [0, P) = [0, {P}), got values in [{lo}, {hi}]"
+            f"idx must hold point indices in [0, P) = [0, {P}), got values in "
+            f"[{values[1]}, {values[2]}]"
+        )
+    if has_order and not values[-1]:
+        raise ValueError(
+            f"order must be a permutation of [0, B * Q) = [0, {order.numel()}): each flat "
+            "query index exactly once"
         )
 
 
@@ -380,11 +429,4 @@ def _check_aggregate(q, p, f, sigma, R, idx, order=None) -> None:
         raise ValueError(f"idx must have shape (B, Q, K), got {getattr(idx, 'shape', idx)}")
     _check_idx(idx, q, idx.shape[2])
     if order is not None:
-        expected = (q.shape[0] * q.shape[1],)
-        if order.dtype != torch.int64 or tuple(order.shape) != expected:
-            raise ValueError(
-                f"order must be int64 of shape (B * Q,) = {expected}, got {order.dtype} "
-                f"{tuple(order.shape)}"
-            )
-        if order.device != q.device:
-            raise ValueError(f"order is on {order.device} but q is on {q.device}")
+        _check_order(order, q)
