@@ -278,28 +278,24 @@ def _check_method(method, K: int, q: torch.Tensor) -> None:
         )
 
 
+def _check_index_tensor(t, name: str, q: torch.Tensor, expected: tuple, dims: str) -> None:
+    """t is an int64 tensor of shape ``expected`` (written ``dims``) on q's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape {dims} = {expected}, got {tuple(t.shape)}")
+
+
 def _check_idx(idx, q: torch.Tensor, K: int) -> None:
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"idx must be a torch.Tensor or None, got {type(idx).__name__}")
-    if idx.dtype != torch.int64:
-        raise TypeError(f"idx must be int64, got {idx.dtype}")
-    if idx.device != q.device:
-        raise ValueError(f"idx is on {idx.device} but q is on {q.device}")
-    expected = (q.shape[0], q.shape[1], K)
-    if tuple(idx.shape) != expected:
-        raise ValueError(f"idx must have shape (B, Q, K) = {expected}, got {tuple(idx.shape)}")
+    _check_index_tensor(idx, "idx", q, (q.shape[0], q.shape[1], K), "(B, Q, K)")
 
 
 def _check_order(order, q: torch.Tensor) -> None:
-    if not isinstance(order, torch.Tensor):
-        raise TypeError(f"order must be a torch.Tensor or None, got {type(order).__name__}")
-    if order.dtype != torch.int64:
-        raise TypeError(f"order must be int64, got {order.dtype}")
-    if order.device != q.device:
-        raise ValueError(f"order is on {order.device} but q is on {q.device}")
-    expected = (q.shape[0] * q.shape[1],)
-    if tuple(order.shape) != expected:
-        raise ValueError(f"order must have shape (B * Q,) = {expected}, got {tuple(order.shape)}")
+    _check_index_tensor(order, "order", q, (q.shape[0] * q.shape[1],), "(B * Q,)")
 
 
 def _wants_value_check(check_values: bool | None, q: torch.Tensor) -> bool:
