@@ -99,16 +99,16 @@ def knn_search_aniso(
         raise TypeError(f"return_order must be True or False, got {return_order!r}")
     if _wants_value_check(check_values, q) and sigma is not None:
         _check_values(sigma, None, p.shape[1])
-    if return_order:
-        ensure_registered()
-        return tuple(torch.ops.neusdf.knn_search_ordered(q, p, sigma, R, K, method))
-    return _search(q, p, sigma, R, K, method)
+    return _search(q, p, sigma, R, K, method, ordered=return_order)
 
 
-def _search(q, p, sigma, R, K: int, method: str) -> torch.Tensor:
-    """The search op on checked inputs. Its Autograd key falls through (csrc): the selection
-    is piecewise constant and idx is an integer tensor, so no graph is recorded."""
+def _search(q, p, sigma, R, K: int, method: str, *, ordered: bool = False):
+    """The search op on checked inputs: idx, or with ``ordered`` the tuple (idx, order) of
+    ``knn_search_ordered``. Their Autograd key falls through (csrc): the selection is piecewise
+    constant and idx is an integer tensor, so no graph is recorded."""
     ensure_registered()
+    if ordered:
+        return torch.ops.neusdf.knn_search_ordered(q, p, sigma, R, K, method)
     return torch.ops.neusdf.knn_search(q, p, sigma, R, K, method)
 
 
@@ -185,12 +185,13 @@ def knn_aggregate_aniso(
         _check_order(order, q)
     if _wants_value_check(check_values, q):
         _check_values(sigma, idx, p.shape[1], order)
-    ensure_registered()
     if idx is None:
         # The search's order of the queries (Morton order in the CUDA tile search) becomes the
         # order the aggregation kernels visit them in: queries that share neighbours then
         # share a block and its caches (docs/op.md, "The aggregation's visiting order").
-        idx, order = torch.ops.neusdf.knn_search_ordered(q, p, sigma, R, K, search)
+        idx, order = _search(q, p, sigma, R, K, search, ordered=True)
+    else:
+        ensure_registered()
     f_out, w, dists = torch.ops.neusdf.knn_aggregate(q, p, f, sigma, R, idx, order)
     return KnnAggregateResult(f_out, w, dists, idx)
 
