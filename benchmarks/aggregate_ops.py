@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_crossover import graph_ms  # noqa: E402
+from tile_skip_model import morton  # noqa: E402
 
 from neusdf.ops import knn_aggregate_aniso  # noqa: E402
 from neusdf.ops.benchmark import SIZES, SMALL_SIZES, call_times, write_json  # noqa: E402
@@ -63,17 +64,12 @@ def checksums(tensors) -> list[float]:
     return sums
 
 
-def morton_sorted(q: torch.Tensor, bits: int = 10) -> torch.Tensor:
-    """q (B, Q, 3) with each batch's queries sorted by their Morton code (``bits`` per axis)
-    over the batch's bounding box; a non-finite coordinate counts as the box's low corner."""
+def morton_sorted(q: torch.Tensor) -> torch.Tensor:
+    """q (B, Q, 3) with each batch's queries sorted by their Morton code over the batch's
+    bounding box (``tile_skip_model.morton``); a non-finite coordinate counts as 0."""
     q0 = torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = q0.amin(1, keepdim=True), q0.amax(1, keepdim=True)
-    cell = ((q0 - lo) / (hi - lo).clamp(min=1e-30) * (2**bits - 1)).long().clamp(0, 2**bits - 1)
-    code = torch.zeros(q.shape[:2], dtype=torch.long, device=q.device)
-    for bit in range(bits):
-        for axis in range(3):
-            code |= ((cell[..., axis] >> bit) & 1) << (3 * bit + axis)
-    order = torch.argsort(code, dim=1)
+    lo, hi = q0.amin(1), q0.amax(1)
+    order = torch.stack([torch.argsort(morton(q0[b], lo[b], hi[b])) for b in range(len(q))])
     return torch.gather(q, 1, order[..., None].expand(-1, -1, 3)).contiguous()
 
 

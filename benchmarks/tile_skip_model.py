@@ -87,7 +87,7 @@ MORTON_BITS = 10
 def morton(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """(N,) int64 Morton codes of (N, 3) points in the box [lo, hi] (MORTON_BITS per axis)."""
     cell = ((x - lo) / (hi - lo + 1e-12) * (2**MORTON_BITS - 1)).long()
-    code = torch.zeros(len(x), dtype=torch.long)
+    code = torch.zeros(len(x), dtype=torch.long, device=x.device)
     for bit in range(MORTON_BITS):
         for axis in range(3):
             code |= ((cell[:, axis] >> bit) & 1) << (3 * bit + axis)
