@@ -304,6 +304,34 @@ __device__ __forceinline__ void sort_bitonic(T (&key)[N], int (&ind)[N]) {
   }
 }
 
+// Sorts entries [0, C) of (key, ind) into ascending (key, index) order (Batcher's bitonic sort:
+// C a power of two <= N; compile-time indices only, no branches on the data).
+template <typename T, int C, int N>
+__device__ __forceinline__ void sort_prefix(T (&key)[N], int (&ind)[N]) {
+  static_assert(C <= N && (C & (C - 1)) == 0, "C is a power of two <= N");
+#pragma unroll
+  for (int k = 2; k <= C; k *= 2) {
+#pragma unroll
+    for (int j = k / 2; j > 0; j /= 2) {
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const int l = i ^ j;
+        if (l > i) {
+          const bool up = (i & k) == 0;  // this run ascends (then it descends)
+          const bool swap = up ? comes_before<T>(key[l], ind[l], key[i], ind[i])
+                               : comes_before<T>(key[i], ind[i], key[l], ind[l]);
+          const T a = key[i];
+          const int x = ind[i];
+          key[i] = swap ? key[l] : a;
+          ind[i] = swap ? ind[l] : x;
+          key[l] = swap ? a : key[l];
+          ind[l] = swap ? x : ind[l];
+        }
+      }
+    }
+  }
+}
+
 // The N first of the union of list and another ascending list of N (key, index) pairs, into
 // list. Of two sorted lists a and b, the N first of their union are min(a_s, b_(N-1-s)) over s,
 // a bitonic sequence (Batcher's half-cleaner), which sort_bitonic then orders: no
@@ -1269,16 +1297,54 @@ constexpr int kTileEndMerge = 2;
 // lane has more than kQueue - 2 (the scan pushes two at a time): the queue never overflows.
 static_assert(kTileEndMerge >= 1 && kTileEndMerge - 1 <= kQueue - 2, "queue capacity");
 
+// The exact key of point at of a staged tile (tile_slot: the tile's first slot in the batch's
+// sorted points); past the last point, a NaN record's.
+template <typename T>
+__device__ __forceinline__ T staged_point_key(const T qv[3], const PointPos<T>* pos,
+                                              const PointShape<T>* __restrict__ shb,
+                                              int tile_slot, int at, int P) {
+  T d[3], e[3];
+  PointShape<T> sh;
+  if (tile_slot + at < P) {
+    sh = shb[tile_slot + at];
+  } else {
+    for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
+    for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
+  }
+  return search_key(pair_distance(qv, pos[at].p, sh.s, sh.R, d, e));
+}
+
+// Fills an empty list with the lane's kPoints <= N points of a staged tile (points sub,
+// sub + L, ...), sorted by (key, index) with a network; the other slots stay empty (+inf). No
+// queue, no insertion. (With kPoints > N, K <= 8 and 2 lanes a query, the extra keys and a
+// merge cost more than the insertions they save: 1.01x the time on the sphere at the training
+// size, 68 bytes of spills; docs/op.md, "The first tile sorted in registers".)
+template <typename T, int N, int kPoints, int L>
+__device__ __forceinline__ void fill_list(LaneList<T, N>& list, const T qv[3],
+                                          const PointPos<T>* pos, const int* tile_ind,
+                                          const PointShape<T>* __restrict__ shb, int tile_slot,
+                                          int sub, int P) {
+  static_assert(kPoints <= N, "the tile's points fit the list");
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    list.key[i] = i < kPoints ? staged_point_key(qv, pos, shb, tile_slot, sub + L * i, P)
+                              : static_cast<T>(INFINITY);
+    list.ind[i] = i < kPoints ? tile_ind[sub + L * i] : INT_MAX;
+  }
+  sort_prefix<T, kPoints, N>(list.key, list.ind);
+}
+
 // One warp (block) per group of 32 / L queries. The tiles in chunks: first the home tiles
 // (around where the group's middle query falls in the points' order, from that query's tile:
 // home_start), then the others 32 at a time, the chunks outward (outward_chunk); a chunk's
 // box, then its tiles' boxes, are tested for the group's queries at once
 // (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some query
 // needs are copied (cp.async, while the previous tile is scanned); each lane bounds its 32 / L
-// points (point_bound_key) and computes exact keys for the ones under its gate; after a tile
-// where some lane queued kTileEndMerge candidates, the queues are merged into the lists and
-// each query's gate becomes the N-th key of its lanes' lists' union. At the end the L lists
-// of a query are merged. A long walk may be handed on (TileHandoff), and the warp then takes
+// points (point_bound_key) and computes exact keys for the ones under its gate (the walk's
+// first tile, whose gates are all +inf, fills the lists directly where a lane's points fit
+// them: fill_list); after a tile where some lane queued kTileEndMerge candidates, the queues
+// are merged into the lists and each query's gate becomes the N-th key of its lanes' lists'
+// union. At the end the L lists of a query are merged. A long walk may be handed on (TileHandoff), and the warp then takes
 // shares of handed-on walks until none is left.
 template <typename T, int N, int L>
 __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>()))
@@ -1363,6 +1429,8 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
                           : own_walk ? static_cast<T>(INFINITY)
                                      : __ldcg(handoff.gate + job_slot * kWarp + lane));
     unsigned walk_tiles = own_walk ? kFullMask : handoff_tiles() << job_share;  // bit x: tile x
+    // the walk's first tile is still to come, every gate at +inf (fill_list)
+    bool first_tile = Layout::kPoints <= N && own_walk;
     int until_look = own_walk ? handoff_after_tiles(tiles) : INT_MAX;  // tiles to scan before
 
     // Home: the tiles around where the warp's middle query falls in the points' order.
@@ -1515,6 +1583,23 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
           const PointPos<T>* pos = staged_pos + buf * kTilePoints;
           const int* tile_ind = staged_ind + buf * kTilePoints;
           const int tile_slot = tile_at(x) * kTilePoints;
+          if (first_tile) {  // uniform
+            // Every point of the first tile enters a list whose gate is +inf: the lane sorts
+            // its points' (key, index) pairs in registers instead of queueing and inserting
+            // them one by one (exact either way: the list is the N first by (key, index)).
+            first_tile = false;
+            if (active) {
+              // first_tile is false when kPoints > N; the clamp only keeps that case compiling
+              constexpr int kFill = Layout::kPoints <= N ? Layout::kPoints : N;
+              fill_list<T, N, kFill, L>(list, qv, pos, tile_ind, shb, tile_slot, sub, P);
+              queue.own = next_key_above(list.key[N - 1]);
+              queue.gate = min(queue.own, queue.block);
+            }
+            share_gate();
+            __syncwarp();  // this buffer is no longer read: the next prefetch may overwrite it
+            buf ^= 1;
+            continue;
+          }
           // This lane's points under its gate (point_bound_key); a tile with a point that has
           // no bound (its smallest lam is not > 0) is scanned whole.
           unsigned marked = 0;  // bit i: point sub + 4 i
@@ -1543,15 +1628,7 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
             T k[kPair];
 #pragma unroll
             for (int u = 0; u < kPair; ++u) {
-              T d[3], e[3];
-              PointShape<T> sh;
-              if (tile_slot + at[u] < P) {
-                sh = shb[tile_slot + at[u]];
-              } else {
-                for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
-                for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
-              }
-              k[u] = search_key(pair_distance(qv, pos[at[u]].p, sh.s, sh.R, d, e));
+              k[u] = staged_point_key(qv, pos, shb, tile_slot, at[u], P);
             }
 #pragma unroll
             for (int u = 0; u < kPair; ++u) {
