@@ -1344,8 +1344,8 @@ __device__ __forceinline__ void fill_list(LaneList<T, N>& list, const T qv[3],
 // first tile, whose gates are all +inf, fills the lists directly where a lane's points fit
 // them: fill_list); after a tile where some lane queued kTileEndMerge candidates, the queues
 // are merged into the lists and each query's gate becomes the N-th key of its lanes' lists'
-// union. At the end the L lists of a query are merged. A long walk may be handed on (TileHandoff), and the warp then takes
-// shares of handed-on walks until none is left.
+// union. At the end the L lists of a query are merged. A long walk may be handed on
+// (TileHandoff), and the warp then takes shares of handed-on walks until none is left.
 template <typename T, int N, int L>
 __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>()))
     knn_tile_search_kernel(const T* __restrict__ q, const unsigned* __restrict__ cells,
