@@ -92,9 +92,7 @@ def knn_search_aniso(
         the aggregation visit the queries in that order: the same results, and at large sizes
         much faster (docs/op.md, "The aggregation's visiting order").
     """
-    _check_points(q, p, sigma, R, euclidean_ok=True)
-    _check_k(K, p.shape[1])
-    _check_method(method, K, q)
+    _check_search(q, p, sigma, R, K, method)
     if not isinstance(return_order, bool):
         raise TypeError(f"return_order must be True or False, got {return_order!r}")
     if _wants_value_check(check_values, q) and sigma is not None:
@@ -251,6 +249,13 @@ def _check_points(q, p, sigma, R, *, euclidean_ok: bool = False) -> None:
             )
 
 
+def _check_search(q, p, sigma, R, K, method) -> None:
+    """The search's arguments (sigma and R may both be None: the Euclidean metric)."""
+    _check_points(q, p, sigma, R, euclidean_ok=True)
+    _check_k(K, p.shape[1])
+    _check_method(method, K, q)
+
+
 def _check_features(f, q: torch.Tensor, p: torch.Tensor) -> None:
     if not isinstance(f, torch.Tensor):
         raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
@@ -387,16 +392,12 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("neusdf::knn_search")
     def _(q, p, sigma, R, K, method="auto"):
-        _check_points(q, p, sigma, R, euclidean_ok=True)
-        _check_k(K, p.shape[1])
-        _check_method(method, K, q)
+        _check_search(q, p, sigma, R, K, method)
         return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.int64)
 
     @torch.library.register_fake("neusdf::knn_search_ordered")
     def _(q, p, sigma, R, K, method="auto"):
-        _check_points(q, p, sigma, R, euclidean_ok=True)
-        _check_k(K, p.shape[1])
-        _check_method(method, K, q)
+        _check_search(q, p, sigma, R, K, method)
         B, Q = q.shape[0], q.shape[1]
         return q.new_empty((B, Q, K), dtype=torch.int64), q.new_empty(B * Q, dtype=torch.int64)
 
