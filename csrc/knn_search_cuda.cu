@@ -283,6 +283,19 @@ __device__ __forceinline__ void scan_tile(const PointRec<T>* tile, int start, co
   }
 }
 
+// Puts the one of entries a and b that comes first in (key, index) order at a, the other at b
+// (selects, no branch; a and b compile-time after unrolling, so the arrays stay in registers).
+template <typename T, int N>
+__device__ __forceinline__ void compare_exchange(T (&key)[N], int (&ind)[N], int a, int b) {
+  const bool swap = comes_before<T>(key[b], ind[b], key[a], ind[a]);
+  const T k = key[a];
+  const int x = ind[a];
+  key[a] = swap ? key[b] : k;
+  ind[a] = swap ? ind[b] : x;
+  key[b] = swap ? k : key[b];
+  ind[b] = swap ? x : ind[b];
+}
+
 // Sorts a bitonic sequence of N (key, index) pairs into ascending (key, index) order (Batcher's
 // bitonic merge: log2 N rounds of N / 2 compare-exchanges, compile-time indices only).
 template <typename T, int N>
@@ -291,15 +304,7 @@ __device__ __forceinline__ void sort_bitonic(T (&key)[N], int (&ind)[N]) {
   for (int j = N / 2; j > 0; j /= 2) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      if ((i & j) == 0) {
-        const bool swap = comes_before<T>(key[i + j], ind[i + j], key[i], ind[i]);
-        const T k = key[i];
-        const int x = ind[i];
-        key[i] = swap ? key[i + j] : k;
-        ind[i] = swap ? ind[i + j] : x;
-        key[i + j] = swap ? k : key[i + j];
-        ind[i + j] = swap ? x : ind[i + j];
-      }
+      if ((i & j) == 0) compare_exchange(key, ind, i, i + j);
     }
   }
 }
@@ -317,15 +322,12 @@ __device__ __forceinline__ void sort_prefix(T (&key)[N], int (&ind)[N]) {
       for (int i = 0; i < C; ++i) {
         const int l = i ^ j;
         if (l > i) {
-          const bool up = (i & k) == 0;  // this run ascends (then it descends)
-          const bool swap = up ? comes_before<T>(key[l], ind[l], key[i], ind[i])
-                               : comes_before<T>(key[i], ind[i], key[l], ind[l]);
-          const T a = key[i];
-          const int x = ind[i];
-          key[i] = swap ? key[l] : a;
-          ind[i] = swap ? ind[l] : x;
-          key[l] = swap ? a : key[l];
-          ind[l] = swap ? x : ind[l];
+          // this run ascends (the first at i), then the next descends (the first at l)
+          if ((i & k) == 0) {
+            compare_exchange(key, ind, i, l);
+          } else {
+            compare_exchange(key, ind, l, i);
+          }
         }
       }
     }
