@@ -835,10 +835,10 @@ void launch_grid_search(const at::Tensor& q, const at::Tensor& p, const at::Tens
 // (docs/op.md, "Lanes a query, and a call's launches").
 
 // A point's two parts as the tile search reads them, in two arrays in the tiles' order: the
-// position and the prefilter's weight (copied to shared memory for every scanned point: a
-// tile's 32 are 512 contiguous bytes for float) and the precisions and axes (read from global
-// memory only for the points under some lane's prefilter bound: about a tenth to a fifth of
-// them).
+// position and the prefilter's weight (read for every point of a scanned tile) and the
+// precisions and axes (read only for the points under some lane's prefilter bound: about a
+// tenth to a fifth of them). A scanned tile's 32 of each are contiguous (512 and 1536 bytes for
+// float), and both are copied to shared memory while the previous tile is scanned.
 template <typename T>
 struct alignas(16) PointPos {
   T p[3];
@@ -1116,16 +1116,16 @@ struct GroupLayout {
   static constexpr int kPoints = kTilePoints / L;  // points of a tile a lane bounds
   // Bits 0, L, 2 L, ... of a word: shifted by sub, the tiles of a chunk that lane sub tests.
   static constexpr unsigned kTileBits = L == 2 ? 0x55555555u : 0x11111111u;
-  // The bits of a lane's points in a tile (bit i: point sub + L i).
-  static constexpr unsigned kPointBits = (1u << kPoints) - 1;
 };
 
-// Shared memory of one warp: two staging buffers of a tile's positions (one copied while the
-// other is scanned), the boxes of the chunk of tiles being planned, the two buffers' indices,
-// then the lanes' candidate queues (each part a multiple of 16 bytes).
+// Shared memory of one warp: two staging buffers of a tile's positions and two of its shapes
+// (one tile copied while the other is scanned), the boxes of the chunk of tiles being planned,
+// the two buffers' indices, then the lanes' candidate queues (each part a multiple of 16 bytes).
 template <typename T>
 __host__ __device__ constexpr size_t group_stage_bytes() {
-  return (sizeof(PointPos<T>) + sizeof(int)) * 2 * kTilePoints + sizeof(TileBox<T>) * kTilePoints;
+  return (sizeof(PointPos<T>) * 2 + sizeof(PointShape<T>) * 2 + sizeof(TileBox<T>) +
+          sizeof(int) * 2) *
+         kTilePoints;
 }
 template <typename T>
 __host__ __device__ constexpr size_t group_warp_bytes() {
@@ -1299,21 +1299,12 @@ constexpr int kTileEndMerge = 2;
 // lane has more than kQueue - 2 (the scan pushes two at a time): the queue never overflows.
 static_assert(kTileEndMerge >= 1 && kTileEndMerge - 1 <= kQueue - 2, "queue capacity");
 
-// The exact key of point at of a staged tile (tile_slot: the tile's first slot in the batch's
-// sorted points); past the last point, a NaN record's.
+// The exact key of point at of a staged tile (position and shape in shared memory).
 template <typename T>
 __device__ __forceinline__ T staged_point_key(const T qv[3], const PointPos<T>* pos,
-                                              const PointShape<T>* __restrict__ shb,
-                                              int tile_slot, int at, int P) {
+                                              const PointShape<T>* shape, int at) {
   T d[3], e[3];
-  PointShape<T> sh;
-  if (tile_slot + at < P) {
-    sh = shb[tile_slot + at];
-  } else {
-    for (int a = 0; a < 3; ++a) sh.s[a] = 1;  // past the last point: a NaN record,
-    for (int a = 0; a < 9; ++a) sh.R[a] = 0;  // whose key is its position's
-  }
-  return search_key(pair_distance(qv, pos[at].p, sh.s, sh.R, d, e));
+  return search_key(pair_distance(qv, pos[at].p, shape[at].s, shape[at].R, d, e));
 }
 
 // Fills an empty list with the lane's kPoints <= N points of a staged tile (points sub,
@@ -1323,13 +1314,12 @@ __device__ __forceinline__ T staged_point_key(const T qv[3], const PointPos<T>* 
 // size, 68 bytes of spills; docs/op.md, "The first tile sorted in registers".)
 template <typename T, int N, int kPoints, int L>
 __device__ __forceinline__ void fill_list(LaneList<T, N>& list, const T qv[3],
-                                          const PointPos<T>* pos, const int* tile_ind,
-                                          const PointShape<T>* __restrict__ shb, int tile_slot,
-                                          int sub, int P) {
+                                          const PointPos<T>* pos, const PointShape<T>* shape,
+                                          const int* tile_ind, int sub) {
   static_assert(kPoints <= N, "the tile's points fit the list");
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    list.key[i] = i < kPoints ? staged_point_key(qv, pos, shb, tile_slot, sub + L * i, P)
+    list.key[i] = i < kPoints ? staged_point_key(qv, pos, shape, sub + L * i)
                               : static_cast<T>(INFINITY);
     list.ind[i] = i < kPoints ? tile_ind[sub + L * i] : INT_MAX;
   }
@@ -1340,11 +1330,11 @@ __device__ __forceinline__ void fill_list(LaneList<T, N>& list, const T qv[3],
 // (around where the group's middle query falls in the points' order, from that query's tile:
 // home_start), then the others 32 at a time, the chunks outward (outward_chunk); a chunk's
 // box, then its tiles' boxes, are tested for the group's queries at once
-// (group_tile_bound_key), then per query (tile_bound_key). The positions of a tile some query
-// needs are copied (cp.async, while the previous tile is scanned); each lane bounds its 32 / L
-// points (point_bound_key) and computes exact keys for the ones under its gate (the walk's
-// first tile, whose gates are all +inf, fills the lists directly where a lane's points fit
-// them: fill_list); after a tile where some lane queued kTileEndMerge candidates, the queues
+// (group_tile_bound_key), then per query (tile_bound_key). The positions and shapes of a tile
+// some query needs are copied (cp.async, while the previous tile is scanned); each lane bounds
+// its 32 / L points (point_bound_key) and computes exact keys for the ones under its gate (the
+// walk's first tile, whose gates are all +inf, fills the lists directly where a lane's points
+// fit them: fill_list); after a tile where some lane queued kTileEndMerge candidates, the queues
 // are merged into the lists and each query's gate becomes the N-th key of its lanes' lists'
 // union. At the end the L lists of a query are merged. A long walk may be handed on
 // (TileHandoff), and the warp then takes shares of handed-on walks until none is left.
@@ -1365,7 +1355,8 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
   const int qgroups = (Q + Layout::kQueries - 1) / Layout::kQueries;
   const int sub = lane % L;
   PointPos<T>* staged_pos = reinterpret_cast<PointPos<T>*>(smem_raw);
-  TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(staged_pos + 2 * kTilePoints);
+  PointShape<T>* staged_shape = reinterpret_cast<PointShape<T>*>(staged_pos + 2 * kTilePoints);
+  TileBox<T>* staged_box = reinterpret_cast<TileBox<T>*>(staged_shape + 2 * kTilePoints);
   int* staged_ind = reinterpret_cast<int*>(staged_box + kTilePoints);
   unsigned char* queue_at = smem_raw + group_stage_bytes<T>();
   const int64_t BP = B * P;
@@ -1445,9 +1436,13 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
     const PointPos<T>* pb = positions + b * P;
     const PointShape<T>* shb = shapes + b * P;
     const int* ob = order + b * P;
-    // Starts copying tile t's positions and indices into staging buffer buf (cp.async: the copy
-    // runs while the warp scans the other buffer); past the last point, a NaN position, after
-    // every real point (see stage_tile).
+    // Starts copying tile t's positions, shapes and indices into staging buffer buf (cp.async:
+    // the copy runs while the warp scans the other buffer); past the last point, a NaN record,
+    // after every real point (see stage_tile). The shapes come along for every point although
+    // only the marked ones are read: against reading those from global memory as their keys were
+    // computed, which put a round trip to the L2 cache on every step of the key loop, this took
+    // 0.85-0.95x the time on surfaces and at the reference size, 1.02-1.03x on the cube at the
+    // training size (H200, docs/op.md, "The tile's shapes staged with its positions").
     auto prefetch = [&](int t, int buf) {
       const int slot_at = t * kTilePoints + lane;
       const int at = buf * kTilePoints + lane;
@@ -1458,10 +1453,17 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
                                   reinterpret_cast<const char*>(pb + slot_at) + 16 * c, 16);
         }
         __pipeline_memcpy_async(staged_ind + at, ob + slot_at, sizeof(int));
+#pragma unroll
+        for (int c = 0; c < static_cast<int>(sizeof(PointShape<T>)) / 16; ++c) {
+          __pipeline_memcpy_async(reinterpret_cast<char*>(staged_shape + at) + 16 * c,
+                                  reinterpret_cast<const char*>(shb + slot_at) + 16 * c, 16);
+        }
       } else {
 #pragma unroll
         for (int c = 0; c < 3; ++c) staged_pos[at].p[c] = static_cast<T>(NAN);
         staged_pos[at].w = 1;  // any weight: with a NaN position the bound's key is the key's
+        for (int a = 0; a < 3; ++a) staged_shape[at].s[a] = 1;  // the key is the position's
+        for (int a = 0; a < 9; ++a) staged_shape[at].R[a] = 0;
         staged_ind[at] = P + lane;
       }
       __pipeline_commit();
@@ -1583,8 +1585,8 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
           }
           __syncwarp();  // every lane's copy of this tile has landed
           const PointPos<T>* pos = staged_pos + buf * kTilePoints;
+          const PointShape<T>* shape = staged_shape + buf * kTilePoints;
           const int* tile_ind = staged_ind + buf * kTilePoints;
-          const int tile_slot = tile_at(x) * kTilePoints;
           if (first_tile) {  // uniform
             // Every point of the first tile enters a list whose gate is +inf: the lane sorts
             // its points' (key, index) pairs in registers instead of queueing and inserting
@@ -1593,7 +1595,7 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
             if (active) {
               // first_tile is false when kPoints > N; the clamp only keeps that case compiling
               constexpr int kFill = Layout::kPoints <= N ? Layout::kPoints : N;
-              fill_list<T, N, kFill, L>(list, qv, pos, tile_ind, shb, tile_slot, sub, P);
+              fill_list<T, N, kFill, L>(list, qv, pos, shape, tile_ind, sub);
               queue.own = next_key_above(list.key[N - 1]);
               queue.gate = min(queue.own, queue.block);
             }
@@ -1604,16 +1606,16 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
           }
           // This lane's points under its gate (point_bound_key); a tile with a point that has
           // no bound (its smallest lam is not > 0) is scanned whole.
-          unsigned marked = 0;  // bit i: point sub + 4 i
+          unsigned marked = 0;  // bit L i: point sub + L i
           if (active) {
             if (staged_box[x].lam > T(0)) {
 #pragma unroll
               for (int i = 0; i < Layout::kPoints; ++i) {
                 const PointPos<T>& r = pos[sub + L * i];
-                if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << i;
+                if (point_bound_key(qv, r.p, r.w) < queue.gate) marked |= 1u << (L * i);
               }
             } else {
-              marked = Layout::kPointBits;
+              marked = Layout::kTileBits;
             }
           }
           // two at a time, for instruction-level parallelism
@@ -1624,13 +1626,13 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
 #pragma unroll
             for (int u = 0; u < kPair; ++u) {
               real_point[u] = marked != 0;
-              at[u] = sub + L * (real_point[u] ? __ffs(marked) - 1 : 0);
+              at[u] = sub + (real_point[u] ? __ffs(marked) - 1 : 0);
               marked &= marked - 1;
             }
             T k[kPair];
 #pragma unroll
             for (int u = 0; u < kPair; ++u) {
-              k[u] = staged_point_key(qv, pos, shb, tile_slot, at[u], P);
+              k[u] = staged_point_key(qv, pos, shape, at[u]);
             }
 #pragma unroll
             for (int u = 0; u < kPair; ++u) {
