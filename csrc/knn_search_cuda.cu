@@ -1114,7 +1114,8 @@ struct GroupLayout {
   static_assert(L == 2 || L == 4, "2 or 4 lanes a query");
   static constexpr int kQueries = kWarp / L;       // queries a warp
   static constexpr int kPoints = kTilePoints / L;  // points of a tile a lane bounds
-  // Bits 0, L, 2 L, ... of a word: shifted by sub, the tiles of a chunk that lane sub tests.
+  // Bits 0, L, 2 L, ... of a word: shifted by sub, the tiles of a chunk that lane sub tests;
+  // as they are, the points of a tile that a lane bounds (bit L i: point sub + L i).
   static constexpr unsigned kTileBits = L == 2 ? 0x55555555u : 0x11111111u;
 };
 
@@ -1462,7 +1463,8 @@ __global__ void __launch_bounds__(kWarp) __maxnreg__((group_max_registers<T, N>(
 #pragma unroll
         for (int c = 0; c < 3; ++c) staged_pos[at].p[c] = static_cast<T>(NAN);
         staged_pos[at].w = 1;  // any weight: with a NaN position the bound's key is the key's
-        for (int a = 0; a < 3; ++a) staged_shape[at].s[a] = 1;  // the key is the position's
+        // any shape: with a NaN position the key is NaN's (search_key: the largest finite value)
+        for (int a = 0; a < 3; ++a) staged_shape[at].s[a] = 1;
         for (int a = 0; a < 9; ++a) staged_shape[at].R[a] = 0;
         staged_ind[at] = P + lane;
       }
