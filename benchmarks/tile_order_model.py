@@ -7,7 +7,9 @@ the squared gap to its box, against each query's running K-th key):
 
 - ``planned``: the CUDA kernel's order and planning: the 8 home tiles, then the chunks of 32
   tiles outward; a chunk's tiles are chosen with the gates at the chunk's start (the per-query
-  tile test) and all of them are scanned, in index order;
+  tile test) and all of them are scanned, in index order (the home tiles too: the kernel
+  starts them at the middle query's tile, which changes no count here, where all 8 are
+  scanned, but may change the re-tested orders' counts a little);
 - ``retest``: the same, each chosen tile tested again with the gates when it comes;
 - ``retest-nearest``: the same, a chunk's chosen tiles in ascending order of the group's bound
   (the smallest over its queries);
