@@ -44,14 +44,12 @@ GROUP, TILE, HOME = 16, 32, 8
 
 def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float]:
     """Group w's scanned tiles in each of ORDERS, and the diagonal of its queries' box."""
-    qw, bound, _ = outward_walk(batch, w, GROUP, TILE, HOME)
+    qw, bound, kernel_order = outward_walk(batch, w, GROUP, TILE, HOME)
     nt = bound.shape[1]
-    start = int(torch.searchsorted(batch["pc"], batch["qc"][w * GROUP + GROUP // 2])) // TILE
-    first = max(0, min(start - HOME // 2, nt - HOME))
-    homes = list(range(first, first + HOME))
+    homes = kernel_order[:HOME]  # outward_walk's order starts with the home tiles
     chunks = [homes] + [
         [t for t in range(c * CHUNK, min(nt, (c + 1) * CHUNK)) if t not in homes]
-        for c in outward_chunks(first // CHUNK, (nt + CHUNK - 1) // CHUNK)
+        for c in outward_chunks(homes[0] // CHUNK, (nt + CHUNK - 1) // CHUNK)
     ]
     nearest = bound.min(0).values  # the group's bound on each tile
 
