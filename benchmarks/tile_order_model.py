@@ -1,4 +1,4 @@
-"""How many tiles each group of the tile search scans, in four visiting orders (a CPU model).
+"""How many tiles each group of the tile search scans, in five visiting orders (a CPU model).
 
 For every group of 16 consecutive queries (Morton order; 2 lanes a query, as the CUDA kernel
 runs the op benchmark's reference and training sizes) counts the tiles of 32 points it scans,
@@ -14,7 +14,11 @@ the squared gap to its box, against each query's running K-th key):
 - ``retest-nearest``: the same, a chunk's chosen tiles in ascending order of the group's bound
   (the smallest over its queries);
 - ``sorted``: every tile of the batch in ascending order of the group's bound, each tested when
-  it comes (no chunks, no home tiles).
+  it comes (no chunks, no home tiles);
+- ``home-sorted``: the home tiles as ``planned``, then the batch's other tiles whose bound is
+  not above the widest gate after them, in ascending order of the group's bound, 32 at a time,
+  chosen with the gates at each set's start (the CUDA variant of docs/op.md, "The other tiles
+  nearest first after the home tiles").
 
 Also the correlation of a group's ``planned`` scans with the diagonal of its queries' box.
 Times are not modelled: a scan's cost depends on the points it marks (docs/op.md, "Where the
@@ -38,7 +42,7 @@ from tile_skip_model import CHUNK, morton_batch, outward_chunks, outward_walk  #
 from neusdf.ops.benchmark import write_json  # noqa: E402
 
 SIZES = {"reference": (2, 12288, 4096, 16), "training": (1, 32768, 16384, 8)}
-ORDERS = ("planned", "retest", "retest-nearest", "sorted")
+ORDERS = ("planned", "retest", "retest-nearest", "sorted", "home-sorted")
 GROUP, TILE, HOME = 16, 32, 8
 
 
@@ -63,7 +67,7 @@ def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float]:
         return bool((bound[:, t] <= best[:, -1]).any())
 
     out = {}
-    for order in ORDERS:
+    for order in ORDERS[:-1]:
         best = torch.full((len(qw), K), float("inf"), dtype=torch.float64)
         n = 0
         plans = [list(range(nt))] if order == "sorted" else chunks
@@ -77,6 +81,21 @@ def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float]:
                 best = scan(t, best)
                 n += 1
         out[order] = n
+    best = torch.full((len(qw), K), float("inf"), dtype=torch.float64)
+    n = 0
+    for t in [t for t in homes if needed(t, best)]:
+        best = scan(t, best)
+        n += 1
+    widest = best[:, -1].max()
+    rest = sorted(
+        (t for t in range(nt) if t not in homes and nearest[t] <= widest),
+        key=lambda t: float(nearest[t]),
+    )
+    for i in range(0, len(rest), CHUNK):
+        for t in [t for t in rest[i : i + CHUNK] if needed(t, best)]:
+            best = scan(t, best)
+            n += 1
+    out["home-sorted"] = n
     diagonal = float((qw.max(0).values - qw.min(0).values).norm())
     return out, diagonal
 
