@@ -66,8 +66,15 @@ def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float]:
     def needed(t: int, best: torch.Tensor) -> bool:
         return bool((bound[:, t] <= best[:, -1]).any())
 
+    def scan_needed(tiles: list[int], best: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Scans the tiles some query needs under the gates at the start (a planned set)."""
+        todo = [t for t in tiles if needed(t, best)]
+        for t in todo:
+            best = scan(t, best)
+        return best, len(todo)
+
     out = {}
-    for order in ORDERS[:-1]:
+    for order in ("planned", "retest", "retest-nearest", "sorted"):
         best = torch.full((len(qw), K), float("inf"), dtype=torch.float64)
         n = 0
         plans = [list(range(nt))] if order == "sorted" else chunks
@@ -81,20 +88,15 @@ def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float]:
                 best = scan(t, best)
                 n += 1
         out[order] = n
-    best = torch.full((len(qw), K), float("inf"), dtype=torch.float64)
-    n = 0
-    for t in [t for t in homes if needed(t, best)]:
-        best = scan(t, best)
-        n += 1
+    best, n = scan_needed(homes, torch.full((len(qw), K), float("inf"), dtype=torch.float64))
     widest = best[:, -1].max()
     rest = sorted(
         (t for t in range(nt) if t not in homes and nearest[t] <= widest),
         key=lambda t: float(nearest[t]),
     )
     for i in range(0, len(rest), CHUNK):
-        for t in [t for t in rest[i : i + CHUNK] if needed(t, best)]:
-            best = scan(t, best)
-            n += 1
+        best, m = scan_needed(rest[i : i + CHUNK], best)
+        n += m
     out["home-sorted"] = n
     diagonal = float((qw.max(0).values - qw.min(0).values).norm())
     return out, diagonal
