@@ -1,4 +1,4 @@
-"""How many tiles each group of the tile search scans, in five visiting orders (a CPU model).
+"""How many tiles each group of the tile search scans, in six visiting orders (a CPU model).
 
 For every group of 16 consecutive queries (Morton order; 2 lanes a query, as the CUDA kernel
 runs the op benchmark's reference and training sizes) counts the tiles of 32 points it scans,
@@ -19,6 +19,12 @@ the squared gap to its box, against each query's running K-th key):
   not above the widest gate after them, in ascending order of the group's bound, 32 at a time,
   chosen with the gates at each set's start (the CUDA variant of docs/op.md, "The other tiles
   nearest first after the home tiles").
+- ``home-fixed``: the home tiles as ``planned``, then every other tile of the batch that some
+  query's bound keeps under its gate after the home tiles, that gate held fixed (no re-test):
+  the (group, tile) work items of a design that would scan them in any order, on any warp,
+  and collect each query's points under its fixed gate in a buffer (docs/op.md, "A balanced
+  scan after the home tiles"). Each row also has ``home_fixed_buffer``: the points whose exact
+  key is at or under a query's fixed gate (the buffer it needs).
 
 Also the correlation of a group's ``planned`` scans with the diagonal of its queries' box.
 Times are not modelled: a scan's cost depends on the points it marks (docs/op.md, "Where the
@@ -42,12 +48,13 @@ from tile_skip_model import CHUNK, morton_batch, outward_chunks, outward_walk  #
 from neusdf.ops.benchmark import write_json  # noqa: E402
 
 SIZES = {"reference": (2, 12288, 4096, 16), "training": (1, 32768, 16384, 8)}
-ORDERS = ("planned", "retest", "retest-nearest", "sorted", "home-sorted")
+ORDERS = ("planned", "retest", "retest-nearest", "sorted", "home-sorted", "home-fixed")
 GROUP, TILE, HOME = 16, 32, 8
 
 
-def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float]:
-    """Group w's scanned tiles in each of ORDERS, and the diagonal of its queries' box."""
+def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float, torch.Tensor]:
+    """Group w's scanned tiles in each of ORDERS, the diagonal of its queries' box, and each
+    query's points at or under its gate after the home tiles ((group,) int64)."""
     qw, bound, kernel_order = outward_walk(batch, w, GROUP, TILE, HOME)
     nt = bound.shape[1]
     homes = kernel_order[:HOME]  # outward_walk's order starts with the home tiles
@@ -89,6 +96,10 @@ def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float]:
                 n += 1
         out[order] = n
     best, n = scan_needed(homes, torch.full((len(qw), K), float("inf"), dtype=torch.float64))
+    fixed = best[:, -1:]
+    out["home-fixed"] = n + sum(1 for t in range(nt) if t not in homes and needed(t, best))
+    d = qw[:, None] - batch["p"][None]
+    buffer = (torch.einsum("qpi,pij,qpj->qp", d, batch["M"], d) <= fixed).sum(1)
     widest = best[:, -1].max()
     rest = sorted(
         (t for t in range(nt) if t not in homes and nearest[t] <= widest),
@@ -99,7 +110,18 @@ def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float]:
         n += m
     out["home-sorted"] = n
     diagonal = float((qw.max(0).values - qw.min(0).values).norm())
-    return out, diagonal
+    return out, diagonal, buffer
+
+
+def summary(s: torch.Tensor) -> dict[str, float]:
+    """Mean, median, 90th and 99th percentiles and largest of a float64 vector."""
+    return {
+        "mean": float(s.mean()),
+        "p50": float(s.median()),
+        "p90": float(s.quantile(0.9)),
+        "p99": float(s.quantile(0.99)),
+        "max": float(s.max()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,24 +142,19 @@ def main(argv: list[str] | None = None) -> int:
             B, Q, P, K = SIZES[name]
             q, p, sigma, R = inputs(dist, P, Q, batches=B, device="cpu")
             scans = {o: [] for o in ORDERS}
-            diagonals = []
+            diagonals, buffers = [], []
             for b in range(B):
                 batch = morton_batch(q[b], p[b], sigma[b], R[b], TILE)
                 for w in range(Q // GROUP):
-                    counts, diagonal = group_scans(batch, w, K)
+                    counts, diagonal, buffer = group_scans(batch, w, K)
                     for o in ORDERS:
                         scans[o].append(counts[o])
                     diagonals.append(diagonal)
+                    buffers.append(buffer)
             row = {"dist": dist, "size": name, "B": B, "Q": Q, "P": P, "K": K}
             for o in ORDERS:
-                s = torch.tensor(scans[o], dtype=torch.float64)
-                row[o] = {
-                    "mean": float(s.mean()),
-                    "p50": float(s.median()),
-                    "p90": float(s.quantile(0.9)),
-                    "p99": float(s.quantile(0.99)),
-                    "max": float(s.max()),
-                }
+                row[o] = summary(torch.tensor(scans[o], dtype=torch.float64))
+            row["home_fixed_buffer"] = summary(torch.cat(buffers).double())
             pairs = torch.tensor([scans["planned"], diagonals], dtype=torch.float64)
             row["corr_planned_scans_diagonal"] = float(torch.corrcoef(pairs)[0, 1])
             row["median_diagonal"] = float(torch.tensor(diagonals).median())
