@@ -64,10 +64,13 @@ def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float, tor
     ]
     nearest = bound.min(0).values  # the group's bound on each tile
 
-    def scan(t: int, best: torch.Tensor) -> torch.Tensor:
-        cols = slice(t * TILE, (t + 1) * TILE)
+    def keys(cols: slice) -> torch.Tensor:
+        """The group's exact keys (group, points) on the points cols."""
         d = qw[:, None] - batch["p"][cols][None]
-        D = torch.einsum("qpi,pij,qpj->qp", d, batch["M"][cols], d)
+        return torch.einsum("qpi,pij,qpj->qp", d, batch["M"][cols], d)
+
+    def scan(t: int, best: torch.Tensor) -> torch.Tensor:
+        D = keys(slice(t * TILE, (t + 1) * TILE))
         return torch.cat([best, D], 1).sort(1).values[:, :K]
 
     def needed(t: int, best: torch.Tensor) -> bool:
@@ -98,8 +101,7 @@ def group_scans(batch: dict, w: int, K: int) -> tuple[dict[str, int], float, tor
     best, n = scan_needed(homes, torch.full((len(qw), K), float("inf"), dtype=torch.float64))
     fixed = best[:, -1:]
     out["home-fixed"] = n + sum(1 for t in range(nt) if t not in homes and needed(t, best))
-    d = qw[:, None] - batch["p"][None]
-    buffer = (torch.einsum("qpi,pij,qpj->qp", d, batch["M"], d) <= fixed).sum(1)
+    buffer = (keys(slice(None)) <= fixed).sum(1)
     widest = best[:, -1].max()
     rest = sorted(
         (t for t in range(nt) if t not in homes and nearest[t] <= widest),

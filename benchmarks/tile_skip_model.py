@@ -128,7 +128,8 @@ def chunk_boxes(tlo: torch.Tensor, thi: torch.Tensor, tlam: torch.Tensor):
 
 def morton_batch(q, p, sigma, R, tile: int = 32, lam_classes: int = 1) -> dict:
     """One batch's queries (Q, 3) and points (P, 3) sorted along one Morton curve over both, in
-    float64: "q", "qc" (their codes), "p", "pc", "sigma", "R" (in the points' order), "M"
+    float64: "q", "qc" (their codes), "qo" (the order: q[qo]), "p", "pc", "po", "sigma", "R" (in
+    the points' order), "M"
     (P, 3, 3), "lam" (P,), M's smallest eigenvalue, and the boxes of the P // tile whole tiles,
     "tlo", "thi" (tiles, 3), with "tlam" (tiles,), their smallest lam. lam_classes > 1 sorts the
     points by lam's quantile class first, then along the curve (``--lam-classes``)."""
@@ -145,6 +146,7 @@ def morton_batch(q, p, sigma, R, tile: int = 32, lam_classes: int = 1) -> dict:
     nt = len(pb) // tile
     pts = pb[po][: nt * tile].view(nt, tile, 3)
     out = {"q": qb[qo], "qc": qc[qo], "p": pb[po], "pc": pc[po], "M": M[po], "lam": lam[po]}
+    out.update(qo=qo, po=po)
     out.update(sigma=sigma.double()[po], R=R.double()[po])
     out.update(tlo=pts.min(1).values, thi=pts.max(1).values)
     out["tlam"] = out["lam"][: nt * tile].view(nt, tile).min(1).values

@@ -79,8 +79,8 @@ __device__ __forceinline__ void sort_list(float (&l)[K]) {
 // the rest inserted); the K-th smallest of both lanes' lists is max_i min(a_i, b_(K-1-i)).
 template <int K>
 __global__ void gate_kernel(const float* __restrict__ q, const float4* __restrict__ rec,
-                            const int* __restrict__ home, float* __restrict__ gate, int B, int Q,
-                            int P, int G) {
+                            const int* __restrict__ home, float* __restrict__ gate, int Q, int P,
+                            int G) {
   __shared__ float4 staged[kStage * 4];
   const int group = blockIdx.x;
   const int lane = threadIdx.x, slot = lane >> 1, sub = lane & 1;
@@ -117,7 +117,9 @@ __global__ void gate_kernel(const float* __restrict__ q, const float4* __restric
   }
   float kth = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < K; ++i) kth = fmaxf(kth, fminf(l[i], __shfl_xor_sync(kFull, l[K - 1 - i], 1)));
+  for (int i = 0; i < K; ++i) {
+    kth = fmaxf(kth, fminf(l[i], __shfl_xor_sync(kFull, l[K - 1 - i], 1)));
+  }
   if (sub == 0 && g * kGroup + slot < Q) gate[static_cast<int64_t>(b) * Q + qi] = kth;
 }
 
@@ -132,8 +134,8 @@ __global__ void filter_kernel(const float* __restrict__ q, const float4* __restr
                               const float4* __restrict__ tbox, const float4* __restrict__ tcen,
                               const float4* __restrict__ cbox, const float4* __restrict__ gbox,
                               const float* __restrict__ gate, int* __restrict__ counts,
-                              int* __restrict__ buf, int64_t cap, int B, int Q, int P, int T,
-                              int G, int NC) {
+                              int* __restrict__ buf, int64_t cap, int Q, int T, int G,
+                              int NC) {
   __shared__ float4 staged[kWarps][32 * 3];
   __shared__ unsigned marked[kWarps][32 * 32];  // [the warp's kept tile][lane]
   const int w = threadIdx.x >> 5;
@@ -330,16 +332,17 @@ void run(torch::Tensor q, torch::Tensor rec, torch::Tensor home,
     auto gk = K == 8 ? gate_kernel<8> : gate_kernel<16>;
     gk<<<B * G, 32, 0, stream>>>(q.data_ptr<float>(),
                                  reinterpret_cast<const float4*>(rec.data_ptr<float>()),
-                                 home.data_ptr<int>(), gate.data_ptr<float>(), B, Q, P, G);
+                                 home.data_ptr<int>(), gate.data_ptr<float>(), Q, P, G);
   }
   if (stages & 2) {
-    filter_kernel<<<static_cast<unsigned>(static_cast<int64_t>(B) * G * NC), threads, 0, stream>>>(
+    const auto items = static_cast<unsigned>(static_cast<int64_t>(B) * G * NC);
+    filter_kernel<<<items, threads, 0, stream>>>(
         q.data_ptr<float>(), reinterpret_cast<const float4*>(psi.data_ptr<float>()),
         reinterpret_cast<const float4*>(tbox.data_ptr<float>()),
         reinterpret_cast<const float4*>(tcen.data_ptr<float>()),
         reinterpret_cast<const float4*>(cbox.data_ptr<float>()),
         reinterpret_cast<const float4*>(gbox.data_ptr<float>()), gate.data_ptr<float>(),
-        counts.data_ptr<int>(), buf.data_ptr<int>(), cap, B, Q, P, T, G, NC);
+        counts.data_ptr<int>(), buf.data_ptr<int>(), cap, Q, T, G, NC);
   }
   if (stages & 4) {
     select_kernel<<<blocks_for(static_cast<int64_t>(B) * Q * kSeg / 32), threads, 0, stream>>>(

@@ -25,50 +25,33 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from search_crossover import graph_ms, inputs  # noqa: E402
 from tile_cases import CASES  # noqa: E402
+from tile_skip_model import chunk_boxes, morton_batch  # noqa: E402
 
 from neusdf.ops.benchmark import write_json  # noqa: E402
 from neusdf.ops.knn import ensure_registered  # noqa: E402
 
-TILE, CHUNK, GROUP, HOME = 32, 32, 16, 256
-
-
-def morton(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(B, N) int64 Morton codes, 10 bits an axis, of x (B, N, 3) in the boxes lo, hi (B, 1, 3)."""
-    cell = ((x - lo) / (hi - lo).clamp_min(1e-30) * 1023).clamp(0, 1023).long()
-    code = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
-    for bit in range(10):
-        for axis in range(3):
-            code |= ((cell[..., axis] >> bit) & 1) << (3 * bit + axis)
-    return code
-
-
-def boxes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest and largest corner (..., 3) over dim -2 of x (..., n, 3)."""
-    return x.amin(-2), x.amax(-2)
+TILE, GROUP, HOME = 32, 16, 256
 
 
 def prepare(q, p, sigma, R, cap: int) -> dict:
-    """The prototype's sorted inputs and buffers (see fixed_gate.cu for the layouts)."""
+    """The prototype's sorted inputs and buffers (see fixed_gate.cu for the layouts): each
+    batch sorted and cut into tiles by ``tile_skip_model.morton_batch`` (float64, on the CPU),
+    then the kernels' records, in float32 on q's device."""
     B, Q, P = q.shape[0], q.shape[1], p.shape[1]
     if P % TILE or P < HOME:
         raise ValueError(f"P must be a multiple of {TILE} and at least {HOME}, got {P}")
-    lo = torch.minimum(p.amin(1, keepdim=True), q.amin(1, keepdim=True))
-    hi = torch.maximum(p.amax(1, keepdim=True), q.amax(1, keepdim=True))
-    pc, pperm = morton(p, lo, hi).sort(1)
-    qc, qperm = morton(q, lo, hi).sort(1)
+    parts = [morton_batch(*(t[b].cpu() for t in (q, p, sigma, R)), TILE) for b in range(B)]
+    chunks = [chunk_boxes(part["tlo"], part["thi"], part["tlam"]) for part in parts]
 
-    def take(t, perm):
-        return torch.gather(t, 1, perm.view(B, -1, *([1] * (t.dim() - 2))).expand_as(t))
+    def stack(key: str) -> torch.Tensor:
+        return torch.stack([part[key] for part in parts])
 
-    ps, ss, Rs, qs = take(p, pperm), take(sigma, pperm), take(R, pperm), take(q, qperm)
-    T, NC, G = P // TILE, (P // TILE + CHUNK - 1) // CHUNK, (Q + GROUP - 1) // GROUP
-    p64, s64, R64 = ps.double(), ss.double(), Rs.double()
-    M = R64.transpose(-1, -2) @ (s64[..., None] * R64)  # R^T diag(s) R
-    # on the CPU: cuSOLVER's batched eigvalsh fails on 131072 matrices
-    lam = torch.linalg.eigvalsh(M.cpu())[..., 0].to(M.device) * (1 - 1e-4)
-    bound = s64.amax(-1) * (R64**2).sum((-1, -2))
-    tp = p64.view(B, T, TILE, 3)
-    tlo, thi = boxes(tp)
+    T, G = P // TILE, (Q + GROUP - 1) // GROUP
+    ps, qs, M = stack("p"), stack("q"), stack("M")
+    shave = 1 - 1e-4  # lam's margin for the float32 keys' rounding
+    bound = stack("sigma").amax(-1) * (stack("R") ** 2).sum((-1, -2))
+    tp = ps.view(B, T, TILE, 3)
+    tlo, thi = stack("tlo"), stack("thi")
     cen = ((tlo + thi) / 2).float().double()  # the centre the kernel subtracts, exactly
     rel = tp - cen[:, :, None]
     r = rel.abs().sum(-1).amax(-1)
@@ -84,35 +67,35 @@ def prepare(q, p, sigma, R, cap: int) -> dict:
         ],
         -1,
     )  # fmt: skip
-    tlam = lam.view(B, T, TILE).amin(-1)
+    tlam = stack("tlam") * shave
     tb = bound.view(B, T, TILE).amax(-1)
     tbox = torch.stack(
         [torch.cat([tlo, tlam[..., None]], -1), torch.cat([thi, tb[..., None]], -1)], 2
     )
-    pad = NC * CHUNK - T
-    clo = torch.cat([tlo, tlo[:, -1:].expand(B, pad, 3)], 1).view(B, NC, CHUNK, 3).amin(2)
-    chi = torch.cat([thi, thi[:, -1:].expand(B, pad, 3)], 1).view(B, NC, CHUNK, 3).amax(2)
-    clam = torch.cat([tlam, tlam[:, -1:].expand(B, pad)], 1).view(B, NC, CHUNK).amin(2)
+    clo, chi, clam = (torch.stack(c) for c in zip(*chunks, strict=True))
     cbox = torch.stack(
-        [torch.cat([clo, clam[..., None]], -1), torch.cat([chi, 0 * clam[..., None]], -1)], 2
+        [torch.cat([clo, clam[..., None] * shave], -1), torch.cat([chi, 0 * clam[..., None]], -1)],
+        2,
     )
     qpad = torch.cat([qs, qs[:, -1:].expand(B, G * GROUP - Q, 3)], 1).view(B, G, GROUP, 3)
-    glo, ghi = boxes(qpad.double())
+    glo, ghi = qpad.amin(2), qpad.amax(2)
     gbox = torch.stack(
         [torch.cat([glo, 0 * glo[..., :1]], -1), torch.cat([ghi, 0 * ghi[..., :1]], -1)], 2
     )
-    middle = torch.clamp(torch.arange(G, device=q.device) * GROUP + GROUP // 2, max=Q - 1)
-    at = torch.searchsorted(pc, qc[:, middle].contiguous())
+    middle = torch.clamp(torch.arange(G) * GROUP + GROUP // 2, max=Q - 1)
+    at = torch.searchsorted(stack("pc"), stack("qc")[:, middle].contiguous())
     home = (at - HOME // 2).clamp(0, P - HOME).int()
+    shape = torch.cat([stack("sigma"), stack("R").flatten(2), zero.view(B, P, 1)], -1)
     f32 = dict(dtype=torch.float32, device=q.device)
     return {
-        "q": qs.contiguous(),
-        "rec": torch.cat([ps, ss, Rs.flatten(2), ps[..., :1] * 0], -1).contiguous(),
-        "home": home.contiguous(), "psi": psi.to(**f32).contiguous(),
+        "q": qs.to(**f32).contiguous(),
+        "rec": torch.cat([ps, shape], -1).to(**f32).contiguous(),
+        "home": home.to(q.device).contiguous(), "psi": psi.to(**f32).contiguous(),
         "tbox": tbox.to(**f32).contiguous(),
         "tcen": torch.cat([cen, r[..., None]], -1).to(**f32).contiguous(),
         "cbox": cbox.to(**f32).contiguous(), "gbox": gbox.to(**f32).contiguous(),
-        "pperm": pperm.int().contiguous(), "qperm": qperm.contiguous(),
+        "pperm": stack("po").int().to(q.device).contiguous(),
+        "qperm": stack("qo").to(q.device).contiguous(),
         "gate": torch.empty(B, Q, **f32),
         "counts": torch.zeros(B, Q, dtype=torch.int32, device=q.device),
         "buf": torch.empty(B, Q, cap, dtype=torch.int32, device=q.device),
