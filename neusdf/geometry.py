@@ -140,7 +140,9 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
 
     Returns:
         (N, 3) float64 normals, consistent within each connected part of the kNN graph and
-        outward (positive signed volume) per part.
+        outward (positive signed volume) per part, except that a part enclosed by an odd
+        number of the others (the wall of a cavity: :func:`neusdf.winding.cavity_parts`)
+        faces inward.
     """
     n_pts, k = neighbours.shape
     src = np.repeat(np.arange(n_pts), k - 1)
@@ -170,6 +172,12 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
         centred = points[members] - points[members].mean(0)
         if np.einsum("ij,ij->", centred, out[members]) < 0:
             out[members] *= -1
+    if n_parts > 1:
+        # ...except a part inside an odd number of others: the inner wall of a hollow shell
+        # faces into its cavity. (Imported here: neusdf.winding imports this module.)
+        from neusdf.winding import cavity_parts
+
+        out[cavity_parts(points, out, part)[part]] *= -1
     return out
 
 

@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from neusdf.geometry import host_threads
 
-__all__ = ["point_areas", "winding_number", "winding_grid", "sample_grid"]
+__all__ = ["cavity_parts", "point_areas", "winding_number", "winding_grid", "sample_grid"]
 
 # Elements of the (queries x points) block evaluated at once: bounds the memory at ~64 MiB.
 _BLOCK_ELEMENTS = 1 << 24
@@ -44,6 +44,58 @@ def point_areas(points: np.ndarray, k: int = 8) -> np.ndarray:
     k = max(1, min(k, len(points) - 1))
     d, _ = cKDTree(points).query(points, k=k + 1, workers=host_threads())
     return math.pi * d[:, -1] ** 2 / k
+
+
+def cavity_parts(
+    points: np.ndarray,
+    normals: np.ndarray,
+    part: np.ndarray,
+    probes: int = 16,
+    min_points: int = 32,
+    max_parts: int = 64,
+) -> np.ndarray:
+    """The parts of an oriented point cloud that bound a cavity, whose normals must turn inward.
+
+    Each part (a connected piece, its normals consistent and facing outward on their own) is
+    judged by the winding number of all the other parts at its points: about 0 outside every
+    other part, 1 inside one closed part, 2 inside two. An odd count means the part is the wall
+    of a hole in the material (the inner wall of a hollow shell), so its material lies outside
+    it. A count more than 1/4 from an integer (a piece lying on another part's surface, where
+    that part's winding is about 1/2; or open parts) decides nothing: the part keeps its
+    orientation.
+
+    Args:
+        points, normals: (N, 3) float arrays, the normals unit and outward per part.
+        part: (N,) int part labels 0 .. n_parts - 1.
+        probes: points of a part at which the others' winding number is taken (its median).
+        min_points, max_parts: only parts of at least ``min_points`` points are judged, at most
+            the ``max_parts`` largest (a noisy scan's specks keep their orientation).
+
+    Returns:
+        (n_parts,) bool: True for the parts to flip.
+    """
+    n_parts = int(part.max()) + 1
+    sizes = np.bincount(part, minlength=n_parts)
+    order = np.argsort(-sizes, kind="stable")[:max_parts]
+    judged = [int(c) for c in order if sizes[c] >= min_points]
+    flip = np.zeros(n_parts, dtype=bool)
+    if n_parts < 2 or not judged:
+        return flip
+    pts = torch.as_tensor(points, dtype=torch.float64)
+    nrm = torch.as_tensor(normals, dtype=torch.float64)
+    areas = torch.as_tensor(point_areas(points), dtype=torch.float64)
+    members = [np.flatnonzero(part == c) for c in judged]
+    picks = [m[np.linspace(0, len(m) - 1, min(probes, len(m))).astype(np.int64)] for m in members]
+    # every part's winding at every probe, then minus the probed part's own (a point's term at
+    # itself is 0 in both sums)
+    probe_pts = pts[np.concatenate(picks)]
+    total = winding_number(probe_pts, pts, nrm, areas).split([len(p) for p in picks])
+    for c, m, pick, w_all in zip(judged, members, picks, total, strict=True):
+        own = winding_number(pts[pick], pts[m], nrm[m], areas[m])
+        count = float((w_all - own).median())
+        depth = round(count)
+        flip[c] = abs(count - depth) < 0.25 and depth % 2 == 1
+    return flip
 
 
 def winding_number(

@@ -103,6 +103,20 @@ def test_normals_of_each_connected_part_point_outward():
     assert (np.einsum("ij,ij->i", n, np.concatenate([na, nb])) > 0.9).all()
 
 
+def test_the_inner_wall_of_a_hollow_shell_faces_its_cavity():
+    """Two concentric spheres (a shell) and a ball in its cavity, each a part of its own (the
+    walls are farther apart than the neighbourhoods): the outward rule alone turned the inner
+    wall outward, into the material."""
+    outer, n_outer = sphere_points(6000, radius=0.45, seed=1)
+    inner, n_inner = sphere_points(4000, radius=0.30, seed=2)
+    core, n_core = sphere_points(1500, radius=0.15, seed=3)  # inside two parts: outward
+    p = np.concatenate([outer, inner, core])
+    truth = np.concatenate([n_outer, -n_inner, n_core])
+    n = estimate_normals(p)
+    agree = np.einsum("ij,ij->i", n, truth)
+    assert (agree > 0.9).all(), f"{(agree < 0).mean():.2%} of the normals point the wrong way"
+
+
 def test_measured_noise_separates_clean_from_noisy_samples():
     p, _ = sample_animal(20000, seed=3)
     rng = np.random.default_rng(0)
