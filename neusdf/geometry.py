@@ -110,9 +110,12 @@ def sample_triangles(
 # graph whose edge cost is 1 - |n_i . n_j| (Hoppe et al. 1992): sign decisions travel where
 # neighbouring planes agree best, so they cross a crease or jump between the two sides of a thin
 # part only where the graph offers no better path. Each connected part of the graph is then
-# turned outward as a whole. Measured on the seven benchmark shapes at 100k clean points: no
-# normal flipped against the true one on six, 4 of 100k on the horse, in 1-2 s on two cores;
-# the centroid rule it replaces fails on any surface that is not star-shaped.
+# turned outward as a whole, or inward where an odd number of the other parts enclose it (the
+# inner wall of a hollow object; the winding number of the others counts them). Measured on
+# the seven benchmark shapes at 100k clean points: no normal flipped against the true one on
+# six, 4 of 100k on the horse, in 1-2 s on two cores; the centroid rule it replaces fails on
+# any surface that is not star-shaped, and outward per part failed on the inner wall of a
+# hollow sphere (44% of its points, docs/training.md).
 
 
 def pca_normals(points: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
