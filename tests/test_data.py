@@ -91,10 +91,18 @@ def test_draw_samples_shapes_ranges_and_seeds(sphere_points_path):
     assert a["near"].shape == (48, 3) and a["near_offset"].shape == (48,)
     assert torch.equal(a["space"], b["space"])  # same seed, same samples
     assert not torch.equal(a["space"], c["space"])  # another rank's seed, other samples
-    # the offset is the jitter's normal component: on the unit sphere (radius 0.5 after
-    # normalisation) it is the signed distance to first order
-    r = a["near"].norm(dim=1) - 0.5
-    assert (r - a["near_offset"]).abs().max() < 0.01
+    # each near sample lies on its source point's normal line, so its offset is its exact
+    # signed distance to the sphere (an isotropic jitter's normal component would be off by up
+    # to a few 1e-4 here: curvature times the tangential jitter squared)
+    norm = dm.normalization
+    centre = torch.as_tensor(-norm.center / norm.scale, dtype=torch.float32)
+    r = (a["near"] - centre).norm(dim=1) - 1 / norm.scale
+    assert (r - a["near_offset"]).abs().max() < 1e-5
+    assert a["near_offset"].abs().max() > 0.005  # the wider slice does reach off the surface
+    # without normals: near samples (for the Eikonal term) but no target
+    g = torch.Generator().manual_seed(0)
+    bare = draw_samples(pts, None, SamplingConfig(8, 8, 48, (0.01,), 0.55), g)
+    assert bare["near_offset"] is None and bare["near"].shape == (48, 3)
 
 
 def test_estimated_normals_point_outward():
