@@ -75,6 +75,15 @@ def test_noisy_experiment_trusts_normals_over_positions(tmp_path):
         ["trainer.accelerator=gpu", "experiment=noisy", "loss.surface=2.0"], tmp_path
     )
     assert over.loss.surface == 2.0
+    # the preset is what the default picks for input measured as noisy, on either device
+    from neusdf.adapt import auto_settings
+    from neusdf.geometry import InputStats
+
+    noisy_input = InputStats(100_000, 0.004, 0.003, True)
+    for accel in ("gpu", "cpu"):
+        preset = compose_train([f"trainer.accelerator={accel}", "experiment=noisy"], tmp_path)
+        auto = auto_settings(noisy_input, gpu=accel == "gpu")
+        assert {k: OmegaConf.select(preset, k) for k in auto} == auto
 
 
 def test_debug_and_ddp_configs(tmp_path):
@@ -173,7 +182,7 @@ def test_auto_settings_follow_the_measured_noise():
     clean = auto_settings(InputStats(100_000, 0.002, 0.0002, True), gpu=True)
     noisy = auto_settings(InputStats(100_000, 0.004, 0.003, True), gpu=True)
     assert clean == {"model.num_points": 16384, "loss.surface": 10.0, "loss.eikonal": 0.1}
-    assert noisy == {"model.num_points": 8192, "loss.surface": 1.0, "loss.eikonal": 0.5}
+    assert noisy == {"model.num_points": 8192, "loss.surface": 1.0, "loss.eikonal": 1.0}
     assert (
         auto_settings(InputStats(100_000, 0.004, 0.003, True), gpu=False)["model.num_points"]
         == 2048
