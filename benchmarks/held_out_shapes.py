@@ -1,7 +1,9 @@
-"""Shapes held out from every choice of settings: generated, in no file of the repository.
+"""Shapes held out from the choice of settings: generated, in no file of the repository.
 
 The seven benchmark shapes chose the defaults (three of them tuned, four confirmed). These
-test the same failure modes on geometry nothing was chosen on, each watertight:
+test the same failure modes on geometry the defaults were not chosen on, each watertight (one
+exception: the rod's noisy input helped choose the noisy-input Eikonal weight, see
+docs/training.md):
 
 - ``plate``: a thin slab, 1 x 0.7 x 0.04 (thickness 4% of its length; sparse input puts about
   three point spacings across it);
