@@ -61,7 +61,8 @@ class SamplingConfig:
 
     Attributes:
         surface / space / near: how many surface, uniform and near-surface samples.
-        near_sigmas: std devs of the isotropic jitter of near-surface samples (equal slices).
+        near_sigmas: std devs of the near-surface samples' offsets along the normal (isotropic
+            jitter without normals), in equal slices.
         box: half-size of the sampling cube [-box, box]^3 (the shape fills [-0.5, 0.5]^3).
     """
 
@@ -137,8 +138,9 @@ def draw_samples(
     # Near-surface samples move along their source point's normal, so that the offset is their
     # signed distance wherever it stays within the local thickness, not just to first order.
     # An isotropic jitter's normal component misses the distance by about kappa |tangential
-    # jitter|^2 / 2, always outward of a convex part: fitting it made a thin rod (radius 0.028
-    # of the box against the wider jitter's 0.01) come out 3% too thick (docs/training.md).
+    # jitter|^2 / 2, pushing convex parts outward and concave ones inward: fitting it made a thin
+    # rod (radius 0.028 of the box, the wider jitter 0.01) come out 3% too thick
+    # (docs/training.md).
     # Without normals there is no target and the samples only feed the Eikonal term.
     jitter = torch.randn(s.near, 3 if normals is None else 1, device=dev, generator=generator)
     # Scale equal slices by Python floats: building a tensor of the sigmas would copy from the
@@ -178,7 +180,7 @@ class ShapeDataModule(L.LightningDataModule):
         seed: seed of that sample.
         use_normals: use the file's normals when it has them (false: estimate them instead).
         num_surface / num_space / num_near: samples per step (see :func:`draw_samples`).
-        near_sigmas: jitter std devs of near-surface samples. box: half-size of the domain.
+        near_sigmas: offset std devs of near-surface samples. box: half-size of the domain.
     """
 
     def __init__(
