@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from neusdf.adapt import AUTO, normal_neighbours
 from neusdf.geometry import (
     InputStats,
     Normalization,
@@ -179,6 +180,8 @@ class ShapeDataModule(L.LightningDataModule):
         surface_samples: size of the dense sample drawn once from a mesh.
         seed: seed of that sample.
         use_normals: use the file's normals when it has them (false: estimate them instead).
+        normal_neighbours: points in the PCA neighbourhood of estimated normals (>= 3), or
+            'auto': 16, or 64 for input measured as noisy (:func:`neusdf.adapt.normal_neighbours`).
         num_surface / num_space / num_near: samples per step (see :func:`draw_samples`).
         near_sigmas: offset std devs of near-surface samples. box: half-size of the domain.
     """
@@ -189,6 +192,7 @@ class ShapeDataModule(L.LightningDataModule):
         surface_samples: int = 500_000,
         seed: int = 0,
         use_normals: bool = True,
+        normal_neighbours: int | str = AUTO,
         num_surface: int = 16384,
         num_space: int = 4096,
         num_near: int = 12288,
@@ -198,6 +202,14 @@ class ShapeDataModule(L.LightningDataModule):
         super().__init__()
         if surface_samples < 1:
             raise ValueError(f"data.surface_samples must be >= 1, got {surface_samples}")
+        if normal_neighbours != AUTO and (
+            not isinstance(normal_neighbours, int) or normal_neighbours < 3
+        ):
+            raise ValueError(
+                f"data.normal_neighbours must be an integer >= 3 or '{AUTO}', "
+                f"got {normal_neighbours!r}"
+            )
+        self.normal_neighbours = normal_neighbours
         self.sampling = SamplingConfig(num_surface, num_space, num_near, tuple(near_sigmas), box)
         self.path = path
         self.surface_samples = surface_samples
@@ -231,13 +243,16 @@ class ShapeDataModule(L.LightningDataModule):
         self.stats = measure_points(self.surface.points.numpy(), had_normals, self.seed)
         if not had_normals:
             t0 = time.perf_counter()
-            normals = estimate_normals(self.surface.points.numpy().astype(np.float64))
+            k = self.normal_neighbours
+            k = normal_neighbours(self.stats) if k == AUTO else k
+            normals = estimate_normals(self.surface.points.numpy().astype(np.float64), k=k)
             self.surface.normals = torch.as_tensor(normals, dtype=torch.float32)
             log.info(
                 "%s: no normals used from the file; estimated and oriented %d normals "
-                "(local PCA, spanning-tree propagation) in %.1f s",
+                "(local PCA over %d points, spanning-tree propagation) in %.1f s",
                 self.path,
                 len(normals),
+                k,
                 time.perf_counter() - t0,
             )
 
