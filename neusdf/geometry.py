@@ -180,7 +180,7 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
         # faces into its cavity. (Imported here: neusdf.winding imports this module.)
         from neusdf.winding import cavity_parts
 
-        out[cavity_parts(points, out, part)[part]] *= -1
+        out[cavity_parts(points, out, part, neighbours=neighbours)[part]] *= -1
     return out
 
 

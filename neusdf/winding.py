@@ -28,7 +28,7 @@ __all__ = ["cavity_parts", "point_areas", "winding_number", "winding_grid", "sam
 _BLOCK_ELEMENTS = 1 << 24
 
 
-def point_areas(points: np.ndarray, k: int = 8) -> np.ndarray:
+def point_areas(points: np.ndarray, k: int = 8, neighbours: np.ndarray | None = None) -> np.ndarray:
     """Surface area each point stands for: pi r_k^2 / k, r_k the distance to its k-th neighbour.
 
     For points spread over a surface with density rho (points per area), the disc of radius
@@ -37,13 +37,18 @@ def point_areas(points: np.ndarray, k: int = 8) -> np.ndarray:
     Args:
         points: (N, 3) float array, N >= 2.
         k: neighbours (capped at N - 1).
+        neighbours: (N, m) int kNN indices in order of distance, column 0 the point itself,
+            when the caller has them: with m > k no k-d tree is built.
 
     Returns:
         (N,) float64 areas.
     """
     k = max(1, min(k, len(points) - 1))
-    d, _ = cKDTree(points).query(points, k=k + 1, workers=host_threads())
-    return math.pi * d[:, -1] ** 2 / k
+    if neighbours is not None and neighbours.shape[1] > k:
+        r_k = np.linalg.norm(points[neighbours[:, k]] - points, axis=1)
+    else:
+        r_k = cKDTree(points).query(points, k=k + 1, workers=host_threads())[0][:, -1]
+    return math.pi * r_k**2 / k
 
 
 def cavity_parts(
@@ -53,6 +58,7 @@ def cavity_parts(
     probes: int = 16,
     min_points: int = 32,
     max_parts: int = 64,
+    neighbours: np.ndarray | None = None,
 ) -> np.ndarray:
     """The parts of an oriented point cloud that bound a cavity, whose normals must turn inward.
 
@@ -70,6 +76,7 @@ def cavity_parts(
         probes: points of a part at which the others' winding number is taken (its median).
         min_points, max_parts: only parts of at least ``min_points`` points are judged, at most
             the ``max_parts`` largest (a noisy scan's specks keep their orientation).
+        neighbours: the points' kNN indices if the caller has them (see :func:`point_areas`).
 
     Returns:
         (n_parts,) bool: True for the parts to flip.
@@ -83,7 +90,7 @@ def cavity_parts(
         return flip
     pts = torch.as_tensor(points, dtype=torch.float64)
     nrm = torch.as_tensor(normals, dtype=torch.float64)
-    areas = torch.as_tensor(point_areas(points), dtype=torch.float64)
+    areas = torch.as_tensor(point_areas(points, neighbours=neighbours), dtype=torch.float64)
     members = [np.flatnonzero(part == c) for c in judged]
     picks = [m[np.linspace(0, len(m) - 1, min(probes, len(m))).astype(np.int64)] for m in members]
     # every part's winding at every probe, then minus the probed part's own (a point's term at

@@ -37,6 +37,9 @@ def sphere_points(n: int, radius: float = 0.4, seed: int = 0) -> tuple[np.ndarra
 def test_point_areas_add_up_to_the_surface_area():
     p, _ = sphere_points(4000)
     assert point_areas(p).sum() == pytest.approx(4 * np.pi * 0.4**2, rel=0.1)
+    # the caller's kNN lists (column 0 the point itself) give the same areas without a tree
+    _, nn = cKDTree(p).query(p, k=10)
+    np.testing.assert_allclose(point_areas(p, neighbours=nn), point_areas(p), rtol=1e-12)
 
 
 def test_winding_number_is_one_inside_and_zero_outside():
