@@ -120,6 +120,21 @@ def test_the_inner_wall_of_a_hollow_shell_faces_its_cavity():
     assert (agree > 0.9).all(), f"{(agree < 0).mean():.2%} of the normals point the wrong way"
 
 
+def test_a_wall_thinner_than_the_neighbourhoods_gets_both_sides_right():
+    """A hollow sphere at 10k points, walls 0.06 apart: the kNN graph crosses the gap, and
+    following those edges turned the inner wall (44% of the points) into the material."""
+    outer, n_outer = sphere_points(5600, radius=0.5, seed=1)
+    inner, n_inner = sphere_points(4400, radius=0.44, seed=2)
+    p = np.concatenate([outer, inner])
+    _, nn = cKDTree(p).query(p, k=10)
+    crossing = (np.linalg.norm(p[nn], axis=-1) > 0.47) != (np.linalg.norm(p, axis=1) > 0.47)[
+        :, None
+    ]
+    assert crossing.any()  # the case at hand: some neighbourhoods span the gap
+    agree = np.einsum("ij,ij->i", estimate_normals(p), np.concatenate([n_outer, -n_inner]))
+    assert (agree < 0).mean() < 0.005, f"{(agree < 0).mean():.2%} point the wrong way"
+
+
 def test_measured_noise_separates_clean_from_noisy_samples():
     p, _ = sample_animal(20000, seed=3)
     rng = np.random.default_rng(0)
