@@ -265,7 +265,116 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
         from neusdf.winding import cavity_parts
 
         out[cavity_parts(points, out, part, neighbours=neighbours)[part]] *= -1
+    out[_reversed_subtrees(points, out, parent, neighbours)] *= -1
     return out
+
+
+# The reversal test: probe points, the most points its winding numbers sum over, its offset
+# along the normals (in median point spacings), and the fewest probes that must agree.
+_PROBES = 128
+_MAX_SOURCES = 10_000
+_PROBE_OFFSET = 2.0
+_MIN_REVERSED = 3
+# ...and the smallest jump of the winding number across the surface, at a probe, that counts
+# (1 where the sum resolves the surface; less where the offset points reach other sheets).
+_MIN_JUMP = 0.25
+
+
+def _reversed_subtrees(
+    points: np.ndarray, normals: np.ndarray, parent: np.ndarray, neighbours: np.ndarray
+) -> np.ndarray:
+    """Points of spanning-tree subtrees whose normals the propagation reversed as a whole.
+
+    One sign copied wrongly along a tree edge reverses everything below it: where the kNN
+    graph joins two closed parts at a contact (two spheres a point spacing apart), a whole part
+    comes out inside out, and the outward rule, which sees one part, cannot tell; nor can the
+    cavity rule tell a cavity's wall that noise joined to the outer wall. The winding number
+    can: for a solid whose normals face out it is 0 or 1 everywhere, so just off a point along
+    its normal and just behind it the two sum to 1 (about 0 at open edges and thin parts). A
+    reversed region sums to -1 (a part inside out: winding -1 within) or 3 (a cavity's wall
+    facing out: winding 2 in the cavity). At up to :data:`_PROBES` points, each probe votes
+    |sum / jump - 1| - 1 (clipped to [-1, 1]: +1 reversed, -1 right; jump, the difference of
+    the two, is 1 in exact arithmetic and scales the sum's area errors away) for every tree
+    node on its path to its root; the subtree (or the rest of its part) with the most votes is
+    flipped if they reach :data:`_MIN_REVERSED`, and the test is taken again, at most three
+    times. Offsets land 2 spacings of the summed points off the surface.
+
+    Cost: one winding-number sum of 256 queries over at most 10k of the points (0.02-0.04 s
+    for 100k points on two CPU cores, after torch's first call); the tree walk only where a
+    probe flags a reversal.
+
+    Args:
+        points, normals: (N, 3) float arrays, the normals oriented along the tree.
+        parent: (N,) int, each point's parent in the spanning forest (a root is its own).
+        neighbours: (N, k) int kNN indices, column 0 the point itself.
+
+    Returns:
+        (N,) bool: the points to flip.
+    """
+    import torch
+
+    from neusdf.winding import point_areas, winding_number
+
+    def f64(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)
+
+    n_pts = len(points)
+    flip = np.zeros(n_pts, dtype=bool)
+    if n_pts < 4 * _MIN_REVERSED:
+        return flip
+    rng = np.random.default_rng(0)
+    probe = np.sort(rng.choice(n_pts, min(_PROBES, n_pts), replace=False))
+    # A random subset of the points stands for them all, each for n_pts / len(src) times its
+    # area, at that many times the spacing (the offset must clear the sum's own graininess).
+    src = np.arange(n_pts)
+    if n_pts > _MAX_SOURCES:
+        src = np.sort(rng.choice(n_pts, _MAX_SOURCES, replace=False))
+    thin = n_pts / len(src)
+    nearest = np.linalg.norm(points[neighbours[src, 1]] - points[src], axis=1)
+    spacing = np.median(nearest) * thin**0.5
+    areas = f64(point_areas(points, neighbours=neighbours)[src] * thin)
+    sources = f64(points[src])
+    root = parent.copy()
+    for _ in range(3):
+        sign = np.where(flip, -1.0, 1.0)[:, None]
+        off = _PROBE_OFFSET * spacing * sign[probe] * normals[probe]
+        queries = f64(np.concatenate([points[probe] + off, points[probe] - off]))
+        w = winding_number(queries, sources, f64(sign[src] * normals[src]), areas).numpy()
+        w_out, w_in = w[: len(probe)], w[len(probe) :]
+        # In units of the jump across the surface, which is 1 whatever the orientation: the
+        # point areas of noisy input are off by up to 4x, and so is every winding number.
+        jump = w_in - w_out
+        resolved = jump > _MIN_JUMP
+        vote = np.zeros(len(probe))
+        ratio = (w_in[resolved] + w_out[resolved]) / jump[resolved]
+        vote[resolved] = np.clip(np.abs(ratio - 1) - 1, -1.0, 1.0)
+        if (vote > 0.5).sum() < _MIN_REVERSED:
+            break
+        # every node's score: the votes of the probes in its subtree (a walk up from each)
+        score = np.zeros(n_pts)
+        at, val = probe.copy(), vote.copy()
+        while len(at):
+            np.add.at(score, at, val)
+            up = parent[at]
+            moving = up != at
+            at, val = up[moving], val[moving]
+        while (root[root] != root).any():
+            root = root[root]
+        inner = np.flatnonzero((score != 0) & (parent != np.arange(n_pts)))
+        if not len(inner):
+            break
+        gains = np.concatenate([score[inner], score[root[inner]] - score[inner]])
+        best = int(gains.argmax())
+        if gains[best] < _MIN_REVERSED:
+            break
+        node = inner[best % len(inner)]
+        bit = np.zeros(n_pts, dtype=bool)
+        bit[node] = True
+        region = _path_parity(bit, parent)  # the subtree of ``node``
+        if best >= len(inner):  # the rest of its part
+            region = (root == root[node]) & ~region
+        flip ^= region
+    return flip
 
 
 # An edge runs between stacked sheets (the two walls of a thin shell) when its direction is

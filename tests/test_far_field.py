@@ -135,6 +135,31 @@ def test_a_wall_thinner_than_the_neighbourhoods_gets_both_sides_right():
     assert (agree < 0).mean() < 0.005, f"{(agree < 0).mean():.2%} point the wrong way"
 
 
+def test_two_closed_parts_joined_at_a_contact_both_face_out():
+    """Two spheres a point spacing apart at 10k points: the kNN graph joins them at the
+    contact, the tree copied a sign across it and turned one sphere inside out (50% wrong);
+    the winding number finds the reversed subtree."""
+    a, na = sphere_points(5000, radius=0.3, seed=1)
+    b, nb = sphere_points(5000, radius=0.3, seed=2)
+    p = np.concatenate([a - [0.31, 0, 0], b + [0.31, 0, 0]])
+    _, nn = cKDTree(p).query(p, k=10)
+    assert ((p[nn][..., 0] > 0) != (p[:, :1] > 0)).any()  # the case at hand: joined
+    agree = np.einsum("ij,ij->i", estimate_normals(p), np.concatenate([na, nb]))
+    assert (agree < 0).mean() < 0.01, f"{(agree < 0).mean():.2%} point the wrong way"
+
+
+def test_a_noisy_hollow_shell_without_normals_gets_its_cavity_wall_right():
+    """Walls at radii 0.45 and 0.40, 20k points with noise near the spacing, 64-point PCA:
+    the orientation left the whole inner wall facing into the material (43% wrong), where the
+    winding number inside the cavity is 2."""
+    outer, n_outer = sphere_points(11200, radius=0.45, seed=1)
+    inner, n_inner = sphere_points(8800, radius=0.40, seed=2)
+    p = np.concatenate([outer, inner])
+    p = p + np.random.default_rng(3).normal(scale=0.005, size=p.shape)
+    agree = np.einsum("ij,ij->i", estimate_normals(p, k=64), np.concatenate([n_outer, -n_inner]))
+    assert (agree < 0).mean() < 0.02, f"{(agree < 0).mean():.2%} point the wrong way"
+
+
 def test_measured_noise_separates_clean_from_noisy_samples():
     p, _ = sample_animal(20000, seed=3)
     rng = np.random.default_rng(0)
