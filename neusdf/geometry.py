@@ -111,13 +111,15 @@ def sample_triangles(
 # Normals of a bare point cloud. Orientation propagates along a minimum spanning tree of the kNN
 # graph whose edge cost is 1 - |n_i . n_j| (Hoppe et al. 1992): sign decisions travel where
 # neighbouring planes agree best, so they cross a crease or jump between the two sides of a thin
-# part only where the graph offers no better path. Each connected part of the graph is then
-# turned outward as a whole, or inward where an odd number of the other parts enclose it (the
-# inner wall of a hollow object; the winding number of the others counts them). Measured on
-# the seven benchmark shapes at 100k clean points: no normal flipped against the true one on
-# six, 4 of 100k on the horse, in 1-2 s on two cores; the centroid rule it replaces fails on
-# any surface that is not star-shaped, and outward per part failed on the inner wall of a
-# hollow sphere (44% of its points, docs/training.md).
+# part only where the graph offers no better path, and never along an edge between stacked
+# sheets (_sheet_edges). Each connected part of the graph is then turned outward as a whole, or
+# inward where an odd number of the other parts enclose it (the inner wall of a hollow object;
+# the winding number of the others counts them), and a subtree that the winding number shows
+# reversed is flipped back (_reversed_subtrees). Measured on the seven benchmark shapes at 100k
+# clean points (benchmarks/orientation_cpu.json): no normal flipped against the true one on
+# four, 1-4 of 100k on the others, in about 1 s on two cores; the centroid rule it replaces
+# fails on any surface that is not star-shaped (docs/training.md has the failures each later
+# step mended).
 
 
 def pca_normals(points: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
@@ -143,7 +145,7 @@ def neighbourhood_covariances(points: np.ndarray, neighbours: np.ndarray) -> np.
 
     Accumulated one neighbour column at a time about the row's first point (near the
     neighbourhood, so no precision is lost to coordinates far from the origin), on coordinate
-    rows: about 4x faster than one (N, k, 3) gather and an einsum, and a fraction of its
+    rows: about twice as fast as one (N, k, 3) gather and an einsum, and a fraction of its
     memory at k = 64.
 
     Args:
@@ -172,7 +174,7 @@ def smallest_eigenvectors(cov: np.ndarray) -> np.ndarray:
 
     In closed form: the eigenvalues from the trigonometric solution of the characteristic
     cubic, the vector as the longest cross product of two rows of (A - lambda I), which spans
-    its null space. About 5x faster than LAPACK's batched ``eigh`` (a general routine per
+    its null space. 2-5x faster than LAPACK's batched ``eigh`` (a general routine per
     matrix). The cross products lose precision as the two smallest eigenvalues close in, so
     matrices whose gap is under :data:`_CLOSED_FORM_GAP` of their spread go to ``eigh``
     instead (none of the benchmark inputs' neighbourhoods; a nearly straight line of points,
@@ -227,7 +229,8 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
         (N, 3) float64 normals, consistent within each connected part of the kNN graph (less
         its edges between stacked sheets, :func:`_sheet_edges`) and outward (positive signed
         volume) per part, except that a part enclosed by an odd number of the others (the
-        wall of a cavity: :func:`neusdf.winding.cavity_parts`) faces inward.
+        wall of a cavity: :func:`neusdf.winding.cavity_parts`) faces inward; then subtrees
+        that the winding number shows reversed are flipped (:func:`_reversed_subtrees`).
     """
     n_pts, k = neighbours.shape
     src = np.repeat(np.arange(n_pts), k - 1)
@@ -324,8 +327,8 @@ def _reversed_subtrees(
         return flip
     rng = np.random.default_rng(0)
     probe = np.sort(rng.choice(n_pts, min(_PROBES, n_pts), replace=False))
-    # A random subset of the points stands for them all, each for n_pts / len(src) times its
-    # area, at that many times the spacing (the offset must clear the sum's own graininess).
+    # A random subset of the points stands for them all, each for thin = n_pts / len(src)
+    # times its area, sqrt(thin) times as far apart (the offset must clear the sum's grain).
     src = np.arange(n_pts)
     if n_pts > _MAX_SOURCES:
         src = np.sort(rng.choice(n_pts, _MAX_SOURCES, replace=False))
