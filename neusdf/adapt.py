@@ -37,7 +37,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from neusdf.config import on_gpu
 from neusdf.geometry import InputStats
 
-__all__ = ["AUTO", "NOISY_RATIO", "auto_settings", "normal_neighbours", "resolve_auto"]
+__all__ = [
+    "AUTO",
+    "NOISY_RATIO",
+    "auto_settings",
+    "is_noisy",
+    "normal_neighbours",
+    "resolve_auto",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +54,18 @@ AUTO = "auto"
 NOISY_RATIO = 0.4
 
 
+def is_noisy(stats: InputStats) -> bool:
+    """Whether an input that measured ``stats`` counts as noisy (``NOISY_RATIO``)."""
+    return stats.noise_ratio >= NOISY_RATIO
+
+
 def auto_settings(stats: InputStats, gpu: bool) -> dict[str, float | int]:
     """The value of each adaptive key for an input that measured ``stats``.
 
     Returns:
         dotted config key -> value.
     """
-    noisy = stats.noise_ratio >= NOISY_RATIO
+    noisy = is_noisy(stats)
     return {
         "model.num_points": (8192 if noisy else 16384) if gpu else 2048,
         "loss.surface": 1.0 if noisy else 10.0,
@@ -64,7 +76,7 @@ def auto_settings(stats: InputStats, gpu: bool) -> dict[str, float | int]:
 def normal_neighbours(stats: InputStats) -> int:
     """Points in the PCA neighbourhood of normals estimated for an input that measured
     ``stats``: 64 for noisy input, 16 otherwise (see the module docstring)."""
-    return 64 if stats.noise_ratio >= NOISY_RATIO else 16
+    return 64 if is_noisy(stats) else 16
 
 
 def resolve_auto(cfg: DictConfig, stats: InputStats) -> dict[str, float | int]:
@@ -77,7 +89,7 @@ def resolve_auto(cfg: DictConfig, stats: InputStats) -> dict[str, float | int]:
     with open_dict(cfg):
         for key, value in filled.items():
             OmegaConf.update(cfg, key, value)
-    kind = "noisy" if stats.noise_ratio >= NOISY_RATIO else "clean"
+    kind = "noisy" if is_noisy(stats) else "clean"
     log.info(
         "input: %d points, spacing %.2e, noise %.2e (%.2f of the spacing: %s), normals %s",
         stats.num_points,
