@@ -136,8 +136,10 @@ def pca_normals(points: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     return smallest_eigenvectors(neighbourhood_covariances(points, neighbours))
 
 
-# The six distinct entries of a symmetric 3 x 3 matrix, in the order 00 01 02 11 12 22.
+# The six distinct entries of a symmetric 3 x 3 matrix, in the order 00 01 02 11 12 22, and
+# where each entry of the full matrix sits among them.
 _ROW, _COL = np.array([0, 0, 0, 1, 1, 2]), np.array([0, 1, 2, 1, 2, 2])
+_FULL = np.array([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
 
 
 def neighbourhood_covariances(points: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
@@ -196,8 +198,8 @@ def smallest_eigenvectors(cov: np.ndarray) -> np.ndarray:
     lam_max = q + 2 * p * np.cos(phi)
     lam_min = q + 2 * p * np.cos(phi + 2 * np.pi / 3)
     lam_mid = 3 * q - lam_max - lam_min
-    rows = np.stack([cov[:, [0, 1, 2]], cov[:, [1, 3, 4]], cov[:, [2, 4, 5]]], 1)
-    rows[:, [0, 1, 2], [0, 1, 2]] -= lam_min[:, None]
+    full = cov[:, _FULL]
+    rows = full - lam_min[:, None, None] * np.eye(3)
     cands = np.cross(rows[:, [0, 0, 1]], rows[:, [1, 2, 2]])
     norm2 = np.einsum("nci,nci->nc", cands, cands)
     best = norm2.argmax(1)
@@ -206,9 +208,7 @@ def smallest_eigenvectors(cov: np.ndarray) -> np.ndarray:
         vec = cands[at, best] / np.sqrt(norm2[at, best])[:, None]
     doubtful = ~(lam_mid - lam_min > _CLOSED_FORM_GAP * (lam_max - lam_min))  # NaN: doubtful
     if doubtful.any():
-        mats = rows[doubtful]
-        mats[:, [0, 1, 2], [0, 1, 2]] += lam_min[doubtful, None]
-        vec[doubtful] = np.linalg.eigh(mats)[1][:, :, 0]
+        vec[doubtful] = np.linalg.eigh(full[doubtful])[1][:, :, 0]
     return vec
 
 
@@ -268,7 +268,7 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
         from neusdf.winding import cavity_parts
 
         out[cavity_parts(points, out, part, neighbours=neighbours)[part]] *= -1
-    out[_reversed_subtrees(points, out, parent, neighbours)] *= -1
+    out[_reversed_subtrees(points, out, parent, part, neighbours)] *= -1
     return out
 
 
@@ -284,7 +284,11 @@ _MIN_JUMP = 0.25
 
 
 def _reversed_subtrees(
-    points: np.ndarray, normals: np.ndarray, parent: np.ndarray, neighbours: np.ndarray
+    points: np.ndarray,
+    normals: np.ndarray,
+    parent: np.ndarray,
+    part: np.ndarray,
+    neighbours: np.ndarray,
 ) -> np.ndarray:
     """Points of spanning-tree subtrees whose normals the propagation reversed as a whole.
 
@@ -309,6 +313,7 @@ def _reversed_subtrees(
     Args:
         points, normals: (N, 3) float arrays, the normals oriented along the tree.
         parent: (N,) int, each point's parent in the spanning forest (a root is its own).
+        part: (N,) int, each point's tree (connected part) label.
         neighbours: (N, k) int kNN indices, column 0 the point itself.
 
     Returns:
@@ -337,7 +342,6 @@ def _reversed_subtrees(
     spacing = np.median(nearest) * thin**0.5
     areas = f64(point_areas(points, neighbours=neighbours)[src] * thin)
     sources = f64(points[src])
-    root = parent.copy()
     for _ in range(3):
         sign = np.where(flip, -1.0, 1.0)[:, None]
         off = _PROBE_OFFSET * spacing * sign[probe] * normals[probe]
@@ -361,12 +365,11 @@ def _reversed_subtrees(
             up = parent[at]
             moving = up != at
             at, val = up[moving], val[moving]
-        while (root[root] != root).any():
-            root = root[root]
         inner = np.flatnonzero((score != 0) & (parent != np.arange(n_pts)))
         if not len(inner):
             break
-        gains = np.concatenate([score[inner], score[root[inner]] - score[inner]])
+        part_votes = np.bincount(part[probe], weights=vote, minlength=int(part.max()) + 1)
+        gains = np.concatenate([score[inner], part_votes[part[inner]] - score[inner]])
         best = int(gains.argmax())
         if gains[best] < _MIN_REVERSED:
             break
@@ -375,7 +378,7 @@ def _reversed_subtrees(
         bit[node] = True
         region = _path_parity(bit, parent)  # the subtree of ``node``
         if best >= len(inner):  # the rest of its part
-            region = (root == root[node]) & ~region
+            region = (part == part[node]) & ~region
         flip ^= region
     return flip
 
