@@ -4,7 +4,8 @@ Same rows as ``benchmarks/quality.py`` (seven shapes x dense, sparse, noisy, raw
 seeded points (``quality.make_input``). Per row: screened Poisson at depth 8, then remove the
 vertices whose density is below the 2% quantile; raw input (no normals) first gets Open3D's
 normal estimation (``KDTreeSearchParamKNN(30)``) and
-``orient_normals_consistent_tangent_plane(30)``.
+``orient_normals_consistent_tangent_plane(30)``; so does every input under ``--drop-normals``
+(the baseline for runs that ignore the given normals, ``data.use_normals=false``).
 Seconds cover normal estimation and orientation, Poisson and the trim. Scored with the same
 metric code as quality.py (``quality.score``) against the ground truth. A reconstruction that
 runs past ``--timeout`` seconds (raw orientation can take minutes) is killed and recorded as a
@@ -140,6 +141,9 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--trim", type=float, default=0.02, help="density quantile trimmed")
     ap.add_argument("--knn", type=int, default=30, help="neighbours for raw input's normals")
+    ap.add_argument(
+        "--drop-normals", action="store_true", help="estimate normals for every input, as for raw"
+    )
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", -1)))
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per reconstruction")
     ap.add_argument("--num-query", type=int, default=100_000)
@@ -150,6 +154,8 @@ def main() -> int:
     settings = split_names(ap, "--settings", args.settings, SETTINGS)
 
     config = {k: getattr(args, k) for k in ("depth", "trim", "knn", "num_query", "num_ref")}
+    if args.drop_normals:  # only then: the JSONs written before the flag stay comparable
+        config["drop_normals"] = True
     data = {"config": config, "host": {}, "rows": {}}
     if Path(args.json).exists():
         with open(args.json) as f:
@@ -169,7 +175,8 @@ def main() -> int:
             print(f"== {key}", flush=True)
             try:
                 inp = make_input(args.meshes, shape, setting, shape_files)
-                out = reconstruct_with_timeout(inp.points, inp.normals, args.timeout, **kwargs)
+                normals = None if args.drop_normals else inp.normals
+                out = reconstruct_with_timeout(inp.points, normals, args.timeout, **kwargs)
                 if out is None:
                     r = {"error": f"timeout: over {args.timeout:g} s", "timeout": True,
                          "seconds": args.timeout}  # fmt: skip
