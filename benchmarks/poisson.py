@@ -140,7 +140,9 @@ def main() -> int:
     ap.add_argument("--meshes", default=str(DEFAULT_MESHES), help="folder of the seven meshes")
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--trim", type=float, default=0.02, help="density quantile trimmed")
-    ap.add_argument("--knn", type=int, default=30, help="neighbours for raw input's normals")
+    ap.add_argument(
+        "--knn", type=int, default=30, help="neighbours for estimated normals (raw input, or all)"
+    )
     ap.add_argument(
         "--drop-normals", action="store_true", help="estimate normals for every input, as for raw"
     )
