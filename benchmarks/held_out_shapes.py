@@ -28,7 +28,7 @@ The first three were added in the seventh session, the next three in the thirty-
 last four in the thirty-seventh. Sizes are before the benchmark scales each shape's longest
 side to 1.
 
-    python benchmarks/held_out_shapes.py /tmp/ho     # writes plate.ply, tube.ply, ... rings.ply
+    python benchmarks/held_out_shapes.py /tmp/ho     # writes plate.ply, tube.ply, ... gear.ply
     python benchmarks/poisson.py ho_poisson.json --shape-file plate=/tmp/ho/plate.ply ...
     python benchmarks/quality.py ho.json --poisson ho_poisson.json --shape-file plate=... ...
 """
