@@ -262,13 +262,16 @@ def orient_normals(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarr
         centred = points[members] - points[members].mean(0)
         if np.einsum("ij,ij->", centred, out[members]) < 0:
             out[members] *= -1
+    # Both winding-number steps below weigh each point by its area. (Imported here:
+    # neusdf.winding imports this module.)
+    from neusdf.winding import cavity_parts, point_areas
+
+    areas = point_areas(points, neighbours=neighbours)
     if n_parts > 1:
         # ...except a part inside an odd number of others: the inner wall of a hollow shell
-        # faces into its cavity. (Imported here: neusdf.winding imports this module.)
-        from neusdf.winding import cavity_parts
-
-        out[cavity_parts(points, out, part, neighbours=neighbours)[part]] *= -1
-    out[_reversed_subtrees(points, out, parent, part, neighbours)] *= -1
+        # faces into its cavity.
+        out[cavity_parts(points, out, part, areas=areas)[part]] *= -1
+    out[_reversed_subtrees(points, out, parent, part, neighbours, areas)] *= -1
     return out
 
 
@@ -289,6 +292,7 @@ def _reversed_subtrees(
     parent: np.ndarray,
     part: np.ndarray,
     neighbours: np.ndarray,
+    areas: np.ndarray,
 ) -> np.ndarray:
     """Points of spanning-tree subtrees whose normals the propagation reversed as a whole.
 
@@ -315,13 +319,14 @@ def _reversed_subtrees(
         parent: (N,) int, each point's parent in the spanning forest (a root is its own).
         part: (N,) int, each point's tree (connected part) label.
         neighbours: (N, k) int kNN indices, column 0 the point itself.
+        areas: (N,) float, each point's area (:func:`neusdf.winding.point_areas`).
 
     Returns:
         (N,) bool: the points to flip.
     """
     import torch
 
-    from neusdf.winding import point_areas, winding_number
+    from neusdf.winding import winding_number
 
     def f64(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)
@@ -340,13 +345,13 @@ def _reversed_subtrees(
     thin = n_pts / len(src)
     nearest = np.linalg.norm(points[neighbours[src, 1]] - points[src], axis=1)
     spacing = np.median(nearest) * thin**0.5
-    areas = f64(point_areas(points, neighbours=neighbours)[src] * thin)
+    src_areas = f64(areas[src] * thin)
     sources = f64(points[src])
     for _ in range(3):
         sign = np.where(flip, -1.0, 1.0)[:, None]
         off = _PROBE_OFFSET * spacing * sign[probe] * normals[probe]
         queries = f64(np.concatenate([points[probe] + off, points[probe] - off]))
-        w = winding_number(queries, sources, f64(sign[src] * normals[src]), areas).numpy()
+        w = winding_number(queries, sources, f64(sign[src] * normals[src]), src_areas).numpy()
         w_out, w_in = w[: len(probe)], w[len(probe) :]
         # In units of the jump across the surface, which is 1 whatever the orientation: the
         # point areas of noisy input are off by up to 4x, and so is every winding number.

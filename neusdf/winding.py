@@ -58,7 +58,7 @@ def cavity_parts(
     probes: int = 16,
     min_points: int = 32,
     max_parts: int = 64,
-    neighbours: np.ndarray | None = None,
+    areas: np.ndarray | None = None,
 ) -> np.ndarray:
     """The parts of an oriented point cloud that bound a cavity, whose normals must turn inward.
 
@@ -76,7 +76,7 @@ def cavity_parts(
         probes: points of a part at which the others' winding number is taken (its median).
         min_points, max_parts: only parts of at least ``min_points`` points are judged, at most
             the ``max_parts`` largest (a noisy scan's specks keep their orientation).
-        neighbours: the points' kNN indices if the caller has them (see :func:`point_areas`).
+        areas: (N,) :func:`point_areas` of the points if the caller has them (else computed).
 
     Returns:
         (n_parts,) bool: True for the parts to flip.
@@ -90,7 +90,9 @@ def cavity_parts(
         return flip
     pts = torch.as_tensor(points, dtype=torch.float64)
     nrm = torch.as_tensor(normals, dtype=torch.float64)
-    areas = torch.as_tensor(point_areas(points, neighbours=neighbours), dtype=torch.float64)
+    if areas is None:
+        areas = point_areas(points)
+    areas = torch.as_tensor(areas, dtype=torch.float64)
     members = [np.flatnonzero(part == c) for c in judged]
     picks = [m[np.linspace(0, len(m) - 1, min(probes, len(m))).astype(np.int64)] for m in members]
     # every part's winding at every probe, then minus the probed part's own (a point's term at
